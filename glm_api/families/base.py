@@ -1,0 +1,113 @@
+"""What a chat model family gives the engine: a loaded torch model plus its chat template.
+
+A family (generic transformers, ChatGLM3, ...) owns its tokenizer, its conversation format,
+its stop tokens and its tool-call syntax. The engine only sees token ids and this interface,
+so a new family plugs in without touching the engine or the serving layer.
+
+Messages are plain dicts in OpenAI's internal form after the serving layer normalised them:
+``{"role": "system"|"user"|"assistant"|"tool", "content": str}`` plus optional keys
+``"metadata"`` (ChatGLM3's per-message metadata line), ``"tools"`` (on a system message, as
+the seed's clients send them), ``"tool_calls"`` (on an assistant message: a list of
+:class:`ToolCall`) and ``"name"`` (on a tool message: the function that produced it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One function call the model asked for. ``arguments`` is a JSON object as a string."""
+
+    name: str
+    arguments: str
+    id: str = ""
+
+
+@dataclass(frozen=True)
+class ParsedOutput:
+    """Model output split into plain text and tool calls (empty when it called none)."""
+
+    content: str
+    tool_calls: list[ToolCall] = field(default_factory=list)
+
+
+class OutputParser(Protocol):
+    """Turns one generation's raw decoded text into what the client sees, as it streams.
+
+    ``feed`` gets each new piece of raw text and returns the part that is safe to show now
+    (it may hold text back, e.g. while a tool call might be starting). ``finish`` returns the
+    whole client-visible content and the tool calls; what ``feed`` returned is always a
+    prefix of ``finish().content``. Model output is parsed as data, never executed.
+    """
+
+    def feed(self, delta: str) -> str: ...
+
+    def finish(self) -> ParsedOutput: ...
+
+
+class PassthroughParser:
+    """For formats without tools or metadata: everything is content, nothing is held back."""
+
+    def __init__(self) -> None:
+        self._parts: list[str] = []
+
+    def feed(self, delta: str) -> str:
+        self._parts.append(delta)
+        return delta
+
+    def finish(self) -> ParsedOutput:
+        return ParsedOutput(content="".join(self._parts))
+
+
+@runtime_checkable
+class ChatTemplate(Protocol):
+    """Tokenizer + conversation format of one chat model."""
+
+    #: Token ids that end generation (eos, and for ChatGLM3 <|user|>, <|observation|>).
+    stop_token_ids: frozenset[int]
+    #: Whether the format can present tools to the model and parse its calls back.
+    supports_tools: bool
+
+    def encode_messages(self, messages: list[dict[str, Any]], tools: list[dict] | None = None) -> list[int]:
+        """Prompt ids for a conversation, ending with the assistant generation prompt.
+
+        Raises ``ValueError`` with a client-facing message for a conversation the format
+        cannot express (the serving layer turns it into a 400).
+        """
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of plain text, without special tokens or prefix (for /tokenize, completions)."""
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of ids, special tokens left out."""
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        """The token string of each id, one to one."""
+
+    def new_output_parser(self, tools_enabled: bool) -> "OutputParser":
+        """A fresh parser for one generation's raw text (see :class:`OutputParser`)."""
+
+
+@dataclass
+class LoadedChatModel:
+    """A chat model ready for an engine: torch module, template and facts about it."""
+
+    model: Any  # transformers PreTrainedModel (causal LM)
+    template: ChatTemplate
+    context_length: int
+    family: str  # "transformers", "gguf", "chatglm3", ...
+    source: str  # the folder or file it came from, for logs and /models
+
+
+@dataclass
+class LoadedEmbeddingModel:
+    """A sentence embedding model: a sentence-transformers ``SentenceTransformer``."""
+
+    model: Any
+    dimensions: int
+    max_seq_length: int
+    family: str
+    source: str
