@@ -1,0 +1,74 @@
+"""Settings, read once at start-up from ``GLM_API_*`` environment variables and CLI flags.
+
+Nothing reads the environment at import time: ``Settings()`` is built by the entry point (or
+a test) and passed down.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+#: The seed's model folders, looked for under ``model_dir`` when nothing is configured.
+SEED_CHAT_MODEL = "chatglm3-6b-32k"
+SEED_EMBEDDING_MODELS = ("text2vec-large-chinese", "text2vec-base-chinese-paraphrase")
+
+
+def parse_name_paths(value: object) -> dict[str, str]:
+    """``"a=/p/a,b=/p/b"`` (env) or ``["a=/p/a", ...]`` (CLI) or a dict -> ``{name: path}``."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, dict):
+        return {str(k): str(v) for k, v in value.items()}
+    items = value.split(",") if isinstance(value, str) else list(value)
+    out: dict[str, str] = {}
+    for item in items:
+        item = str(item).strip()
+        if not item:
+            continue
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ValueError(f"embedding model {item!r} is not NAME=PATH")
+        out[name.strip()] = path.strip()
+    return out
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GLM_API_", extra="ignore")
+
+    host: str = "0.0.0.0"
+    port: int = Field(8100, ge=0, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # Models. Unset paths fall back to the seed's ./model/<name> folders, then to the small
+    # models that ship inside PyPI packages (see DESIGN.md, "Models").
+    model_dir: Path = Path("model")
+    chat_model: str | None = None
+    chat_model_name: str | None = None
+    embedding_models: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    disable_chat: bool = False
+    cache_dir: Path = Path(".cache/glm-api")
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    embedding_max_seq_length: int | None = Field(None, ge=1)
+
+    # Chat scheduling and limits.
+    max_running: int = Field(32, ge=1, description="sequences decoded together in one batch")
+    max_waiting: int = Field(256, ge=0, description="requests queued beyond the running batch; more get 429")
+    max_prompt_tokens: int | None = Field(None, ge=1, description="cap below the model's context")
+    default_max_tokens: int = Field(4096, ge=1, description="the seed's default max_tokens")
+    max_n: int = Field(8, ge=1, description="largest n (choices) per request")
+
+    # Embedding batching and limits.
+    embedding_batch_size: int = Field(32, ge=1)
+    embedding_batch_wait_ms: float = Field(2.0, ge=0)
+    max_embedding_inputs: int = Field(2048, ge=1)
+    max_embedding_queue: int = Field(4096, ge=1, description="texts waiting to be embedded; more get 429")
+
+    @field_validator("embedding_models", mode="before")
+    @classmethod
+    def _parse_embedding_models(cls, value: object) -> dict[str, str]:
+        return parse_name_paths(value)

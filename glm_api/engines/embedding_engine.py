@@ -1,0 +1,191 @@
+"""Embedding engine with dynamic batching, after infinity's batch handler.
+
+Requests put their texts on one queue; a worker thread takes up to ``batch_size`` texts from
+however many requests are waiting (after a short wait for more to arrive), sorts them by
+length so little compute goes to padding, runs the model once, and hands each request its
+rows back through an asyncio future. A request larger than a batch is spread over several.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from glm_api.engines.base import EmbeddingResult
+from glm_api.errors import EngineUnavailableError, InternalError, RateLimitError
+from glm_api.families import embedding as family
+from glm_api.families.base import LoadedEmbeddingModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Job:
+    texts: list[str]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    vectors: list[np.ndarray | None] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
+    remaining: int = 0
+    failed: bool = False
+
+    def __post_init__(self) -> None:
+        self.vectors = [None] * len(self.texts)
+        self.counts = [0] * len(self.texts)
+        self.remaining = len(self.texts)
+
+
+@dataclass
+class EmbeddingStats:
+    batches: int = 0
+    texts: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
+
+
+class BatchingEmbeddingEngine:
+    def __init__(
+        self,
+        loaded: LoadedEmbeddingModel,
+        model_name: str,
+        *,
+        batch_size: int = 32,
+        batch_wait_ms: float = 2.0,
+        max_queued_texts: int = 4096,
+    ) -> None:
+        self.loaded = loaded
+        self.model_name = model_name
+        self.dimensions = loaded.dimensions
+        self.max_seq_length = loaded.max_seq_length
+        self.family = loaded.family
+        self.source = loaded.source
+        self.batch_size = batch_size
+        self.batch_wait = batch_wait_ms / 1000
+        self.max_queued_texts = max_queued_texts
+        self.stats = EmbeddingStats()
+        self._cv = threading.Condition()
+        self._queue: deque[tuple[_Job, int]] = deque()  # (job, index of one text)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._dead: str | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name=f"embed-{self.model_name}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def check_health(self) -> None:
+        if self._dead is not None:
+            raise EngineUnavailableError(f"embedding engine {self.model_name} stopped: {self._dead}")
+        if self._stopping or self._thread is None or not self._thread.is_alive():
+            raise EngineUnavailableError(f"embedding engine {self.model_name} is not running")
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._queue)
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        return family.count_tokens(self.loaded, texts)
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        return family.tokenize(self.loaded, texts)
+
+    async def embed(self, texts: list[str]) -> EmbeddingResult:
+        self.check_health()
+        if not texts:
+            return EmbeddingResult(np.zeros((0, self.dimensions), dtype=np.float32), [])
+        loop = asyncio.get_running_loop()
+        job = _Job(texts=list(texts), loop=loop, future=loop.create_future())
+        with self._cv:
+            if len(self._queue) + len(texts) > self.max_queued_texts:
+                raise RateLimitError(
+                    f"the server is busy: {len(self._queue)} texts are waiting to be embedded; retry shortly"
+                )
+            self._queue.extend((job, i) for i in range(len(texts)))
+            self._cv.notify()
+        try:
+            return await job.future
+        finally:
+            job.failed = job.failed or not job.future.done()  # cancelled: skip its remaining texts
+
+    # -- worker thread -----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            with torch.inference_mode():
+                while True:
+                    batch = self._next_batch()
+                    if batch is None:
+                        break
+                    self._run(batch)
+        except BaseException as exc:
+            self._dead = f"{type(exc).__name__}: {exc}"
+            log.exception("embedding engine %s died", self.model_name)
+        finally:
+            with self._cv:
+                pending, self._queue = list(self._queue), deque()
+            for job in {id(j): j for j, _ in pending}.values():
+                self._resolve(job, EngineUnavailableError("the embedding engine is shutting down"))
+
+    def _next_batch(self) -> list[tuple[_Job, int]] | None:
+        with self._cv:
+            while not self._queue and not self._stopping:
+                self._cv.wait()
+            if self._stopping:
+                return None
+            # A short wait lets concurrent single-text requests share this forward pass.
+            deadline = time.monotonic() + self.batch_wait
+            while len(self._queue) < self.batch_size and (left := deadline - time.monotonic()) > 0:
+                self._cv.wait(left)
+            batch = []
+            while self._queue and len(batch) < self.batch_size:
+                job, index = self._queue.popleft()
+                if not job.failed:
+                    batch.append((job, index))
+            return batch
+
+    def _run(self, batch: list[tuple[_Job, int]]) -> None:
+        if not batch:
+            return
+        batch.sort(key=lambda item: len(item[0].texts[item[1]]))
+        try:
+            vectors, counts = family.embed(self.loaded, [job.texts[i] for job, i in batch])
+        except Exception:  # fail the requests of this batch, keep serving
+            log.exception("embedding batch of %d failed", len(batch))
+            for job in {id(j): j for j, _ in batch}.values():
+                job.failed = True
+                self._resolve(job, InternalError("embedding failed; see the server log"))
+            return
+        self.stats.batches += 1
+        self.stats.texts += len(batch)
+        self.stats.batch_sizes.append(len(batch))
+        for row, (job, index) in enumerate(batch):
+            job.vectors[index] = vectors[row]
+            job.counts[index] = counts[row]
+            job.remaining -= 1
+            if job.remaining == 0 and not job.failed:
+                self._resolve(job, EmbeddingResult(np.stack(job.vectors).astype(np.float32, copy=False), job.counts))
+
+    @staticmethod
+    def _resolve(job: _Job, outcome: EmbeddingResult | BaseException) -> None:
+        def settle() -> None:
+            if job.future.done():
+                return
+            if isinstance(outcome, BaseException):
+                job.future.set_exception(outcome)
+            else:
+                job.future.set_result(outcome)
+
+        job.loop.call_soon_threadsafe(settle)

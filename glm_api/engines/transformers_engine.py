@@ -1,0 +1,327 @@
+"""Chat engine over a transformers causal LM with iteration-level (continuous) batching.
+
+One worker thread owns the model. Each turn of its loop it drops aborted requests, admits
+waiting ones up to ``max_running`` (prefilling them as a group), then runs one decode step
+for every running row at once (see :mod:`batch_state`). Finished rows leave at once, so a new
+request never waits for another to finish, only for the current step. Output crosses back to
+the event loop through each request's asyncio queue; no torch call runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from glm_api.engines.base import GenerationChunk, SamplingParams
+from glm_api.engines.batch_state import BatchState
+from glm_api.engines.detokenizer import IncrementalDetokenizer
+from glm_api.engines.sampling import apply_penalties, sample_token
+from glm_api.errors import EngineUnavailableError, InternalError, RateLimitError
+from glm_api.families.base import LoadedChatModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    emit: Callable[[GenerationChunk | BaseException], None]
+    detok: IncrementalDetokenizer
+    generator: torch.Generator | None = None
+    output_ids: list[int] = field(default_factory=list)
+    seen: torch.Tensor | None = None  # [V] bool: ids in prompt or output (repetition penalty)
+    counts: torch.Tensor | None = None  # [V] output id counts (presence/frequency penalty)
+    stop_ids: frozenset[int] = frozenset()
+    arrived: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+
+
+@dataclass
+class EngineStats:
+    """Counters read by /metrics; written only by the worker thread."""
+
+    steps: int = 0
+    prefills: int = 0
+    tokens_generated: int = 0
+    batch_sizes: list[int] = field(default_factory=list)  # drained by the metrics collector
+    ttft_seconds: list[float] = field(default_factory=list)
+
+
+class TransformersChatEngine:
+    def __init__(
+        self,
+        loaded: LoadedChatModel,
+        model_name: str,
+        *,
+        max_running: int = 32,
+        max_waiting: int = 256,
+        prefill_token_budget: int = 8192,
+    ) -> None:
+        self.model = loaded.model
+        self.template = loaded.template
+        self.context_length = loaded.context_length
+        self.family = loaded.family
+        self.source = loaded.source
+        self.model_name = model_name
+        self.max_running = max_running
+        self.max_waiting = max_waiting
+        self.prefill_token_budget = prefill_token_budget
+        self.device = next(self.model.parameters()).device
+        self.stats = EngineStats()
+
+        self._cv = threading.Condition()
+        self._waiting: deque[_Request] = deque()
+        self._running: list[_Request] = []  # row order of the batch
+        self._aborts: set[str] = set()
+        self._batch = BatchState()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._dead: str | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name=f"chat-engine-{self.model_name}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def check_health(self) -> None:
+        if self._dead is not None:
+            raise EngineUnavailableError(f"chat engine stopped: {self._dead}")
+        if self._stopping or self._thread is None or not self._thread.is_alive():
+            raise EngineUnavailableError("chat engine is not running")
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    # -- client side (event loop) ------------------------------------------------------------
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[GenerationChunk]:
+        self.check_health()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
+        request = _Request(
+            request_id=request_id,
+            prompt_ids=list(prompt_ids),
+            params=params,
+            emit=lambda item: loop.call_soon_threadsafe(queue.put_nowait, item),
+            detok=IncrementalDetokenizer(self.template.decode, params.stop),
+            stop_ids=self.template.stop_token_ids | frozenset(params.stop_token_ids),
+        )
+        with self._cv:
+            free = self.max_running - len(self._running)
+            if len(self._waiting) - max(free, 0) >= self.max_waiting:
+                raise RateLimitError(
+                    f"the server is busy: {len(self._running)} sequences running and "
+                    f"{len(self._waiting)} waiting; retry shortly",
+                    retry_after=1,
+                )
+            self._waiting.append(request)
+            self._cv.notify()
+        return self._stream(request_id, queue)
+
+    async def _stream(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[GenerationChunk]:
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                if item.finish_reason is not None:
+                    finished = True
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:  # the client went away or the consumer was cancelled
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        with self._cv:
+            self._aborts.add(request_id)
+            self._cv.notify()
+
+    # -- worker thread -----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        log.info("chat engine %s started on %s (max_running=%d)", self.model_name, self.device, self.max_running)
+        try:
+            with torch.inference_mode():
+                while True:
+                    with self._cv:
+                        while not (self._stopping or self._waiting or self._running or self._aborts):
+                            self._cv.wait()
+                        if self._stopping:
+                            break
+                        aborts, self._aborts = self._aborts, set()
+                        admitted = self._take_admissible()
+                    self._drop_aborted(aborts)
+                    try:
+                        if admitted:
+                            self._prefill(admitted)
+                        if self._running:
+                            self._decode_step()
+                    except Exception as exc:  # one bad step must not kill the server
+                        log.exception("chat engine step failed; failing %d running request(s)", len(self._running))
+                        self._fail_running(InternalError("generation failed; see the server log"))
+        except BaseException as exc:  # the thread itself is going down: say so to everyone
+            self._dead = f"{type(exc).__name__}: {exc}"
+            log.exception("chat engine thread died")
+        finally:
+            self._fail_all(EngineUnavailableError("the chat engine is shutting down"))
+
+    def _take_admissible(self) -> list[_Request]:
+        """Waiting requests that fit in the batch now (caller holds the lock)."""
+        out = []
+        while self._waiting and len(self._running) + len(out) < self.max_running:
+            out.append(self._waiting.popleft())
+        return out
+
+    def _drop_aborted(self, aborts: set[str]) -> None:
+        if not aborts:
+            return
+        with self._cv:
+            for req in [r for r in self._waiting if r.request_id in aborts]:
+                self._waiting.remove(req)
+                req.emit(self._chunk(req, "", [], "abort"))
+        keep = [i for i, r in enumerate(self._running) if r.request_id not in aborts]
+        if len(keep) != len(self._running):
+            for r in self._running:
+                if r.request_id in aborts:
+                    r.emit(self._chunk(r, "", [], "abort"))
+            self._running = [self._running[i] for i in keep]
+            self._batch.keep(keep)
+
+    def _prefill(self, admitted: list[_Request]) -> None:
+        # Group so that one forward's padded size stays within the token budget.
+        group: list[_Request] = []
+        for req in sorted(admitted, key=lambda r: len(r.prompt_ids)):
+            width = max([len(r.prompt_ids) for r in group] + [len(req.prompt_ids)])
+            if group and width * (len(group) + 1) > self.prefill_token_budget:
+                self._prefill_group(group)
+                group = []
+            group.append(req)
+        if group:
+            self._prefill_group(group)
+
+    def _prefill_group(self, group: list[_Request]) -> None:
+        width = max(len(r.prompt_ids) for r in group)
+        ids = torch.zeros((len(group), width), dtype=torch.long)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        for row, req in enumerate(group):
+            n = len(req.prompt_ids)
+            ids[row, width - n :] = torch.tensor(req.prompt_ids)
+            mask[row, width - n :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
+        )
+        logits = out.logits[:, -1, :].float()
+        vocab = logits.shape[-1]
+        for req in group:
+            if req.params.seed is not None:
+                req.generator = torch.Generator(device=self.device).manual_seed(req.params.seed)
+            if req.params.repetition_penalty != 1.0:
+                req.seen = torch.zeros(vocab, dtype=torch.bool, device=self.device)
+                req.seen[torch.tensor([i for i in req.prompt_ids if i < vocab], dtype=torch.long, device=self.device)] = True
+            if req.params.presence_penalty or req.params.frequency_penalty:
+                req.counts = torch.zeros(vocab, dtype=torch.int32, device=self.device)
+        self.stats.prefills += 1
+        self._batch.add(cache, mask)
+        self._running.extend(group)
+        self._advance(group, logits, first_row=len(self._running) - len(group))
+
+    def _decode_step(self) -> None:
+        last = torch.tensor([[r.output_ids[-1]] for r in self._running], dtype=torch.long, device=self.device)
+        positions = torch.tensor(
+            [[len(r.prompt_ids) + len(r.output_ids) - 1] for r in self._running], dtype=torch.long, device=self.device
+        )
+        mask = self._batch.extend_mask()
+        out = self.model(input_ids=last, attention_mask=mask, position_ids=positions, cache=self._batch.cache, use_cache=True)
+        self.stats.steps += 1
+        self.stats.batch_sizes.append(len(self._running))
+        self._advance(list(self._running), out.logits[:, -1, :].float(), first_row=0)
+
+    def _advance(self, rows: list[_Request], logits: torch.Tensor, first_row: int) -> None:
+        """Sample one token for each row, stream it, and retire rows that are done."""
+        finished: set[int] = set()
+        for i, req in enumerate(rows):
+            row_logits = apply_penalties(logits[i], req.params, req.seen, req.counts)
+            token = sample_token(row_logits, req.params, req.generator)
+            req.output_ids.append(token)
+            if req.seen is not None:
+                req.seen[token] = True
+            if req.counts is not None:
+                req.counts[token] += 1
+            if req.first_token_at is None:
+                req.first_token_at = time.monotonic()
+                self.stats.ttft_seconds.append(req.first_token_at - req.arrived)
+            reason = self._finish_reason(req, token)
+            text = req.detok.take(final=reason is not None)
+            req.emit(self._chunk(req, text, [token], reason))
+            if reason is not None:
+                finished.add(first_row + i)
+        self.stats.tokens_generated += len(rows)
+        if finished:
+            keep = [i for i in range(len(self._running)) if i not in finished]
+            self._running = [self._running[i] for i in keep]
+            self._batch.keep(keep)
+
+    def _finish_reason(self, req: _Request, token: int) -> str | None:
+        if token in req.stop_ids:  # counted as generated, never decoded into the text
+            return "stop"
+        if req.detok.push(token):
+            return "stop"
+        if len(req.output_ids) >= req.params.max_tokens:
+            return "length"
+        if len(req.prompt_ids) + len(req.output_ids) >= self.context_length:
+            return "length"
+        return None
+
+    @staticmethod
+    def _chunk(req: _Request, text: str, ids: list[int], reason: str | None) -> GenerationChunk:
+        return GenerationChunk(
+            text=text,
+            token_ids=ids,
+            finish_reason=reason,
+            prompt_tokens=len(req.prompt_ids),
+            completion_tokens=len(req.output_ids),
+        )
+
+    def _fail_running(self, error: BaseException) -> None:
+        for req in self._running:
+            req.emit(error)
+        self._running = []
+        self._batch.clear()
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._cv:
+            waiting, self._waiting = list(self._waiting), deque()
+        for req in waiting + self._running:
+            req.emit(error)
+        self._running = []
+        self._batch.clear()
