@@ -11,7 +11,8 @@ Two folder kinds are served, both from disk only (``local_files_only``, no remot
 We never add normalisation ourselves: the seed returned raw pooled vectors.
 
 The helpers below (:func:`embed`, :func:`tokenize`, :func:`count_tokens`) block; the engine
-calls them from its worker thread and does the batching itself.
+calls them from its worker thread and does the batching itself. They may be called from
+several threads at once: tokenisation on one model is serialised, the forward pass is not.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,7 @@ _TOKENIZER_FILES = (
     "tokenizer.model",
 )
 _CAUSAL_ARCH_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+_LOCK_ATTR = "_glm_api_tokenizer_lock"
 
 
 def packaged_embedding_path() -> Path | None:
@@ -228,10 +231,14 @@ def load_embedding_model(
     first = model[0]
     if not isinstance(first, Transformer) or first.tokenizer is None:
         raise ValueError(f"{path}: the first module is not a text Transformer with a tokenizer")
+    # Flash-attention unpadding would pack a batch into one row without a mask; the token
+    # counts and ids here are read per row from the padded layout, so keep padding on.
+    first.unpad_inputs = False
     model.max_seq_length = _choose_max_seq_length(
         max_seq_length, _folder_max_seq_length(transformer_dir), _position_limit(first)
     )
     model.eval()
+    _tokenizer_lock(model)  # created now, before any thread can race to create it
 
     dimensions = model.get_embedding_dimension()
     if not dimensions:
@@ -250,9 +257,26 @@ def load_embedding_model(
 
 
 def _default_prompt(model: Any) -> str | None:
-    # encode() prepends a folder's default prompt; tokenize/count must see the same text.
+    # encode() would prepend a folder's default prompt; every path here must see the same text.
     name = getattr(model, "default_prompt_name", None)
     return model.prompts.get(name) if name else None
+
+
+def _tokenizer_lock(model: Any) -> threading.Lock:
+    """The lock that serialises tokenisation on one model.
+
+    A fast tokenizer keeps truncation and padding as state that every call sets before it
+    encodes, so two threads tokenising with different settings (the engine's worker in
+    :func:`embed`, the serving layer in :func:`count_tokens`) can swap them: seen in a
+    stress test as an untruncated batch going to the model. The lock lives on the model
+    itself (``dict.setdefault`` is atomic) so it is shared by every caller of that model.
+    """
+    return model.__dict__.setdefault(_LOCK_ATTR, threading.Lock())
+
+
+def _preprocess(model: Any, texts: list[str], **kwargs: Any) -> dict[str, Any]:
+    with _tokenizer_lock(model):
+        return model.preprocess(texts, prompt=_default_prompt(model), **kwargs)
 
 
 def embed(loaded: LoadedEmbeddingModel, texts: list[str]) -> tuple[np.ndarray, list[int]]:
@@ -261,50 +285,41 @@ def embed(loaded: LoadedEmbeddingModel, texts: list[str]) -> tuple[np.ndarray, l
     One forward pass over all ``texts`` (the engine batches); inputs are truncated to
     ``max_seq_length``. Token counts come from the same tokenisation as the vectors.
     """
+    from sentence_transformers.util import batch_to_device, truncate_embeddings
+
     if not texts:
         return np.zeros((0, loaded.dimensions), dtype=np.float32), []
-    # output_value=None returns every feature per text, so the attention mask comes back
-    # with the vectors and the texts are tokenised once.
-    outputs = loaded.model.encode(
-        texts,
-        batch_size=len(texts),
-        output_value=None,
-        normalize_embeddings=False,
-        show_progress_bar=False,
-    )
-    vectors = torch.stack([out["sentence_embedding"] for out in outputs])
+    model = loaded.model
+    # What SentenceTransformer.encode does for one batch, split so that only tokenisation
+    # holds the lock (the forward pass runs unlocked) and the mask gives the token counts.
+    features = _preprocess(model, texts)
+    mask = features["attention_mask"]
+    with torch.inference_mode():
+        output = model(batch_to_device(features, model.device))
+    vectors = output["sentence_embedding"]
+    if model.truncate_dim is not None:
+        vectors = truncate_embeddings(vectors, model.truncate_dim)
     array = vectors.detach().to(device="cpu", dtype=torch.float32).numpy()
-    if all("attention_mask" in out for out in outputs):
-        counts = [int(out["attention_mask"].sum()) for out in outputs]
-    else:  # unpadded (flash-attention) batches carry no mask
-        counts = [len(ids) for ids in tokenize(loaded, texts)]
-    return array, counts
+    return array, mask.sum(dim=1).tolist()
 
 
 def tokenize(loaded: LoadedEmbeddingModel, texts: list[str]) -> list[list[int]]:
     """Token ids of each text as the model sees them: special tokens, truncation included."""
     if not texts:
         return []
-    features = loaded.model.preprocess(texts, prompt=_default_prompt(loaded.model))
-    return _unpad(features)
+    return _unpad(_preprocess(loaded.model, texts))
 
 
 def count_tokens(loaded: LoadedEmbeddingModel, texts: list[str]) -> list[int]:
     """Tokens each text would take without truncation, to refuse over-long inputs."""
     if not texts:
         return []
-    features = loaded.model.preprocess(
-        texts,
-        prompt=_default_prompt(loaded.model),
-        # verbose=False: over-long inputs are the point here, not worth a tokenizer warning.
-        processing_kwargs={"text": {"truncation": False, "verbose": False}},
+    # verbose=False: over-long inputs are the point here, not worth a tokenizer warning.
+    features = _preprocess(
+        loaded.model, texts, processing_kwargs={"text": {"truncation": False, "verbose": False}}
     )
     return [len(ids) for ids in _unpad(features)]
 
 
 def _unpad(features: dict[str, Any]) -> list[list[int]]:
-    input_ids = features["input_ids"]
-    mask = features.get("attention_mask")
-    if mask is None:
-        return [row.tolist() for row in input_ids]
-    return [row[m.bool()].tolist() for row, m in zip(input_ids, mask)]
+    return [row[m.bool()].tolist() for row, m in zip(features["input_ids"], features["attention_mask"])]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -230,6 +231,32 @@ def test_bfloat16_still_returns_float32(tiny_ernie_st_dir: Path, tiny_ernie: Loa
     full, full_counts = embed(tiny_ernie, TEXTS)
     assert vectors.dtype == np.float32 and counts == full_counts
     np.testing.assert_allclose(vectors, full, atol=0.1, rtol=0.05)
+
+
+def test_counting_in_another_thread_does_not_untruncate_embed(tiny_bert: LoadedEmbeddingModel) -> None:
+    # count_tokens turns truncation off on the shared fast tokenizer; without the lock an
+    # embed racing with it could get an untruncated batch (seen in a longer stress run).
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def count_forever() -> None:
+        while not stop.is_set():
+            try:
+                count_tokens(tiny_bert, [LONG_TEXT] * 16)
+            except BaseException as exc:  # noqa: BLE001  (reported by the main thread)
+                errors.append(exc)
+
+    counter = threading.Thread(target=count_forever)
+    counter.start()
+    try:
+        for _ in range(20):
+            _, counts = embed(tiny_bert, [LONG_TEXT] * 8)
+            assert max(counts) == tiny_bert.max_seq_length
+            assert max(map(len, tokenize(tiny_bert, [LONG_TEXT] * 16))) == tiny_bert.max_seq_length
+    finally:
+        stop.set()
+        counter.join()
+    assert not errors
 
 
 def test_empty_input(tiny_bert: LoadedEmbeddingModel) -> None:
