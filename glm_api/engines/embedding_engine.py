@@ -76,6 +76,7 @@ class BatchingEmbeddingEngine:
         self._dead: str | None = None
 
     def start(self) -> None:
+        self._stopping = False
         self._thread = threading.Thread(target=self._loop, name=f"embed-{self.model_name}", daemon=True)
         self._thread.start()
 
@@ -101,6 +102,9 @@ class BatchingEmbeddingEngine:
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         return family.tokenize(self.loaded, texts)
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        return self.loaded.model.tokenizer.convert_ids_to_tokens(ids)
 
     async def embed(self, texts: list[str]) -> EmbeddingResult:
         self.check_health()

@@ -91,6 +91,7 @@ class TransformersChatEngine:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._stopping = False
         self._thread = threading.Thread(target=self._loop, name=f"chat-engine-{self.model_name}", daemon=True)
         self._thread.start()
 

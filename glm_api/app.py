@@ -1,0 +1,71 @@
+"""``create_app``: the FastAPI application, its lifespan and its routers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from glm_api import __version__
+from glm_api.config import Settings
+from glm_api.error_handlers import install_error_handlers
+from glm_api.middleware import RequestContextMiddleware
+from glm_api.registry import ModelRegistry, ModelSources, build_registry
+from glm_api.routers import ops, seed
+from glm_api.state import AppState, Services
+
+log = logging.getLogger(__name__)
+
+
+def create_app(
+    settings: Settings,
+    registry: ModelRegistry | None = None,
+    *,
+    sources: ModelSources | None = None,
+    on_fatal: Callable[[str], None] | None = None,
+) -> FastAPI:
+    """Build the app. With ``registry`` it serves those engines at once; without, it loads the
+    models from ``settings`` in the background (``/ready`` is 503 until then) and calls
+    ``on_fatal`` with the reason if loading fails."""
+    state = AppState(settings=settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loader: asyncio.Task | None = None
+        if registry is not None:
+            registry.start()
+            state.services = Services.build(registry, settings)
+        else:
+            loader = asyncio.create_task(_load(state, sources, on_fatal))
+        try:
+            yield
+        finally:
+            if loader is not None and not loader.done():
+                loader.cancel()
+            if state.services is not None:
+                await asyncio.to_thread(state.services.registry.stop)
+
+    app = FastAPI(title="glm-api", version=__version__, lifespan=lifespan)
+    app.state.glm = state
+    app.add_middleware(RequestContextMiddleware)
+    install_error_handlers(app)
+    app.include_router(seed.router)
+    app.include_router(ops.router)
+    return app
+
+
+async def _load(state: AppState, sources: ModelSources | None, on_fatal: Callable[[str], None] | None) -> None:
+    try:
+        registry = await asyncio.to_thread(build_registry, state.settings, sources)
+        registry.start()
+    except Exception as exc:  # any load failure: one clear line, then a non-zero exit
+        state.load_error = f"{type(exc).__name__}: {exc}"
+        log.error("model loading failed: %s", state.load_error)
+        if on_fatal is not None:
+            on_fatal(state.load_error)
+        return
+    state.services = Services.build(registry, state.settings)
+    log.info("all models loaded; ready")

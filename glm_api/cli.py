@@ -1,0 +1,79 @@
+"""Command line: flags override ``GLM_API_*`` environment variables, which override defaults."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pydantic import ValidationError
+
+from glm_api.config import Settings
+from glm_api.registry import StartupError, resolve_model_sources
+
+log = logging.getLogger("glm_api")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python api.py",
+        description="glm-api: GLM chat and text-embedding models behind the GLM-API and OpenAI HTTP APIs. "
+        "Every flag can also be set as an environment variable GLM_API_<FLAG> (e.g. GLM_API_PORT).",
+    )
+    p.add_argument("--host", help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--port", type=int, help="port (default 8100)")
+    p.add_argument("--chat-model", metavar="PATH", help="chat model folder or .gguf file (default ./model/chatglm3-6b-32k, else the packaged SmolLM2-135M-Instruct)")
+    p.add_argument("--chat-model-name", metavar="NAME", help="name clients use for the chat model (default: the folder name)")
+    p.add_argument("--embedding-model", metavar="NAME=PATH", action="append", dest="embedding_models",
+                   help="an embedding model folder, repeatable (default ./model/text2vec-*, else the packaged all-MiniLM-L6-v2)")
+    p.add_argument("--model-dir", metavar="DIR", help="where the seed's model folders are looked for (default ./model)")
+    p.add_argument("--disable-chat", action="store_true", default=None, help="serve embeddings only")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], help="default auto: bf16/fp16 on GPU, fp32 on CPU")
+    p.add_argument("--cache-dir", metavar="DIR", help="where converted GGUF models are cached (default .cache/glm-api)")
+    p.add_argument("--max-running", type=int, help="chat sequences decoded together (default 32)")
+    p.add_argument("--max-waiting", type=int, help="chat requests queued beyond those; more get 429 (default 256)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def settings_from_args(argv: list[str] | None = None) -> Settings:
+    args = build_parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    return Settings(**overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import uvicorn
+
+    try:
+        settings = settings_from_args(argv)
+    except ValidationError as exc:
+        print(f"glm-api: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        sources = resolve_model_sources(settings)
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+
+    from glm_api.app import create_app
+
+    fatal: list[str] = []
+    server: uvicorn.Server | None = None
+
+    def on_fatal(reason: str) -> None:
+        fatal.append(reason)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(settings, sources=sources, on_fatal=on_fatal)
+    # One worker: one copy of the model; concurrency comes from batching in the engines.
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level, workers=1)
+    server = uvicorn.Server(config)
+    server.run()
+    if fatal:
+        log.error("exiting: %s", fatal[0])
+        return 1
+    return 0

@@ -1,0 +1,51 @@
+"""FastAPI dependency aliases: routes declare what they need, nothing is global."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import Annotated, TypeVar
+
+from fastapi import Depends, Request
+
+from glm_api.errors import EngineUnavailableError
+from glm_api.state import AppState, Services
+
+T = TypeVar("T")
+
+
+def get_app_state(request: Request) -> AppState:
+    return request.app.state.glm
+
+
+def get_services(request: Request) -> Services:
+    state: AppState = request.app.state.glm
+    if state.services is None:
+        detail = f"model loading failed: {state.load_error}" if state.load_error else "models are still loading"
+        raise EngineUnavailableError(detail)
+    return state.services
+
+
+def get_request_id(request: Request) -> str:
+    return request.state.request_id
+
+
+AppStateDep = Annotated[AppState, Depends(get_app_state)]
+ServicesDep = Annotated[Services, Depends(get_services)]
+RequestIdDep = Annotated[str, Depends(get_request_id)]
+
+
+async def until_disconnect(request: Request, work: Awaitable[T], poll_seconds: float = 0.25) -> T:
+    """Await ``work``, cancelling it if the client goes away first (frees its engine slot)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_seconds)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                raise asyncio.CancelledError("client disconnected")
+    finally:
+        if not task.done():
+            task.cancel()

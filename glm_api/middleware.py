@@ -1,0 +1,54 @@
+"""Request ids and one log line per request, as plain ASGI middleware.
+
+Plain ASGI (not BaseHTTPMiddleware) so streamed responses pass through untouched and a
+client disconnect still reaches the route.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger("glm_api.access")
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+def new_request_id() -> str:
+    return f"req-{uuid.uuid4().hex[:24]}"
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _SAFE_ID.match(given) else new_request_id()  # never echo arbitrary bytes
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.monotonic()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + [(b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            # No prompt text here: only what the operator needs to trace a request.
+            log.info(
+                "%s %s %s %d %.1fms",
+                request_id, scope.get("method"), scope.get("path"), status, (time.monotonic() - started) * 1000,
+            )

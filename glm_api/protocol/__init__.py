@@ -1,0 +1,1 @@
+"""Wire models only (pydantic); no torch imports here."""

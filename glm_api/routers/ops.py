@@ -1,0 +1,36 @@
+"""Operator routes: liveness, readiness."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from glm_api.deps import AppStateDep
+from glm_api.errors import EngineUnavailableError
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/health")
+async def health(state: AppStateDep) -> JSONResponse:
+    """200 while the process can serve or is still loading; 503 when an engine has died."""
+    if state.load_error:
+        return JSONResponse({"status": "error", "detail": state.load_error}, status_code=503)
+    if state.services is not None:
+        try:
+            state.services.registry.check_health()
+        except EngineUnavailableError as exc:
+            return JSONResponse({"status": "error", "detail": exc.message}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/ready")
+async def ready(state: AppStateDep) -> JSONResponse:
+    """200 once every model is loaded and its engine runs; 503 before."""
+    if state.services is None:
+        return JSONResponse({"status": "loading" if not state.load_error else "error"}, status_code=503)
+    try:
+        state.services.registry.check_health()
+    except EngineUnavailableError as exc:
+        return JSONResponse({"status": "error", "detail": exc.message}, status_code=503)
+    return JSONResponse({"status": "ready"})

@@ -1,0 +1,219 @@
+"""Chat serving shared by /chat and /v1/chat/completions: protocol-neutral request in, events out.
+
+Everything that can fail deterministically (model name, template, context length, admission)
+fails in :meth:`ChatService.start`, before a response starts; the stream that follows only
+carries output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from glm_api.config import Settings
+from glm_api.engines.base import ChatEngine, GenerationChunk, SamplingParams
+from glm_api.errors import BadRequestError, ContextLengthError
+from glm_api.families.base import ParsedOutput, ToolCall
+from glm_api.registry import ModelRegistry
+
+
+@dataclass
+class ChatCall:
+    """A chat request in neither wire shape: what both API families translate into."""
+
+    messages: list[dict[str, Any]]
+    model: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    max_tokens: int | None = None
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    n: int = 1
+
+
+@dataclass
+class ChatEvent:
+    """New output of one choice. The last event of a choice has ``finish_reason``."""
+
+    index: int
+    text: str
+    finish_reason: str | None = None  # "stop", "length" or "tool_calls"
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class ChatChoice:
+    index: int
+    content: str
+    finish_reason: str
+    tool_calls: list[ToolCall]
+    completion_tokens: int
+
+
+class ChatRun:
+    """The admitted engine streams of one request (one per choice)."""
+
+    def __init__(self, model: str, prompt_tokens: int, streams: list[AsyncIterator[GenerationChunk]], parsers: list) -> None:
+        self.model = model
+        self.prompt_tokens = prompt_tokens
+        self._streams = streams
+        self._parsers = parsers
+
+    async def events(self) -> AsyncIterator[ChatEvent]:
+        """Events of all choices, interleaved as they are produced."""
+        if len(self._streams) == 1:
+            async for event in self._choice_events(0):
+                yield event
+            return
+        queue: asyncio.Queue[ChatEvent | BaseException | None] = asyncio.Queue()
+
+        async def pump(index: int) -> None:
+            try:
+                async for event in self._choice_events(index):
+                    await queue.put(event)
+                await queue.put(None)
+            except BaseException as exc:  # hand errors (and cancellation) to the consumer
+                await queue.put(exc)
+                raise
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(len(self._streams))]
+        try:
+            done = 0
+            while done < len(tasks):
+                item = await queue.get()
+                if item is None:
+                    done += 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _choice_events(self, index: int) -> AsyncIterator[ChatEvent]:
+        parser = self._parsers[index]
+        stream = self._streams[index]
+        try:
+            async for chunk in stream:
+                visible = parser.feed(chunk.text) if chunk.text else ""
+                if chunk.finish_reason is None:
+                    if visible:
+                        yield ChatEvent(index, visible, prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens)
+                    continue
+                parsed: ParsedOutput = parser.finish()
+                # What feed() showed is a prefix of the final content; send the rest now.
+                text = visible + parsed.content[parser.shown :]
+                reason = "tool_calls" if parsed.tool_calls else chunk.finish_reason
+                yield ChatEvent(
+                    index, text, reason, list(parsed.tool_calls), chunk.prompt_tokens, chunk.completion_tokens
+                )
+                return
+        finally:
+            await stream.aclose()
+
+    async def collect(self) -> list[ChatChoice]:
+        """Run to the end and return each choice whole (non-streaming responses)."""
+        texts: dict[int, list[str]] = {i: [] for i in range(len(self._streams))}
+        choices: dict[int, ChatChoice] = {}
+        async for event in self.events():
+            texts[event.index].append(event.text)
+            if event.finish_reason is not None:
+                choices[event.index] = ChatChoice(
+                    event.index, "".join(texts[event.index]), event.finish_reason, event.tool_calls, event.completion_tokens
+                )
+        return [choices[i] for i in sorted(choices)]
+
+
+class ChatService:
+    def __init__(self, registry: ModelRegistry, settings: Settings) -> None:
+        self.registry = registry
+        self.settings = settings
+
+    async def start(self, call: ChatCall, request_id: str) -> ChatRun:
+        engine = self.registry.chat_engine(call.model)
+        engine.check_health()
+        if call.n > self.settings.max_n:
+            raise BadRequestError(f"n is {call.n}; at most {self.settings.max_n} choices per request", param="n")
+        tools = call.tools or _seed_tools(call.messages)
+        tools_enabled = bool(tools) and engine.template.supports_tools
+        prompt_ids = await asyncio.to_thread(self._encode, engine, call.messages, tools if tools_enabled else None)
+        params = self._sampling_params(engine, call, len(prompt_ids))
+        streams: list[AsyncIterator[GenerationChunk]] = []
+        try:
+            for i in range(call.n):
+                choice_params = params if params.seed is None else replace(params, seed=params.seed + i)
+                streams.append(engine.generate(prompt_ids, choice_params, f"{request_id}-{i}"))
+        except BaseException:
+            for stream in streams:  # admitted siblings of a refused choice give their place back
+                await stream.aclose()
+            raise
+        parsers = [_TrackingParser(engine.template.new_output_parser(tools_enabled)) for _ in streams]
+        return ChatRun(engine.model_name, len(prompt_ids), streams, parsers)
+
+    @staticmethod
+    def _encode(engine: ChatEngine, messages: list[dict[str, Any]], tools: list[dict] | None) -> list[int]:
+        try:
+            return engine.template.encode_messages(messages, tools)
+        except ValueError as exc:
+            raise BadRequestError(f"the conversation cannot be formatted for this model: {exc}", param="messages") from None
+
+    def _sampling_params(self, engine: ChatEngine, call: ChatCall, prompt_tokens: int) -> SamplingParams:
+        limit = engine.context_length
+        if self.settings.max_prompt_tokens is not None:
+            limit = min(limit, self.settings.max_prompt_tokens + 1)
+        if prompt_tokens >= limit:
+            raise ContextLengthError(
+                f"the prompt is {prompt_tokens} tokens; this server takes at most {limit - 1} prompt tokens "
+                f"(model context {engine.context_length}) so that at least one token can be generated",
+                param="messages",
+            )
+        room = engine.context_length - prompt_tokens
+        wanted = call.max_tokens if call.max_tokens is not None else self.settings.default_max_tokens
+        return SamplingParams(
+            max_tokens=min(wanted, room),
+            temperature=call.temperature,
+            top_p=call.top_p,
+            top_k=call.top_k,
+            repetition_penalty=call.repetition_penalty,
+            presence_penalty=call.presence_penalty,
+            frequency_penalty=call.frequency_penalty,
+            seed=call.seed,
+            stop=tuple(call.stop),
+            stop_token_ids=tuple(call.stop_token_ids),
+        )
+
+
+class _TrackingParser:
+    """Wraps a family's OutputParser and remembers how much content it already showed."""
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+        self.shown = 0
+
+    def feed(self, delta: str) -> str:
+        out = self._inner.feed(delta)
+        self.shown += len(out)
+        return out
+
+    def finish(self) -> ParsedOutput:
+        return self._inner.finish()
+
+
+def _seed_tools(messages: list[dict[str, Any]]) -> list[dict] | None:
+    """The seed's clients put tools on the first system message (ChatGLM3 style)."""
+    for message in messages:
+        if message.get("role") == "system" and message.get("tools"):
+            return message["tools"]
+    return None

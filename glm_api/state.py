@@ -1,0 +1,30 @@
+"""What the app holds between requests, in ``app.state.glm`` (no module-level state)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from glm_api.config import Settings
+from glm_api.registry import ModelRegistry
+from glm_api.serving.chat import ChatService
+from glm_api.serving.embeddings import EmbeddingService
+from glm_api.serving.tokenize import TokenizeService
+
+
+@dataclass
+class Services:
+    registry: ModelRegistry
+    chat: ChatService
+    embeddings: EmbeddingService
+    tokenize: TokenizeService
+
+    @classmethod
+    def build(cls, registry: ModelRegistry, settings: Settings) -> "Services":
+        return cls(registry, ChatService(registry, settings), EmbeddingService(registry, settings), TokenizeService(registry))
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    services: Services | None = None  # None while the models are loading
+    load_error: str | None = None
