@@ -63,14 +63,35 @@ class ChatChoice:
 class ChatRun:
     """The admitted engine streams of one request (one per choice)."""
 
-    def __init__(self, model: str, prompt_tokens: int, streams: list[AsyncIterator[GenerationChunk]], parsers: list) -> None:
-        self.model = model
+    def __init__(
+        self,
+        engine: ChatEngine,
+        request_ids: list[str],
+        prompt_tokens: int,
+        streams: list[AsyncIterator[GenerationChunk]],
+        parsers: list,
+    ) -> None:
+        self.model = engine.model_name
         self.prompt_tokens = prompt_tokens
+        self._engine = engine
+        self._request_ids = request_ids
         self._streams = streams
         self._parsers = parsers
 
+    def abort(self) -> None:
+        """Free the engine slots of every choice (a no-op for those already finished)."""
+        for request_id in self._request_ids:
+            self._engine.abort(request_id)
+
     async def events(self) -> AsyncIterator[ChatEvent]:
         """Events of all choices, interleaved as they are produced."""
+        try:
+            async for event in self._interleaved():
+                yield event
+        finally:
+            self.abort()
+
+    async def _interleaved(self) -> AsyncIterator[ChatEvent]:
         if len(self._streams) == 1:
             async for event in self._choice_events(0):
                 yield event
@@ -142,25 +163,35 @@ class ChatService:
         self.settings = settings
 
     async def start(self, call: ChatCall, request_id: str) -> ChatRun:
+        """Format the conversation, check it, and admit it to the engine."""
         engine = self.registry.chat_engine(call.model)
         engine.check_health()
-        if call.n > self.settings.max_n:
-            raise BadRequestError(f"n is {call.n}; at most {self.settings.max_n} choices per request", param="n")
         tools = call.tools or _seed_tools(call.messages)
         tools_enabled = bool(tools) and engine.template.supports_tools
         prompt_ids = await asyncio.to_thread(self._encode, engine, call.messages, tools if tools_enabled else None)
+        return await self.start_prompt(engine, prompt_ids, call, request_id, tools_enabled=tools_enabled)
+
+    async def start_prompt(
+        self, engine: ChatEngine, prompt_ids: list[int], call: ChatCall, request_id: str, *, tools_enabled: bool = False
+    ) -> ChatRun:
+        """Admit already-tokenised prompt ids (chat after templating, or a raw completion)."""
+        if call.n > self.settings.max_n:
+            raise BadRequestError(f"n is {call.n}; at most {self.settings.max_n} choices per request", param="n")
+        if not prompt_ids:
+            raise BadRequestError("the prompt is empty", param="prompt")
         params = self._sampling_params(engine, call, len(prompt_ids))
+        request_ids = [f"{request_id}-{i}" for i in range(call.n)]
         streams: list[AsyncIterator[GenerationChunk]] = []
         try:
-            for i in range(call.n):
+            for i, choice_id in enumerate(request_ids):
                 choice_params = params if params.seed is None else replace(params, seed=params.seed + i)
-                streams.append(engine.generate(prompt_ids, choice_params, f"{request_id}-{i}"))
+                streams.append(engine.generate(prompt_ids, choice_params, choice_id))
         except BaseException:
-            for stream in streams:  # admitted siblings of a refused choice give their place back
-                await stream.aclose()
+            for choice_id in request_ids[: len(streams)]:  # admitted siblings of a refused choice give way
+                engine.abort(choice_id)
             raise
         parsers = [_TrackingParser(engine.template.new_output_parser(tools_enabled)) for _ in streams]
-        return ChatRun(engine.model_name, len(prompt_ids), streams, parsers)
+        return ChatRun(engine, request_ids, len(prompt_ids), streams, parsers)
 
     @staticmethod
     def _encode(engine: ChatEngine, messages: list[dict[str, Any]], tools: list[dict] | None) -> list[int]:

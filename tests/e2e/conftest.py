@@ -1,0 +1,76 @@
+"""A real server: ``python api.py`` in a subprocess on a free 127.0.0.1 port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LiveServer:
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_server(args: list[str], log_path: Path, env: dict[str, str] | None = None, ready_timeout: float = 180) -> LiveServer:
+    port = free_port()
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    log_file = open(log_path, "w")
+    process = subprocess.Popen(
+        [sys.executable, "api.py", "--host", "127.0.0.1", "--port", str(port), *args],
+        cwd=REPO, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
+    )
+    server = LiveServer(f"http://127.0.0.1:{port}", process, log_path)
+    deadline = time.monotonic() + ready_timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
+        try:
+            if httpx.get(f"{server.url}/ready", timeout=2).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    stop_server(server)
+    raise RuntimeError(f"server not ready in {ready_timeout} s:\n{server.log()}")
+
+
+def stop_server(server: LiveServer, timeout: float = 30) -> int:
+    if server.process.poll() is None:
+        server.process.send_signal(signal.SIGTERM)
+        try:
+            server.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+            server.process.wait()
+    return server.process.returncode
+
+
+@pytest.fixture(scope="session")
+def live_server(smollm2_cache_dir, tmp_path_factory) -> LiveServer:
+    """The packaged defaults served by real uvicorn (GGUF conversion reused from the session)."""
+    log_path = tmp_path_factory.mktemp("live-server") / "server.log"
+    server = start_server(["--cache-dir", str(smollm2_cache_dir)], log_path)
+    yield server
+    stop_server(server)
