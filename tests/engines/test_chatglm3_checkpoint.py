@@ -178,10 +178,17 @@ def test_legacy_torch_save_format_loads(loaded, tmp_path: Path) -> None:
     assert all(torch.equal(got[name], tensor) for name, tensor in _state(loaded.model).items())
 
 
-def test_split_qkv_owns_its_memory(loaded) -> None:
-    attn = loaded.model.model.layers[0].self_attn
-    pointers = {attn.q_proj.weight.untyped_storage().data_ptr(), attn.k_proj.weight.untyped_storage().data_ptr()}
-    assert len(pointers) == 2  # copies, not views of one fused tensor
+@pytest.mark.parametrize("fixture", ["tiny_chatglm3_dir", "tiny_chatglm3_safetensors_dir"])
+def test_weights_do_not_alias_the_files(loaded, fixture: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """Writing over a weights file in place must not change a loaded model (mmap views would)."""
+    folder = _copy(request.getfixturevalue(fixture), tmp_path)
+    model = load_chatglm3(folder, CPU, torch.float16).model
+    for shard in [*folder.glob("*.bin"), *folder.glob("*.safetensors")]:
+        with open(shard, "r+b") as f:
+            f.write(b"\0" * shard.stat().st_size)
+    got = _state(model)
+    for name, tensor in _state(loaded.model).items():
+        assert torch.equal(got[name].float(), tensor), name
 
 
 def _copy(folder: Path, tmp_path: Path) -> Path:

@@ -3,8 +3,8 @@
 THUDM's remote code no longer runs on current transformers, but the architecture is the one
 ``GlmForCausalLM`` implements (see DESIGN.md "Model facts"), so the weights are renamed and
 the fused qkv split on the fly. The model is built on the meta device and each checkpoint
-tensor is converted, cast and moved to the target device as its shard is read, so the
-weights never exist twice in memory.
+tensor is converted, cast and moved to the target device as its memory-mapped shard is
+read, so the weights never exist twice in memory (beyond one shard's file pages).
 """
 
 from __future__ import annotations
@@ -262,19 +262,16 @@ def _torch_load(file: Path) -> Any:
     return torch.load(file, map_location="cpu", weights_only=True)
 
 
-def iter_checkpoint(file: Path) -> Iterator[tuple[str, torch.Tensor, bool]]:
-    """(key, tensor, backed_by_file) for each tensor of one shard, one shard in memory at most.
-
-    ``.bin`` shards are memory-mapped: their tensors are views of the file and must be copied
-    before the shard is released; safetensors ``get_tensor`` already returns a fresh copy.
-    """
+def iter_checkpoint(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) for each tensor of one shard. Both formats are memory-mapped: the
+    tensors are views of the file (safetensors' ``get_tensor`` too), valid while it is open."""
     if file.suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open
 
         try:
             with safe_open(str(file), framework="pt", device="cpu") as handle:
                 for key in handle.keys():
-                    yield key, handle.get_tensor(key), False
+                    yield key, handle.get_tensor(key)
         except (OSError, RuntimeError, SafetensorError) as exc:
             raise ValueError(f"{file}: cannot read safetensors ({exc})") from exc
         return
@@ -287,14 +284,12 @@ def iter_checkpoint(file: Path) -> Iterator[tuple[str, torch.Tensor, bool]]:
     try:
         while state:
             key, tensor = state.popitem()  # drop our reference as we go
-            yield key, tensor, True
+            yield key, tensor
     finally:
         del state
 
 
-def _assign(
-    model: nn.Module, name: str, tensor: torch.Tensor, device: torch.device, dtype: torch.dtype, copy: bool
-) -> None:
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> None:
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name)
     current = module._parameters.get(leaf)
@@ -304,7 +299,9 @@ def _assign(
         raise ValueError(
             f"{name}: checkpoint shape {tuple(tensor.shape)} does not match {tuple(current.shape)} from config.json"
         )
-    value = tensor.to(device=device, dtype=dtype, copy=copy)
+    # Always a copy: a view would keep the file mapped, and writing over the weights file in
+    # place would change the served model under it (measured with safetensors 0.8).
+    value = tensor.to(device=device, dtype=dtype, copy=True)
     module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
 
 
@@ -325,17 +322,15 @@ def load_weights(model: nn.Module, folder: Path, cfg: ChatGLM3Config, device: to
     filled: set[str] = set()
     unexpected: set[str] = set()
     for file in files:
-        for key, tensor, backed_by_file in iter_checkpoint(file):
+        for key, tensor in iter_checkpoint(file):
             converted = convert_key(key, tensor, cfg)
             if converted is None:
                 unexpected.add(key)
                 continue
-            split = len(converted) > 1
             for name, part in converted:
                 if name in filled:
                     raise ValueError(f"{file}: {key} appears twice in the checkpoint")
-                # Copy views of a memory-mapped shard or of a fused tensor, so nothing keeps them alive.
-                _assign(model, name, part, device, dtype, copy=backed_by_file or split)
+                _assign(model, name, part, device, dtype)
                 filled.add(name)
             del tensor, converted
     if unexpected:
