@@ -28,6 +28,7 @@ pytest_plugins = [
     "tests.fixtures.tiny_causal_lm",
     "tests.fixtures.tiny_encoders",
     "tests.fixtures.chatglm3_tiny",
+    "tests.fixtures.chatglm3_tools",
 ]
 
 CPU = torch.device("cpu")

@@ -60,6 +60,15 @@ class ChatChoice:
     completion_tokens: int
 
 
+@dataclass
+class ChatPrompt:
+    """A formatted conversation: the engine it is for and its prompt ids."""
+
+    engine: ChatEngine
+    ids: list[int]
+    tools_enabled: bool
+
+
 class ChatRun:
     """The admitted engine streams of one request (one per choice)."""
 
@@ -164,12 +173,19 @@ class ChatService:
 
     async def start(self, call: ChatCall, request_id: str) -> ChatRun:
         """Format the conversation, check it, and admit it to the engine."""
+        prompt = await self.prepare(call)
+        return await self.start_prompt(prompt.engine, prompt.ids, call, request_id, tools_enabled=prompt.tools_enabled)
+
+    async def prepare(self, call: ChatCall) -> ChatPrompt:
+        """Resolve the model and format the conversation, without admitting it (for callers
+        that extend the prompt, or only count it)."""
         engine = self.registry.chat_engine(call.model)
         engine.check_health()
-        tools = call.tools or _seed_tools(call.messages)
-        tools_enabled = bool(tools) and engine.template.supports_tools
-        prompt_ids = await asyncio.to_thread(self._encode, engine, call.messages, tools if tools_enabled else None)
-        return await self.start_prompt(engine, prompt_ids, call, request_id, tools_enabled=tools_enabled)
+        # Seed clients put tools on the system message, which the template renders itself;
+        # OpenAI clients pass them beside the messages.
+        tools_enabled = bool(call.tools or _seed_tools(call.messages)) and engine.template.supports_tools
+        prompt_ids = await asyncio.to_thread(self._encode, engine, call.messages, call.tools if tools_enabled else None)
+        return ChatPrompt(engine, prompt_ids, tools_enabled)
 
     async def start_prompt(
         self, engine: ChatEngine, prompt_ids: list[int], call: ChatCall, request_id: str, *, tools_enabled: bool = False
