@@ -83,7 +83,22 @@ def resolve_model_sources(settings: Settings) -> ModelSources:
                     "set GLM_API_EMBEDDING_MODELS or --embedding-model NAME=PATH"
                 )
             embeddings = (ModelSource(PACKAGED_EMBEDDING_NAME, packaged),)
+    _check_families(chat, embeddings)
     return ModelSources(chat, embeddings)
+
+
+def _check_families(chat: ModelSource | None, embeddings: tuple[ModelSource, ...]) -> None:
+    """Refuse a folder no family can serve now, not minutes into loading (reads configs only)."""
+    from glm_api.families.detect import detect_chat_family
+    from glm_api.families.embedding import detect_embedding_family
+
+    checks = [(chat, detect_chat_family, "chat")] if chat else []
+    checks += [(source, detect_embedding_family, "embedding") for source in embeddings]
+    for source, detect, kind in checks:
+        try:
+            detect(source.path)
+        except ValueError as exc:
+            raise StartupError(f"cannot serve {source.path} as the {kind} model {source.name!r}: {exc}") from None
 
 
 def _existing(path: Path, what: str, setting: str) -> Path:

@@ -114,3 +114,13 @@ def test_help_lists_the_settings():
 async def _with_client(scenario):
     async with httpx.AsyncClient(timeout=120) as client:
         return await scenario(client)
+
+
+def test_unservable_folder_is_refused_at_start_up(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "bert", "architectures": ["BertModel"]}')
+    result = subprocess.run(
+        [sys.executable, "api.py", "--chat-model", str(tmp_path), "--port", "0"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 1
+    assert f"cannot serve {tmp_path}" in result.stdout + result.stderr
