@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from glm_api.errors import APIError, BadRequestError, InternalError
+from glm_api.errors import APIError, BadRequestError, InternalError, UnsupportedMediaTypeError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        content_type = request.headers.get("content-type", "")
+        if request.method == "POST" and "json" not in content_type.lower():
+            return _render(UnsupportedMediaTypeError(
+                f"send the body as JSON with 'Content-Type: application/json' (got {content_type or 'none'!r})"
+            ))
         message, param = _validation_message(exc)
         return _render(BadRequestError(message, param=param, code="invalid_value"))
 

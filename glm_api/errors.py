@@ -10,6 +10,7 @@ are 4xx so that SDKs, which retry 429 and 5xx, do not retry them.
     ├── AuthenticationError (401)
     ├── NotFoundError (404)
     ├── PayloadTooLargeError (413)
+    ├── UnsupportedMediaTypeError (415)
     ├── RateLimitError (429, carries Retry-After)
     ├── EngineUnavailableError (503: engine dead or shutting down)
     └── InternalError (500: generic body, details only in the log)
@@ -62,6 +63,12 @@ class PayloadTooLargeError(APIError):
     status_code = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class UnsupportedMediaTypeError(APIError):
+    status_code = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
 
 
 class RateLimitError(APIError):

@@ -31,9 +31,12 @@ class Usage(BaseModel):
 
 
 class WireModel(BaseModel):
-    """Request models accept unknown fields (clients send extras) and ignore them."""
+    """Request models accept unknown fields (clients send extras) and ignore them.
 
-    model_config = ConfigDict(extra="allow")
+    NaN and Infinity (which Python's JSON parser lets through) are refused outright rather
+    than failing a range check with a confusing message."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
