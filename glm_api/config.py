@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 #: The seed's model folders, looked for under ``model_dir`` when nothing is configured.
@@ -67,6 +67,38 @@ class Settings(BaseSettings):
     embedding_batch_wait_ms: float = Field(2.0, ge=0)
     max_embedding_inputs: int = Field(2048, ge=1)
     max_embedding_queue: int = Field(4096, ge=1, description="texts waiting to be embedded; more get 429")
+
+    # Access and hardening.
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False)
+    api_key_file: Path | None = None
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    cors_allow_credentials: bool = False
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
+    shutdown_grace_seconds: float = Field(30.0, ge=0, description="time running streams get to finish on SIGTERM")
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> list[str]:
+        if value is None:
+            return []
+        items = value.split(",") if isinstance(value, str) else list(value)
+        return [str(item).strip() for item in items if str(item).strip()]
+
+    @model_validator(mode="after")
+    def _no_wildcard_with_credentials(self) -> "Settings":
+        if self.cors_allow_credentials and "*" in self.cors_origins:
+            raise ValueError("CORS: origin '*' together with credentials would let any site act as the user; list the origins")
+        return self
+
+    def all_api_keys(self) -> list[str]:
+        """Keys from the settings plus one per line of ``api_key_file`` (blank lines and # comments skipped)."""
+        keys = list(self.api_keys)
+        if self.api_key_file is not None:
+            for line in self.api_key_file.read_text().splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    keys.append(line)
+        return keys
 
     @field_validator("embedding_models", mode="before")
     @classmethod
