@@ -8,11 +8,13 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from glm_api import __version__
 from glm_api.config import Settings
 from glm_api.error_handlers import install_error_handlers
 from glm_api.middleware import RequestContextMiddleware
+from glm_api.security import ApiKeyMiddleware, BodyLimitMiddleware
 from glm_api.registry import ModelRegistry, ModelSources, build_registry
 from glm_api.routers import ops, seed
 from glm_api.state import AppState, Services
@@ -50,6 +52,19 @@ def create_app(
 
     app = FastAPI(title="glm-api", version=__version__, lifespan=lifespan)
     app.state.glm = state
+    # Starlette runs the last added outermost: request id and access log, then CORS (so
+    # preflights need no key), then the key check, then the body limit, then the routes.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ApiKeyMiddleware, keys=settings.all_api_keys())
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_credentials=settings.cors_allow_credentials,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "api-key", "x-request-id"],
+            expose_headers=["x-request-id", "Retry-After"],
+        )
     app.add_middleware(RequestContextMiddleware)
     install_error_handlers(app)
     app.include_router(seed.router)

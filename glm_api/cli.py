@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import sys
 
@@ -33,6 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", metavar="DIR", help="where converted GGUF models are cached (default .cache/glm-api)")
     p.add_argument("--max-running", type=int, help="chat sequences decoded together (default 32)")
     p.add_argument("--max-waiting", type=int, help="chat requests queued beyond those; more get 429 (default 256)")
+    p.add_argument("--api-key", metavar="KEY", action="append", dest="api_keys",
+                   help="require 'Authorization: Bearer KEY' (repeatable); GLM_API_API_KEYS takes a comma-separated list")
+    p.add_argument("--api-key-file", metavar="FILE", help="a file of API keys, one per line")
+    p.add_argument("--cors-origin", metavar="ORIGIN", action="append", dest="cors_origins",
+                   help="allow browser requests from this origin (repeatable; default: CORS off)")
+    p.add_argument("--max-body-bytes", type=int, help="larger request bodies get 413 (default 4 MiB)")
+    p.add_argument("--shutdown-grace-seconds", type=float,
+                   help="on SIGTERM, time running requests get to finish (default 30)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -41,6 +50,13 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
     args = build_parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     return Settings(**overrides)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +74,22 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot start: %s", exc)
         return 1
 
+    if settings.api_key_file is not None and not settings.api_key_file.is_file():
+        log.error("cannot start: API key file %s does not exist", settings.api_key_file)
+        return 1
+    if not settings.all_api_keys() and not _is_loopback(settings.host):
+        log.warning(
+            "no API key is set and the server listens on %s: anyone who can reach it can use it "
+            "(set --api-key or GLM_API_API_KEYS)", settings.host,
+        )
+
+    from sse_starlette.sse import AppStatus
+
     from glm_api.app import create_app
+
+    # On SIGTERM, let running streams finish (uvicorn bounds the wait by the grace period)
+    # instead of sse-starlette cutting them the moment shutdown starts.
+    AppStatus.disable_automatic_graceful_drain()
 
     fatal: list[str] = []
     server: uvicorn.Server | None = None
@@ -70,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
 
     app = create_app(settings, sources=sources, on_fatal=on_fatal)
     # One worker: one copy of the model; concurrency comes from batching in the engines.
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level, workers=1)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level, workers=1,
+        timeout_graceful_shutdown=settings.shutdown_grace_seconds,
+    )
     server = uvicorn.Server(config)
     server.run()
     if fatal:
