@@ -16,7 +16,7 @@ from glm_api.error_handlers import install_error_handlers
 from glm_api.middleware import RequestContextMiddleware
 from glm_api.security import ApiKeyMiddleware, BodyLimitMiddleware
 from glm_api.registry import ModelRegistry, ModelSources, build_registry
-from glm_api.routers import ops, seed
+from glm_api.routers import openai, ops, seed
 from glm_api.state import AppState, Services
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ def create_app(
     app.add_middleware(RequestContextMiddleware)
     install_error_handlers(app)
     app.include_router(seed.router)
+    app.include_router(openai.router)
     app.include_router(ops.router)
     return app
 

@@ -1,0 +1,416 @@
+"""The OpenAI API's wire shapes: /v1/chat/completions, /v1/completions, /v1/embeddings,
+/v1/models, and vLLM-style /v1/tokenize and /v1/detokenize.
+
+Requests accept unknown fields (OpenAI clients send newer ones) and ``null`` for every
+optional parameter, as OpenAI does; ``None`` means "the default", resolved in serving.
+Responses mirror the ``openai`` package's types field for field.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from glm_api.protocol.common import MaxTokens, RepetitionPenalty, Stop, Temperature, TopP, Usage, WireModel
+
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+#: Token ids are never negative; the upper bound is the model's vocabulary, checked in serving.
+TokenIds = list[int]
+
+
+
+
+def _is_ids(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
+
+
+def _texts_or_token_arrays(value: Any, name: str) -> Any:
+    """A string, a list of strings, a token array or a list of token arrays (not a mix)."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{name} must be a string, a list of strings, a token array or a list of token arrays")
+    arrays = [value] if _is_ids(value) else value
+    if all(isinstance(v, str) for v in value):
+        return value
+    if not all(_is_ids(a) and a for a in arrays):
+        raise ValueError(f"{name} must be a string, a list of strings, a token array or a list of token arrays")
+    if any(i < 0 for a in arrays for i in a):
+        raise ValueError("token ids must not be negative")
+    return value
+
+
+def _refuse_logprobs(value: Any) -> Any:
+    # Chat: logprobs false and top_logprobs null are fine. Completions: any int asks for them.
+    if value is not None and value is not False:
+        raise ValueError("logprobs are not supported by this server")
+    return value
+
+
+def _refuse_logit_bias(value: dict | None) -> dict | None:
+    if value:
+        raise ValueError("logit_bias is not supported by this server")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat completions: request
+
+
+class FunctionCall(WireModel):
+    name: str
+    arguments: str = "{}"
+
+
+class ToolCallIn(WireModel):
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessageIn(WireModel):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    #: A string, or a list of ``{"type": "text", "text": ...}`` parts (joined with newlines).
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            for part in value:
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                if kind != "text" or not isinstance(part.get("text"), str):
+                    raise ValueError(f"content parts of type {kind!r} are not supported; only text parts are")
+        elif value is not None and not isinstance(value, str):
+            raise ValueError("content must be a string or a list of text parts")
+        return value
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part["text"] for part in self.content)
+
+
+class FunctionDef(WireModel):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDef(WireModel):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class NamedFunction(WireModel):
+    name: str
+
+
+class NamedToolChoice(WireModel):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+class ResponseFormat(WireModel):
+    type: Literal["text", "json_object", "json_schema"]
+
+
+class StreamOptions(WireModel):
+    include_usage: bool | None = False
+
+
+class ChatCompletionRequest(WireModel):
+    model: str | None = None
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    n: int | None = Field(None, ge=1)  # the upper bound is settings.max_n, checked in serving
+    stop: Stop = None
+    seed: int | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    user: str | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # accepted; calls come back as the model writes them
+    response_format: ResponseFormat | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    logit_bias: dict[str, float] | None = None
+    # Not OpenAI, accepted as extras (vLLM does the same).
+    top_k: int | None = Field(None, ge=0)
+    repetition_penalty: RepetitionPenalty | None = None
+
+    @field_validator("logprobs", "top_logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: Any) -> Any:
+        return _refuse_logprobs(value)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, value: dict | None) -> dict | None:
+        return _refuse_logit_bias(value)
+
+    @field_validator("response_format")
+    @classmethod
+    def _no_json_schema(cls, value: ResponseFormat | None) -> ResponseFormat | None:
+        if value is not None and value.type == "json_schema":
+            raise ValueError("json_schema is not supported; use {\"type\": \"json_object\"}")
+        return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat completions: response and chunks
+
+
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    refusal: None = None
+    tool_calls: list[ToolCallOut] | None = None
+
+
+class ChatChoiceOut(BaseModel):
+    index: int
+    message: ChatMessageOut
+    finish_reason: Literal["stop", "length", "tool_calls"]
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChatChoiceOut]
+    usage: Usage
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Legacy completions
+
+
+class CompletionRequest(WireModel):
+    model: str | None = None
+    prompt: str | list[str] | TokenIds | list[TokenIds]
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    n: int | None = Field(None, ge=1)
+    stop: Stop = None
+    seed: int | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    echo: bool | None = False
+    user: str | None = None
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1)
+    logprobs: int | None = None
+    logit_bias: dict[str, float] | None = None
+    top_k: int | None = Field(None, ge=0)
+    repetition_penalty: RepetitionPenalty | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, value: Any) -> Any:
+        return _texts_or_token_arrays(value, "prompt")
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: Any) -> Any:
+        return _refuse_logprobs(value)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, value: dict | None) -> dict | None:
+        return _refuse_logit_bias(value)
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value: str | None) -> str | None:
+        if value:
+            raise ValueError("suffix (insertion) is not supported by this server")
+        return value
+
+    @model_validator(mode="after")
+    def _best_of_is_n(self) -> "CompletionRequest":
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            raise ValueError("best_of is not supported, except equal to n")
+        return self
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Embeddings
+
+
+class EmbeddingRequest(WireModel):
+    model: str | None = None
+    input: str | list[str] | TokenIds | list[TokenIds]
+    encoding_format: Literal["float", "base64"] | None = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+    # Extras: the seed's normalize, and truncation instead of a 400 for over-long inputs.
+    truncate: bool = False
+    normalize: bool = False
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input_shape(cls, value: Any) -> Any:
+        return _texts_or_token_arrays(value, "input")
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "glm-api"
+    # Ours, beside OpenAI's fields (the SDK keeps extras): what a client needs to size requests.
+    kind: Literal["chat", "embedding"]
+    context_length: int | None = None
+    dimensions: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer (vLLM's shapes)
+
+
+class TokenizeRequest(WireModel):
+    """Either ``prompt`` (plain text) or ``messages`` (a conversation, through the chat
+    template with the generation prompt, and ``tools`` if given: what a chat request costs)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessageIn] | None = Field(None, min_length=1)
+    tools: list[ToolDef] | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        if self.tools and self.messages is None:
+            raise ValueError("tools only apply to messages")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    model: str
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str]
+
+
+class DetokenizeRequest(WireModel):
+    model: str | None = None
+    tokens: TokenIds
+
+    @field_validator("tokens")
+    @classmethod
+    def _non_negative(cls, value: list[int]) -> list[int]:
+        if any(i < 0 for i in value):
+            raise ValueError("token ids must not be negative")
+        return value
+
+
+class DetokenizeResponse(BaseModel):
+    model: str
+    prompt: str

@@ -1,0 +1,262 @@
+"""/v1/chat/completions over the shared ChatService: OpenAI messages in, OpenAI shapes out.
+
+Everything that can fail deterministically fails in :func:`start_chat`, before the 200.
+
+``response_format: {"type": "json_object"}`` is best effort without constrained decoding: a
+system instruction asks for one JSON object, and (when no tools are offered) the answer is
+prefilled with ``{``, which small models follow far more reliably than an instruction alone.
+An answer that still does not parse as JSON is an error (400 ``invalid_json_output``: not
+a 5xx, which SDKs would retry for ever), unless ``max_tokens`` cut it (``length``), as OpenAI
+documents. ``tool_choice: "required"`` or a named function cannot be forced either: the named
+function is the only one offered, and an answer without a tool call is the same kind of error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from glm_api import __version__
+from glm_api.errors import BadRequestError
+from glm_api.families.base import ToolCall
+from glm_api.protocol.common import Usage
+from glm_api.protocol.openai import (
+    ChatChoiceOut,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    ChatMessageIn,
+    ChatMessageOut,
+    FunctionCallOut,
+    NamedToolChoice,
+    ToolCallDelta,
+    ToolCallOut,
+    ToolDef,
+)
+from glm_api.serving.chat import ChatCall, ChatRun, ChatService
+
+JSON_INSTRUCTION = "Answer with one JSON object only."
+#: OpenAI's default, where the seed route keeps the seed's 1.1.
+OPENAI_REPETITION_PENALTY = 1.0
+
+
+def system_fingerprint(engine: Any) -> str:
+    """Stable while the same weights are served the same way: name, family, source, dtype."""
+    facts = (
+        engine.model_name,
+        getattr(engine, "family", ""),
+        getattr(engine, "source", ""),
+        getattr(getattr(engine, "model", None), "dtype", ""),
+        __version__,
+    )
+    return "fp_" + hashlib.sha256("|".join(map(str, facts)).encode()).hexdigest()[:10]
+
+
+def new_tool_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def tool_dicts(tools: list[ToolDef] | None) -> list[dict[str, Any]] | None:
+    return [t.model_dump(exclude_none=True) for t in tools] if tools else None
+
+
+def openai_messages(messages: list[ChatMessageIn]) -> list[dict[str, Any]]:
+    """OpenAI messages -> the internal dicts of :mod:`glm_api.families.base`."""
+    names: dict[str, str] = {}  # tool_call_id -> function name, for tool results
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        role = {"developer": "system", "function": "tool"}.get(m.role, m.role)
+        message: dict[str, Any] = {"role": role, "content": m.text()}
+        if m.role == "assistant" and m.tool_calls:
+            message["tool_calls"] = [ToolCall(c.function.name, c.function.arguments, c.id) for c in m.tool_calls]
+            names.update({c.id: c.function.name for c in m.tool_calls if c.id})
+        if role == "tool":
+            name = m.name or names.get(m.tool_call_id or "")
+            if name:
+                message["name"] = name
+            if m.tool_call_id:
+                message["tool_call_id"] = m.tool_call_id
+        out.append(message)
+    return out
+
+
+def _with_json_instruction(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    if messages and messages[0]["role"] == "system":
+        first = {**messages[0], "content": f"{messages[0]['content']}\n\n{JSON_INSTRUCTION}".lstrip()}
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": JSON_INSTRUCTION}, *messages]
+
+
+def _offered_tools(req: ChatCompletionRequest) -> list[dict[str, Any]] | None:
+    """The tools the model is shown, after ``tool_choice``."""
+    if not req.tools or req.tool_choice == "none":
+        return None
+    if isinstance(req.tool_choice, NamedToolChoice):
+        wanted = req.tool_choice.function.name
+        named = [t for t in req.tools if t.function.name == wanted]
+        if not named:
+            raise BadRequestError(f"tool_choice names {wanted!r}, which is not in tools", param="tool_choice")
+        return tool_dicts(named)
+    return tool_dicts(req.tools)
+
+
+def chat_call(req: ChatCompletionRequest, messages: list[dict[str, Any]], tools: list[dict] | None) -> ChatCall:
+    return ChatCall(
+        messages=messages,
+        model=req.model,
+        tools=tools,
+        max_tokens=req.max_completion_tokens or req.max_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=req.top_k or 0,
+        repetition_penalty=req.repetition_penalty or OPENAI_REPETITION_PENALTY,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        seed=req.seed,
+        stop=list(req.stop or []),
+        n=req.n or 1,
+    )
+
+
+@dataclass
+class ChatPlan:
+    """An admitted chat request and what its response needs."""
+
+    run: ChatRun
+    n: int
+    id: str
+    created: int
+    fingerprint: str
+    include_usage: bool
+    prefix: str = ""  # text prefilled into the answer, shown to the client as its start
+    json_mode: bool = False
+    tool_required: bool = False
+    tool_ids: dict[tuple[int, int], str] = field(default_factory=dict)
+
+
+async def start_chat(service: ChatService, req: ChatCompletionRequest, request_id: str) -> ChatPlan:
+    engine = service.registry.chat_engine(req.model)  # 404 before anything else
+    tools = _offered_tools(req)
+    if tools and not engine.template.supports_tools:
+        raise BadRequestError(
+            f"model {engine.model_name!r} has a chat format without tools; send no tools "
+            "(or tool_choice \"none\") to chat with it",
+            param="tools",
+        )
+    json_mode = req.response_format is not None and req.response_format.type == "json_object"
+    messages = openai_messages(req.messages)
+    if json_mode:
+        messages = _with_json_instruction(messages)
+    call = chat_call(req, messages, tools)
+    prompt = await service.prepare(call)
+    prefix = "{" if json_mode and not tools else ""
+    ids = prompt.ids + (prompt.engine.template.encode(prefix) if prefix else [])
+    run = await service.start_prompt(prompt.engine, ids, call, request_id, tools_enabled=prompt.tools_enabled)
+    return ChatPlan(
+        run=run,
+        n=call.n,
+        id=f"chatcmpl-{request_id}",
+        created=int(time.time()),
+        fingerprint=system_fingerprint(prompt.engine),
+        include_usage=bool(req.stream_options and req.stream_options.include_usage),
+        prefix=prefix,
+        json_mode=json_mode,
+        tool_required=bool(tools) and (req.tool_choice == "required" or isinstance(req.tool_choice, NamedToolChoice)),
+    )
+
+
+def _check_answer(plan: ChatPlan, content: str, finish_reason: str, tool_calls: list[ToolCall]) -> None:
+    """The promises json_object and a required tool call make, kept or refused clearly."""
+    if finish_reason == "length":
+        return  # cut off by max_tokens: the client sees "length" and knows it is partial
+    if plan.tool_required and not tool_calls:
+        raise BadRequestError(
+            "tool_choice required a tool call but the model answered in text; retry, or rephrase the request",
+            param="tool_choice", code="tool_call_missing",
+        )
+    if plan.json_mode and not tool_calls:
+        try:
+            json.loads(content)
+        except json.JSONDecodeError:
+            raise BadRequestError(
+                "response_format json_object: the model's answer is not valid JSON (this server cannot "
+                "constrain decoding); ask for JSON more explicitly, or retry with another seed",
+                param="response_format", code="invalid_json_output",
+            ) from None
+
+
+def _tool_calls_out(plan: ChatPlan, index: int, calls: list[ToolCall]) -> list[ToolCallOut]:
+    out = []
+    for j, call in enumerate(calls):
+        call_id = plan.tool_ids.setdefault((index, j), call.id or new_tool_call_id())
+        out.append(ToolCallOut(id=call_id, function=FunctionCallOut(name=call.name, arguments=call.arguments)))
+    return out
+
+
+async def chat_response(plan: ChatPlan) -> ChatCompletion:
+    choices = await plan.run.collect()
+    out = []
+    for choice in choices:
+        content = plan.prefix + choice.content
+        _check_answer(plan, content, choice.finish_reason, choice.tool_calls)
+        calls = _tool_calls_out(plan, choice.index, choice.tool_calls)
+        # OpenAI sends content null on a message that only calls tools.
+        message = ChatMessageOut(content=(content or None) if calls else content, tool_calls=calls or None)
+        out.append(ChatChoiceOut(index=choice.index, message=message, finish_reason=choice.finish_reason))
+    completion = sum(c.completion_tokens for c in choices)
+    return ChatCompletion(
+        id=plan.id, created=plan.created, model=plan.run.model, system_fingerprint=plan.fingerprint, choices=out,
+        usage=Usage(
+            prompt_tokens=plan.run.prompt_tokens, completion_tokens=completion,
+            total_tokens=plan.run.prompt_tokens + completion,
+        ),
+    )
+
+
+def _chunk(plan: ChatPlan, choices: list[ChatChunkChoice], usage: Usage | None = None) -> dict:
+    chunk = ChatCompletionChunk(
+        id=plan.id, created=plan.created, model=plan.run.model, system_fingerprint=plan.fingerprint,
+        choices=choices, usage=usage,
+    )
+    payload = chunk.model_dump()
+    for out, choice in zip(payload["choices"], choices):
+        out["delta"] = choice.delta.model_dump(exclude_none=True)  # only what this chunk carries
+    if not plan.include_usage:
+        del payload["usage"]
+    return payload
+
+
+async def chat_stream(plan: ChatPlan) -> AsyncIterator[dict]:
+    """OpenAI chunks as the engine produces them: the role (and any prefill) first, then
+    content deltas, tool calls whole at the end of a choice, then its finish_reason; with
+    ``include_usage`` a last chunk with ``choices: []`` and the usage."""
+    for i in range(plan.n):
+        yield _chunk(plan, [ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=plan.prefix))])
+    texts: dict[int, list[str]] = {i: [plan.prefix] for i in range(plan.n)}
+    completion_tokens = 0
+    async for event in plan.run.events():
+        if event.text:
+            texts[event.index].append(event.text)
+            yield _chunk(plan, [ChatChunkChoice(index=event.index, delta=ChatDelta(content=event.text))])
+        if event.finish_reason is None:
+            continue
+        if event.tool_calls:
+            deltas = [
+                ToolCallDelta(index=j, id=call.id, function=call.function)
+                for j, call in enumerate(_tool_calls_out(plan, event.index, event.tool_calls))
+            ]
+            yield _chunk(plan, [ChatChunkChoice(index=event.index, delta=ChatDelta(tool_calls=deltas))])
+        _check_answer(plan, "".join(texts[event.index]), event.finish_reason, event.tool_calls)
+        completion_tokens += event.completion_tokens
+        yield _chunk(plan, [ChatChunkChoice(index=event.index, delta=ChatDelta(), finish_reason=event.finish_reason)])
+    if plan.include_usage:
+        prompt = plan.run.prompt_tokens
+        usage = Usage(prompt_tokens=prompt, completion_tokens=completion_tokens, total_tokens=prompt + completion_tokens)
+        yield _chunk(plan, [], usage)
