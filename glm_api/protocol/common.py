@@ -43,3 +43,38 @@ Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 MaxTokens = Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT)]
 RepetitionPenalty = Annotated[float, Field(gt=0.0, le=10.0)]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body; every non-2xx answer of this server has this shape."""
+
+    error: ErrorDetail
+
+
+#: Documented on every router, so the OpenAPI spec (and clients generated from it) know the
+#: statuses the server really answers with.
+ERROR_RESPONSES: dict[int | str, dict] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in [
+        (400, "invalid request (validation, context length)"),
+        (401, "missing or invalid API key"),
+        (404, "unknown model or route"),
+        (413, "request body too large"),
+        (415, "body is not JSON"),
+        (429, "server busy: retry after the Retry-After header"),
+        (500, "unexpected error (details in the server log, by request id)"),
+        (503, "models loading or an engine unavailable"),
+    ]
+}
+
+#: For routes that stream with ``stream: true``: the 200 may also be server-sent events.
+SSE_RESPONSE: dict[int | str, dict] = {
+    200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}, "description": "JSON, or SSE when streaming"}
+}
