@@ -19,8 +19,6 @@ Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 TokenIds = list[int]
 
 
-
-
 def _is_ids(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
 
@@ -166,7 +164,7 @@ class ChatCompletionRequest(WireModel):
     @classmethod
     def _no_json_schema(cls, value: ResponseFormat | None) -> ResponseFormat | None:
         if value is not None and value.type == "json_schema":
-            raise ValueError("json_schema is not supported; use {\"type\": \"json_object\"}")
+            raise ValueError('json_schema is not supported; use {"type": "json_object"}')
         return value
 
 
@@ -288,7 +286,7 @@ class CompletionRequest(WireModel):
         return value
 
     @model_validator(mode="after")
-    def _best_of_is_n(self) -> "CompletionRequest":
+    def _best_of_is_n(self) -> CompletionRequest:
         if self.best_of is not None and self.best_of != (self.n or 1):
             raise ValueError("best_of is not supported, except equal to n")
         return self
@@ -383,7 +381,7 @@ class TokenizeRequest(WireModel):
     tools: list[ToolDef] | None = None
 
     @model_validator(mode="after")
-    def _one_of(self) -> "TokenizeRequest":
+    def _one_of(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt or messages")
         if self.tools and self.messages is None:

@@ -26,7 +26,9 @@ router = APIRouter(prefix="/v1", tags=["OpenAI API"])
 
 
 @router.post("/chat/completions", response_model=ChatCompletion)
-async def chat_completions(body: ChatCompletionRequest, request: Request, services: ServicesDep, request_id: RequestIdDep):
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, services: ServicesDep, request_id: RequestIdDep
+):
     plan = await openai_chat.start_chat(services.chat, body, request_id)
     if body.stream:
         return sse_response(openai_chat.chat_stream(plan), request_id)

@@ -147,7 +147,7 @@ async def start_chat(service: ChatService, req: ChatCompletionRequest, request_i
     if tools and not engine.template.supports_tools:
         raise BadRequestError(
             f"model {engine.model_name!r} has a chat format without tools; send no tools "
-            "(or tool_choice \"none\") to chat with it",
+            '(or tool_choice "none") to chat with it',
             param="tools",
         )
     json_mode = req.response_format is not None and req.response_format.type == "json_object"
@@ -179,7 +179,8 @@ def _check_answer(plan: ChatPlan, content: str, finish_reason: str, tool_calls: 
     if plan.tool_required and not tool_calls:
         raise BadRequestError(
             "tool_choice required a tool call but the model answered in text; retry, or rephrase the request",
-            param="tool_choice", code="tool_call_missing",
+            param="tool_choice",
+            code="tool_call_missing",
         )
     if plan.json_mode and not tool_calls:
         try:
@@ -188,7 +189,8 @@ def _check_answer(plan: ChatPlan, content: str, finish_reason: str, tool_calls: 
             raise BadRequestError(
                 "response_format json_object: the model's answer is not valid JSON (this server cannot "
                 "constrain decoding); ask for JSON more explicitly, or retry with another seed",
-                param="response_format", code="invalid_json_output",
+                param="response_format",
+                code="invalid_json_output",
             ) from None
 
 
@@ -212,9 +214,14 @@ async def chat_response(plan: ChatPlan) -> ChatCompletion:
         out.append(ChatChoiceOut(index=choice.index, message=message, finish_reason=choice.finish_reason))
     completion = sum(c.completion_tokens for c in choices)
     return ChatCompletion(
-        id=plan.id, created=plan.created, model=plan.run.model, system_fingerprint=plan.fingerprint, choices=out,
+        id=plan.id,
+        created=plan.created,
+        model=plan.run.model,
+        system_fingerprint=plan.fingerprint,
+        choices=out,
         usage=Usage(
-            prompt_tokens=plan.run.prompt_tokens, completion_tokens=completion,
+            prompt_tokens=plan.run.prompt_tokens,
+            completion_tokens=completion,
             total_tokens=plan.run.prompt_tokens + completion,
         ),
     )
@@ -222,8 +229,12 @@ async def chat_response(plan: ChatPlan) -> ChatCompletion:
 
 def _chunk(plan: ChatPlan, choices: list[ChatChunkChoice], usage: Usage | None = None) -> dict:
     chunk = ChatCompletionChunk(
-        id=plan.id, created=plan.created, model=plan.run.model, system_fingerprint=plan.fingerprint,
-        choices=choices, usage=usage,
+        id=plan.id,
+        created=plan.created,
+        model=plan.run.model,
+        system_fingerprint=plan.fingerprint,
+        choices=choices,
+        usage=usage,
     )
     payload = chunk.model_dump()
     for out, choice in zip(payload["choices"], choices):
@@ -258,5 +269,7 @@ async def chat_stream(plan: ChatPlan) -> AsyncIterator[dict]:
         yield _chunk(plan, [ChatChunkChoice(index=event.index, delta=ChatDelta(), finish_reason=event.finish_reason)])
     if plan.include_usage:
         prompt = plan.run.prompt_tokens
-        usage = Usage(prompt_tokens=prompt, completion_tokens=completion_tokens, total_tokens=prompt + completion_tokens)
+        usage = Usage(
+            prompt_tokens=prompt, completion_tokens=completion_tokens, total_tokens=prompt + completion_tokens
+        )
         yield _chunk(plan, [], usage)

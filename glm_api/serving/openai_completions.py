@@ -93,8 +93,14 @@ async def start_completion(service: ChatService, req: CompletionRequest, request
         _abort(runs)  # the prompts admitted before a refused one give their places back
         raise
     return CompletionPlan(
-        runs=runs, echo=echo, n=call.n, id=f"cmpl-{request_id}", created=int(time.time()), model=engine.model_name,
-        fingerprint=system_fingerprint(engine), include_usage=bool(req.stream_options and req.stream_options.include_usage),
+        runs=runs,
+        echo=echo,
+        n=call.n,
+        id=f"cmpl-{request_id}",
+        created=int(time.time()),
+        model=engine.model_name,
+        fingerprint=system_fingerprint(engine),
+        include_usage=bool(req.stream_options and req.stream_options.include_usage),
     )
 
 
@@ -152,10 +158,15 @@ async def completion_response(plan: CompletionPlan) -> Completion:
         if event.finish_reason is not None:
             finished[index] = event
     choices = [
-        CompletionChoice(index=i, text="".join(texts[i]), finish_reason=finished[i].finish_reason) for i in sorted(finished)
+        CompletionChoice(index=i, text="".join(texts[i]), finish_reason=finished[i].finish_reason)
+        for i in sorted(finished)
     ]
     return Completion(
-        id=plan.id, created=plan.created, model=plan.model, system_fingerprint=plan.fingerprint, choices=choices,
+        id=plan.id,
+        created=plan.created,
+        model=plan.model,
+        system_fingerprint=plan.fingerprint,
+        choices=choices,
         usage=_usage(plan, sum(e.completion_tokens for e in finished.values())),
     )
 
@@ -163,8 +174,12 @@ async def completion_response(plan: CompletionPlan) -> Completion:
 async def completion_stream(plan: CompletionPlan) -> AsyncIterator[dict]:
     def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> dict:
         payload = Completion(
-            id=plan.id, created=plan.created, model=plan.model, system_fingerprint=plan.fingerprint,
-            choices=choices, usage=usage,
+            id=plan.id,
+            created=plan.created,
+            model=plan.model,
+            system_fingerprint=plan.fingerprint,
+            choices=choices,
+            usage=usage,
         ).model_dump()
         if not plan.include_usage:
             del payload["usage"]
@@ -176,7 +191,9 @@ async def completion_stream(plan: CompletionPlan) -> AsyncIterator[dict]:
     completion_tokens = 0
     async for j, event in _merged(plan.runs):
         if event.text or event.finish_reason is not None:
-            yield chunk([CompletionChoice(index=j * plan.n + event.index, text=event.text, finish_reason=event.finish_reason)])
+            yield chunk(
+                [CompletionChoice(index=j * plan.n + event.index, text=event.text, finish_reason=event.finish_reason)]
+            )
         if event.finish_reason is not None:
             completion_tokens += event.completion_tokens
     if plan.include_usage:

@@ -60,4 +60,6 @@ async def create_embeddings(service: EmbeddingService, req: EmbeddingRequest) ->
         EmbeddingData(index=i, embedding=base64_floats(v) if as_base64 else v.tolist()) for i, v in enumerate(vectors)
     ]
     tokens = sum(result.token_counts)
-    return EmbeddingResponse(data=data, model=engine.model_name, usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens))
+    return EmbeddingResponse(
+        data=data, model=engine.model_name, usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens)
+    )

@@ -24,12 +24,20 @@ def model_cards(registry: ModelRegistry) -> list[ModelCard]:
     if registry.chat is not None:
         cards.append(
             ModelCard(
-                id=registry.chat.model_name, created=registry.created, kind="chat",
+                id=registry.chat.model_name,
+                created=registry.created,
+                kind="chat",
                 context_length=registry.chat.context_length,
             )
         )
     cards += [
-        ModelCard(id=name, created=registry.created, kind="embedding", context_length=e.max_seq_length, dimensions=e.dimensions)
+        ModelCard(
+            id=name,
+            created=registry.created,
+            kind="embedding",
+            context_length=e.max_seq_length,
+            dimensions=e.dimensions,
+        )
         for name, e in registry.embeddings.items()
     ]
     return cards
@@ -57,17 +65,21 @@ async def tokenize(chat: ChatService, tokens: TokenizeService, req: TokenizeRequ
         strs = await asyncio.to_thread(prompt.engine.template.convert_ids_to_tokens, prompt.ids)
         engine = prompt.engine
         return TokenizeResponse(
-            model=engine.model_name, count=len(prompt.ids), max_model_len=engine.context_length,
-            tokens=prompt.ids, token_strs=strs,
+            model=engine.model_name,
+            count=len(prompt.ids),
+            max_model_len=engine.context_length,
+            tokens=prompt.ids,
+            token_strs=strs,
         )
     assert req.prompt is not None  # the request model allows exactly one of the two
     owner = tokens.registry.tokenizer_owner(req.model)
     out = await tokens.tokenize(req.prompt, req.model)
     max_len = getattr(owner, "context_length", None) or owner.max_seq_length
-    return TokenizeResponse(model=out.model, count=len(out.ids), max_model_len=max_len, tokens=out.ids, token_strs=out.tokens)
+    return TokenizeResponse(
+        model=out.model, count=len(out.ids), max_model_len=max_len, tokens=out.ids, token_strs=out.tokens
+    )
 
 
 async def detokenize(tokens: TokenizeService, req: DetokenizeRequest) -> DetokenizeResponse:
     model, text = await tokens.detokenize(req.tokens, req.model)
     return DetokenizeResponse(model=model, prompt=text)
-

@@ -102,7 +102,12 @@ def test_chat_matches_the_seed_route_and_streams_the_same_text(client, smollm2):
     assert completion.usage.prompt_tokens == len(smollm2.template.encode_messages(QUESTION))
 
     stream = chat(
-        client, temperature=0, max_tokens=10, repetition_penalty=1.1, stream=True, stream_options={"include_usage": True}
+        client,
+        temperature=0,
+        max_tokens=10,
+        repetition_penalty=1.1,
+        stream=True,
+        stream_options={"include_usage": True},
     )
     chunks = chunks_of(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -123,7 +128,7 @@ def test_usage_chunk_only_when_asked(client):
 
 
 def test_n_choices_with_a_seed_repeat(client):
-    body = dict(temperature=1.0, max_tokens=6, n=2, seed=1234)
+    body = {"temperature": 1.0, "max_tokens": 6, "n": 2, "seed": 1234}
     first = completion_of(chat(client, **body).json())
     assert [c.index for c in first.choices] == [0, 1]
     again = completion_of(chat(client, **body).json())
@@ -143,18 +148,31 @@ def test_stop_sequence_and_length(client):
 def test_text_parts_developer_role_and_unknown_fields(client):
     messages = [
         {"role": "developer", "content": "You are brief."},
-        {"role": "user", "content": [{"type": "text", "text": "What is the capital"}, {"type": "text", "text": "of France?"}]},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "What is the capital"}, {"type": "text", "text": "of France?"}],
+        },
     ]
     body = chat(
-        client, messages=messages, max_tokens=1, temperature=None, user="u-1", top_k=5, parallel_tool_calls=True,
-        metadata={"x": 1}, service_tier="auto", store=False,
+        client,
+        messages=messages,
+        max_tokens=1,
+        temperature=None,
+        user="u-1",
+        top_k=5,
+        parallel_tool_calls=True,
+        metadata={"x": 1},
+        service_tier="auto",
+        store=False,
     )
     completion_of(body.json())
 
 
 def test_json_object_answer_parses_or_fails_clearly(client):
     asked = [{"role": "user", "content": "Give the name and capital of France as JSON with keys name and capital."}]
-    body = completion_of(chat(client, messages=asked, temperature=0, max_tokens=40, response_format={"type": "json_object"}).json())
+    body = completion_of(
+        chat(client, messages=asked, temperature=0, max_tokens=40, response_format={"type": "json_object"}).json()
+    )
     assert isinstance(json.loads(body.choices[0].message.content), dict)
     # A question this small model answers in prose even when asked for JSON: a clear 400.
     response = chat(client, temperature=0, max_tokens=40, response_format={"type": "json_object"})
@@ -179,7 +197,11 @@ def test_json_object_answer_parses_or_fails_clearly(client):
         ({"response_format": {"type": "json_schema"}}, 400, "response_format"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, None),
         ({"tools": [WEATHER_TOOL]}, 400, "tools"),  # SmolLM2's template has no tools
-        ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, 400, "tool_choice"),
+        (
+            {"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+            400,
+            "tool_choice",
+        ),
         ({"model": "gpt-4o"}, 404, "model"),
     ],
 )
@@ -208,7 +230,9 @@ def tool_client(tmp_path_factory, minilm):
     folder = build_tool_calling_lm(tmp_path_factory.mktemp("tool-lm"))
     loaded = load_transformers_lm(folder, torch.device("cpu"), torch.float32)
     settings = make_settings(chat_model_name="tool-lm")
-    with TestClient(create_app(settings, make_registry(loaded, {PACKAGED_EMBEDDING_NAME: minilm}, settings))) as test_client:
+    with TestClient(
+        create_app(settings, make_registry(loaded, {PACKAGED_EMBEDDING_NAME: minilm}, settings))
+    ) as test_client:
         yield test_client
 
 
@@ -224,7 +248,9 @@ def test_tool_call_comes_back_as_tool_calls(tool_client):
 
 @pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
 def test_tool_call_streams_as_delta_tool_calls(tool_client, tool_choice):
-    response = chat(tool_client, messages=first_turn(), tools=[WEATHER_TOOL], tool_choice=tool_choice, temperature=0, stream=True)
+    response = chat(
+        tool_client, messages=first_turn(), tools=[WEATHER_TOOL], tool_choice=tool_choice, temperature=0, stream=True
+    )
     chunks = chunks_of(response)
     calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
     assert len(calls) == 1
@@ -272,14 +298,22 @@ def test_completions_text_tokens_lists_and_stream(client, smollm2):
 
     ids = smollm2.template.encode(prompt)
     many = completion_body(
-        client.post("/v1/completions", json={"prompt": [ids, ids], "max_tokens": 4, "temperature": 0, "n": 2, "echo": True})
+        client.post(
+            "/v1/completions", json={"prompt": [ids, ids], "max_tokens": 4, "temperature": 0, "n": 2, "echo": True}
+        )
     )
     assert [c.index for c in many.choices] == [0, 1, 2, 3]
     assert all(c.text == prompt + text for c in many.choices)  # token ids and text: the same prompt
 
     response = client.post(
         "/v1/completions",
-        json={"prompt": [prompt], "max_tokens": 4, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}},
+        json={
+            "prompt": [prompt],
+            "max_tokens": 4,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
     )
     events = sse_events(response)
     assert events[-1] == "[DONE]"
@@ -321,7 +355,9 @@ def test_bad_completion_requests(client, body, status, param):
 
 def test_completion_context_length(client, smollm2):
     ids = [42] * (smollm2.context_length + 1)
-    assert_error(client.post("/v1/completions", json={"prompt": ids, "max_tokens": 1}), 400, "prompt", "context_length_exceeded")
+    assert_error(
+        client.post("/v1/completions", json={"prompt": ids, "max_tokens": 1}), 400, "prompt", "context_length_exceeded"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

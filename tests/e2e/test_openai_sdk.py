@@ -23,10 +23,12 @@ from tests.e2e.conftest import start_server, stop_server
 from tests.fixtures.tool_calling_lm import (
     CALL_ARGUMENTS,
     FINAL_ANSWER,
-    QUESTION as WEATHER_QUESTION,
     TOOL_RESULT,
     WEATHER_TOOL,
     build_tool_calling_lm,
+)
+from tests.fixtures.tool_calling_lm import (
+    QUESTION as WEATHER_QUESTION,
 )
 
 pytestmark = pytest.mark.e2e
@@ -51,12 +53,23 @@ def extra_servers(smollm2_cache_dir, tmp_path_factory):
     tool_dir = build_tool_calling_lm(tmp_path_factory.mktemp("tool-lm"))
     logs = tmp_path_factory.mktemp("openai-e2e")
     guarded = [
-        "--cache-dir", str(smollm2_cache_dir), "--max-running", "1", "--max-waiting", "0", "--api-key", KEY,
-        "--shutdown-grace-seconds", "0",
+        "--cache-dir",
+        str(smollm2_cache_dir),
+        "--max-running",
+        "1",
+        "--max-waiting",
+        "0",
+        "--api-key",
+        KEY,
+        "--shutdown-grace-seconds",
+        "0",
     ]
     tools = ["--chat-model", str(tool_dir), "--chat-model-name", "tool-lm"]
     with ThreadPoolExecutor(2) as pool:
-        futures = [pool.submit(start_server, guarded, logs / "guarded.log"), pool.submit(start_server, tools, logs / "tools.log")]
+        futures = [
+            pool.submit(start_server, guarded, logs / "guarded.log"),
+            pool.submit(start_server, tools, logs / "tools.log"),
+        ]
     servers = [f.result() for f in futures if f.exception() is None]
     if len(servers) < 2:
         for server in servers:
@@ -78,7 +91,11 @@ def test_chat_non_streamed_and_streamed(sdk):
     assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens
 
     stream = sdk.chat.completions.create(
-        model=PACKAGED_CHAT_NAME, messages=QUESTION, temperature=0, max_tokens=8, stream=True,
+        model=PACKAGED_CHAT_NAME,
+        messages=QUESTION,
+        temperature=0,
+        max_tokens=8,
+        stream=True,
         stream_options={"include_usage": True},
     )
     chunks = list(stream)
@@ -120,7 +137,9 @@ def test_n_choices_seed_and_stop(sdk):
 
 
 def test_legacy_completion(sdk):
-    done = sdk.completions.create(model=PACKAGED_CHAT_NAME, prompt="The capital of France is", max_tokens=3, temperature=0)
+    done = sdk.completions.create(
+        model=PACKAGED_CHAT_NAME, prompt="The capital of France is", max_tokens=3, temperature=0
+    )
     assert done.object == "text_completion" and done.choices[0].text and done.choices[0].finish_reason == "length"
 
 
@@ -167,7 +186,11 @@ def test_bad_request_and_not_found(sdk):
 def test_error_after_the_stream_started_raises_in_the_sdk(sdk):
     # The small model answers this in prose, not JSON: known only at the end of the stream.
     stream = sdk.chat.completions.create(
-        model=PACKAGED_CHAT_NAME, messages=QUESTION, temperature=0, max_tokens=40, stream=True,
+        model=PACKAGED_CHAT_NAME,
+        messages=QUESTION,
+        temperature=0,
+        max_tokens=40,
+        stream=True,
         response_format={"type": "json_object"},
     )
     with pytest.raises(openai.APIError) as info:
@@ -215,7 +238,9 @@ def test_tool_call_round_trip(extra_servers):
         (call,) = choice.message.tool_calls
         assert call.function.name == "get_weather" and json.loads(call.function.arguments) == CALL_ARGUMENTS
         messages.append(choice.message.model_dump(exclude_none=True))
-        messages.append({"role": "tool", "tool_call_id": call.id, "content": get_weather(**json.loads(call.function.arguments))})
+        messages.append(
+            {"role": "tool", "tool_call_id": call.id, "content": get_weather(**json.loads(call.function.arguments))}
+        )
         final = client.chat.completions.create(model="tool-lm", messages=messages, tools=[WEATHER_TOOL], temperature=0)
         assert final.choices[0].message.content == FINAL_ANSWER and final.choices[0].finish_reason == "stop"
 

@@ -58,7 +58,9 @@ class ScriptedRun(ChatRun):
 
 
 def plan(events: list[ChatEvent], n: int = 1, **kw) -> ChatPlan:
-    return ChatPlan(run=ScriptedRun(events, n), n=n, id="chatcmpl-x", created=1, fingerprint="fp_1", include_usage=True, **kw)
+    return ChatPlan(
+        run=ScriptedRun(events, n), n=n, id="chatcmpl-x", created=1, fingerprint="fp_1", include_usage=True, **kw
+    )
 
 
 async def drain(stream) -> list[dict]:
@@ -112,7 +114,9 @@ def test_messages_become_internal_dicts():
             {
                 "role": "assistant",
                 "content": None,
-                "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}],
+                "tool_calls": [
+                    {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
+                ],
             },
             {"role": "tool", "tool_call_id": "call_1", "content": "42"},
         ]
