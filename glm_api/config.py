@@ -60,6 +60,7 @@ class Settings(BaseSettings):
     max_waiting: int = Field(256, ge=0, description="requests queued beyond the running batch; more get 429")
     max_prompt_tokens: int | None = Field(None, ge=1, description="cap below the model's context")
     default_max_tokens: int = Field(4096, ge=1, description="the seed's default max_tokens")
+    max_tokens_limit: int | None = Field(None, ge=1, description="larger max_tokens are refused with 400")
     max_n: int = Field(8, ge=1, description="largest n (choices) per request")
 
     # Embedding batching and limits.

@@ -42,7 +42,8 @@ class WireModel(BaseModel):
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 MaxTokens = Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT)]
-RepetitionPenalty = Annotated[float, Field(gt=0.0, le=10.0)]
+# A penalty divides logits: near zero it turns them into infinities, so keep it sane.
+RepetitionPenalty = Annotated[float, Field(ge=0.01, le=10.0)]
 
 
 class ErrorDetail(BaseModel):

@@ -28,7 +28,7 @@ class SeedChatRequest(WireModel):
     chunk: bool = True
     temperature: Temperature = 0.7
     top_p: TopP = 1.0
-    max_tokens: MaxTokens | None = 4096
+    max_tokens: MaxTokens | None = None  # None: the server's default_max_tokens (4096, the seed's)
     stop: Stop = None
     stop_token_ids: list[int] | None = None
     repetition_penalty: RepetitionPenalty = 1.1

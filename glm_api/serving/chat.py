@@ -8,6 +8,7 @@ carries output.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -82,15 +83,15 @@ class ChatRun:
     ) -> None:
         self.model = engine.model_name
         self.prompt_tokens = prompt_tokens
-        self._engine = engine
-        self._request_ids = request_ids
         self._streams = streams
         self._parsers = parsers
+        # Also when nobody ever iterates events() (the client left before the response
+        # started): dropping the run frees the engine slots. Holds no reference to self.
+        self._finalizer = weakref.finalize(self, _abort_all, engine, list(request_ids))
 
     def abort(self) -> None:
         """Free the engine slots of every choice (a no-op for those already finished)."""
-        for request_id in self._request_ids:
-            self._engine.abort(request_id)
+        self._finalizer()
 
     async def events(self) -> AsyncIterator[ChatEvent]:
         """Events of all choices, interleaved as they are produced."""
@@ -166,6 +167,11 @@ class ChatRun:
         return [choices[i] for i in sorted(choices)]
 
 
+def _abort_all(engine: ChatEngine, request_ids: list[str]) -> None:
+    for request_id in request_ids:
+        engine.abort(request_id)
+
+
 class ChatService:
     def __init__(self, registry: ModelRegistry, settings: Settings) -> None:
         self.registry = registry
@@ -191,8 +197,12 @@ class ChatService:
         self, engine: ChatEngine, prompt_ids: list[int], call: ChatCall, request_id: str, *, tools_enabled: bool = False
     ) -> ChatRun:
         """Admit already-tokenised prompt ids (chat after templating, or a raw completion)."""
-        if call.n > self.settings.max_n:
-            raise BadRequestError(f"n is {call.n}; at most {self.settings.max_n} choices per request", param="n")
+        capacity = self.settings.max_running + self.settings.max_waiting
+        if call.n > min(self.settings.max_n, capacity):
+            # Never a 429 for what could not fit even in an idle server: SDKs retry 429s.
+            raise BadRequestError(
+                f"n is {call.n}; at most {min(self.settings.max_n, capacity)} choices per request", param="n"
+            )
         if not prompt_ids:
             raise BadRequestError("the prompt is empty", param="prompt")
         params = self._sampling_params(engine, call, len(prompt_ids))
@@ -226,8 +236,16 @@ class ChatService:
                 f"(model context {engine.context_length}) so that at least one token can be generated",
                 param="messages",
             )
+        limit_tokens = self.settings.max_tokens_limit
+        if call.max_tokens is not None and limit_tokens is not None and call.max_tokens > limit_tokens:
+            raise BadRequestError(
+                f"max_tokens is {call.max_tokens}; this server generates at most {limit_tokens} per request",
+                param="max_tokens",
+            )
         room = engine.context_length - prompt_tokens
         wanted = call.max_tokens if call.max_tokens is not None else self.settings.default_max_tokens
+        if limit_tokens is not None:
+            wanted = min(wanted, limit_tokens)
         return SamplingParams(
             max_tokens=min(wanted, room),
             temperature=call.temperature,

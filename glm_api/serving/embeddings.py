@@ -26,10 +26,9 @@ class EmbeddingService:
         self, engine: EmbeddingEngine, texts: list[str], *, truncate: bool, normalize: bool = False
     ) -> EmbeddingResult:
         """Embed texts; inputs over the model's limit are a 400 unless ``truncate``."""
-        if len(texts) > self.settings.max_embedding_inputs:
-            raise BadRequestError(
-                f"{len(texts)} inputs; at most {self.settings.max_embedding_inputs} per request", param="input"
-            )
+        most = min(self.settings.max_embedding_inputs, self.settings.max_embedding_queue)
+        if len(texts) > most:  # a 400, not a 429: it would not fit even in an idle server
+            raise BadRequestError(f"{len(texts)} inputs; at most {most} per request", param="input")
         if not truncate:
             counts = await asyncio.to_thread(engine.count_tokens, texts)
             too_long = [i for i, n in enumerate(counts) if n > engine.max_seq_length]
