@@ -7,6 +7,16 @@ import torch
 from glm_api.engines.base import SamplingParams
 
 
+def needs_per_row_sampling(params: SamplingParams) -> bool:
+    """Whether a row needs more than the batch-wide argmax: penalties, or real sampling."""
+    return (
+        not params.greedy
+        or params.repetition_penalty != 1.0
+        or bool(params.presence_penalty)
+        or bool(params.frequency_penalty)
+    )
+
+
 def apply_penalties(
     logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None, output_counts: torch.Tensor | None
 ) -> torch.Tensor:
@@ -35,6 +45,7 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
         cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
         # Drop a token once the mass before it already reaches top_p; the top one always stays.
         drop = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= params.top_p
+        drop[0] = False  # a top_p that underflows float32 (5e-324 -> 0.0) must still leave one
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(0, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
