@@ -13,6 +13,8 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from glm_api.request_context import RequestFacts, current_request
+
 log = logging.getLogger("glm_api.access")
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -33,6 +35,8 @@ class RequestContextMiddleware:
         given = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
         request_id = given if _SAFE_ID.match(given) else new_request_id()  # never echo arbitrary bytes
         scope.setdefault("state", {})["request_id"] = request_id
+        facts = RequestFacts()
+        token = current_request.set(facts)
         started = time.monotonic()
         status = 500
 
@@ -47,8 +51,10 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            current_request.reset(token)
             # No prompt text here: only what the operator needs to trace a request.
             log.info(
-                "%s %s %s %d %.1fms",
+                "%s %s %s %d %.1fms prompt_tokens=%d completion_tokens=%d",
                 request_id, scope.get("method"), scope.get("path"), status, (time.monotonic() - started) * 1000,
+                facts.prompt_tokens, facts.completion_tokens,
             )

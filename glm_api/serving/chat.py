@@ -18,6 +18,7 @@ from glm_api.engines.base import ChatEngine, GenerationChunk, SamplingParams
 from glm_api.errors import BadRequestError, ContextLengthError
 from glm_api.families.base import ParsedOutput, ToolCall
 from glm_api.registry import ModelRegistry
+from glm_api.request_context import record_tokens
 
 
 @dataclass
@@ -147,6 +148,7 @@ class ChatRun:
                 # What feed() showed is a prefix of the final content; send the rest now.
                 text = visible + parsed.content[parser.shown :]
                 reason = "tool_calls" if parsed.tool_calls else chunk.finish_reason
+                record_tokens(prompt=chunk.prompt_tokens if index == 0 else 0, completion=chunk.completion_tokens)
                 yield ChatEvent(
                     index, text, reason, list(parsed.tool_calls), chunk.prompt_tokens, chunk.completion_tokens
                 )

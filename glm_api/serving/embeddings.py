@@ -10,6 +10,7 @@ from glm_api.config import Settings
 from glm_api.engines.base import EmbeddingEngine, EmbeddingResult
 from glm_api.errors import BadRequestError
 from glm_api.registry import ModelRegistry
+from glm_api.request_context import record_tokens
 
 
 class EmbeddingService:
@@ -39,6 +40,7 @@ class EmbeddingService:
                     param="input",
                 )
         result = await engine.embed(texts)
+        record_tokens(prompt=sum(result.token_counts))
         if normalize:
             norms = np.linalg.norm(result.vectors, axis=1, keepdims=True)
             result = EmbeddingResult(result.vectors / np.maximum(norms, 1e-12), result.token_counts)
