@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     embedding_batch_size: int = Field(32, ge=1)
     embedding_batch_wait_ms: float = Field(2.0, ge=0)
     max_embedding_inputs: int = Field(2048, ge=1)
+    max_embedding_tokens: int | None = Field(
+        None, ge=1, description="tokens of all inputs of one embedding request (after truncation); more get 400"
+    )
     max_embedding_queue: int = Field(4096, ge=1, description="texts waiting to be embedded; more get 429")
 
     # Access and hardening.

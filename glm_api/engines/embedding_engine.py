@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from glm_api.engines.base import EmbeddingResult
+from glm_api.engines.stats import EmbeddingEngineStats
 from glm_api.errors import EngineUnavailableError, InternalError, RateLimitError
 from glm_api.families import embedding as family
 from glm_api.families.base import LoadedEmbeddingModel
@@ -42,13 +43,6 @@ class _Job:
         self.remaining = len(self.texts)
 
 
-@dataclass
-class EmbeddingStats:
-    batches: int = 0
-    texts: int = 0
-    batch_sizes: list[int] = field(default_factory=list)
-
-
 class BatchingEmbeddingEngine:
     def __init__(
         self,
@@ -68,7 +62,7 @@ class BatchingEmbeddingEngine:
         self.batch_size = batch_size
         self.batch_wait = batch_wait_ms / 1000
         self.max_queued_texts = max_queued_texts
-        self.stats = EmbeddingStats()
+        self.stats = EmbeddingEngineStats()
         self._cv = threading.Condition()
         self._queue: deque[tuple[_Job, int]] = deque()  # (job, index of one text)
         self._thread: threading.Thread | None = None
@@ -114,15 +108,22 @@ class BatchingEmbeddingEngine:
         job = _Job(texts=list(texts), loop=loop, future=loop.create_future())
         with self._cv:
             if len(self._queue) + len(texts) > self.max_queued_texts:
+                self.stats.rejected += 1
                 raise RateLimitError(
                     f"the server is busy: {len(self._queue)} texts are waiting to be embedded; retry shortly"
                 )
             self._queue.extend((job, i) for i in range(len(texts)))
+            self.stats.requests += 1
             self._cv.notify()
         try:
             return await job.future
         finally:
-            job.failed = job.failed or not job.future.done()  # cancelled: skip its remaining texts
+            # Cancelled (the task's cancel also cancels the future): its texts leave the queue
+            # now and free their places, rather than when the worker reaches them.
+            if job.future.cancelled() or not job.future.done():
+                job.failed = True
+                with self._cv:
+                    self._queue = deque(item for item in self._queue if item[0] is not job)
 
     # -- worker thread -----------------------------------------------------------------------
 
@@ -174,7 +175,7 @@ class BatchingEmbeddingEngine:
             return
         self.stats.batches += 1
         self.stats.texts += len(batch)
-        self.stats.batch_sizes.append(len(batch))
+        self.stats.batch_size.observe(len(batch))
         for row, (job, index) in enumerate(batch):
             job.vectors[index] = vectors[row]
             job.counts[index] = counts[row]
@@ -192,4 +193,7 @@ class BatchingEmbeddingEngine:
             else:
                 job.future.set_result(outcome)
 
-        job.loop.call_soon_threadsafe(settle)
+        try:
+            job.loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # that event loop is closed: nobody is waiting any more
+            pass

@@ -30,13 +30,20 @@ class EmbeddingService:
         most = min(self.settings.max_embedding_inputs, self.settings.max_embedding_queue)
         if len(texts) > most:  # a 400, not a 429: it would not fit even in an idle server
             raise BadRequestError(f"{len(texts)} inputs; at most {most} per request", param="input")
-        if not truncate:
+        token_limit = self.settings.max_embedding_tokens
+        if not truncate or token_limit is not None:  # tokenising costs: only when a check needs it
             counts = await asyncio.to_thread(engine.count_tokens, texts)
             too_long = [i for i, n in enumerate(counts) if n > engine.max_seq_length]
-            if too_long:
+            if too_long and not truncate:
                 raise BadRequestError(
                     f"input {too_long[0]} is {counts[too_long[0]]} tokens; model {engine.model_name!r} takes at "
                     f"most {engine.max_seq_length} (shorten it, or ask for truncation)",
+                    param="input",
+                )
+            total = sum(min(n, engine.max_seq_length) for n in counts)
+            if token_limit is not None and total > token_limit:
+                raise BadRequestError(
+                    f"the inputs are {total} tokens in all; this server embeds at most {token_limit} per request",
                     param="input",
                 )
         result = await engine.embed(texts)

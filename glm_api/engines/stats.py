@@ -1,0 +1,60 @@
+"""Counters the engines keep for /metrics, with no dependency on a metrics library.
+
+The engine threads write them; the metrics collector reads them on each scrape. Histograms
+keep fixed bucket counts (not the raw values), so memory stays bounded however long nobody
+scrapes. Each object has its own small lock: a scrape sees a consistent histogram.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256)
+TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Histogram:
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self._counts = [0] * (len(bounds) + 1)  # the last one: above every bound (+Inf)
+        self._sum = 0.0
+        self._lock = threading.Lock()
+
+    def observe(self, value: float) -> None:
+        index = next((i for i, bound in enumerate(self.bounds) if value <= bound), len(self.bounds))
+        with self._lock:
+            self._counts[index] += 1
+            self._sum += value
+
+    def snapshot(self) -> tuple[list[tuple[float, int]], float, int]:
+        """Cumulative ``(upper bound, count)`` pairs ending with ``+inf``, the sum, the count."""
+        with self._lock:
+            counts, total = list(self._counts), self._sum
+        cumulative, running = [], 0
+        for bound, count in zip((*self.bounds, float("inf")), counts):
+            running += count
+            cumulative.append((bound, running))
+        return cumulative, total, running
+
+
+@dataclass
+class ChatEngineStats:
+    steps: int = 0  # decode steps (one forward over the running batch each)
+    prefills: int = 0  # prefill forwards (one per group of joining requests)
+    prompt_tokens: int = 0
+    tokens_generated: int = 0
+    rejected: int = 0  # requests refused with 429 because the queue was full
+    finished: Counter = field(default_factory=Counter)  # by finish reason
+    batch_size: Histogram = field(default_factory=lambda: Histogram(BATCH_SIZE_BUCKETS))  # rows per decode step
+    ttft_seconds: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))  # arrival to first token
+
+
+@dataclass
+class EmbeddingEngineStats:
+    batches: int = 0  # forward passes
+    texts: int = 0
+    requests: int = 0
+    rejected: int = 0
+    batch_size: Histogram = field(default_factory=lambda: Histogram(BATCH_SIZE_BUCKETS))  # texts per forward
