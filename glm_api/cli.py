@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import signal
 import sys
 
 from pydantic import ValidationError
@@ -106,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=settings.shutdown_grace_seconds,
     )
     server = uvicorn.Server(config)
+    # uvicorn re-raises a handled SIGTERM once it has shut down, to reach the handler that was
+    # there before; make that one a no-op so a graceful stop exits 0 rather than "killed".
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     server.run()
     if fatal:
         log.error("exiting: %s", fatal[0])

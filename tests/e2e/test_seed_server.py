@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -65,33 +68,64 @@ def test_other_routes_answer_while_streams_run(live_server):
         assert sum(1 for _, e in events if e != "[DONE]" and e["choices"][0]["delta"].get("content")) > 3
 
 
-def test_disconnect_frees_the_slot(smollm2_cache_dir, tmp_path):
-    """With room for one sequence, a stream whose client left must not block the next request."""
-    server = start_server(["--cache-dir", str(smollm2_cache_dir), "--max-running", "1"], tmp_path / "server.log")
-    try:
-        async def scenario(client: httpx.AsyncClient):
-            body = {"stream": True, "messages": QUESTION, "max_tokens": 2000, "temperature": 0.9,
-                    "stop_token_ids": [], "repetition_penalty": 1.0}
-            async with client.stream("POST", f"{server.url}/chat", json=body) as response:
-                seen = 0
-                async for line in response.aiter_lines():
-                    if line.startswith("data:"):
-                        seen += 1
-                    if seen >= 3:
-                        break  # leave mid-stream
-            started = time.monotonic()
-            answer = await client.post(
-                f"{server.url}/chat", json={"messages": QUESTION, "max_tokens": 4, "temperature": 0}, timeout=60
-            )
-            return answer, time.monotonic() - started
+@pytest.fixture(scope="module")
+def one_slot_server(smollm2_cache_dir, tmp_path_factory):
+    """Room for one running sequence: whatever holds the slot shows in the next request's wait."""
+    server = start_server(
+        ["--cache-dir", str(smollm2_cache_dir), "--max-running", "1", "--shutdown-grace-seconds", "120"],
+        tmp_path_factory.mktemp("one-slot") / "server.log",
+    )
+    yield server
+    stop_server(server)
 
-        answer, waited = asyncio.run(_with_client(scenario))
-        assert answer.status_code == 200
-        assert answer.json()["choices"][0]["finish_reason"] == "length"
-        # 2000 tokens would take minutes on this CPU; freed, the next one needs seconds.
-        assert waited < 20, waited
-    finally:
-        stop_server(server)
+
+def test_disconnect_frees_the_slot(one_slot_server):
+    server = one_slot_server
+
+    async def scenario(client: httpx.AsyncClient):
+        body = {"stream": True, "messages": QUESTION, "max_tokens": 2000, "temperature": 0.9, "repetition_penalty": 1.0}
+        async with client.stream("POST", f"{server.url}/chat", json=body) as response:
+            seen = 0
+            async for line in response.aiter_lines():
+                if line.startswith("data:"):
+                    seen += 1
+                if seen >= 3:
+                    break  # leave mid-stream
+        started = time.monotonic()
+        answer = await client.post(
+            f"{server.url}/chat", json={"messages": QUESTION, "max_tokens": 4, "temperature": 0}, timeout=60
+        )
+        return answer, time.monotonic() - started
+
+    answer, waited = asyncio.run(_with_client(scenario))
+    assert answer.status_code == 200
+    assert answer.json()["choices"][0]["finish_reason"] == "length"
+    # 2000 tokens would take minutes on this CPU; freed, the next one needs seconds.
+    assert waited < 20, waited
+
+
+def test_sigterm_lets_a_running_stream_finish(one_slot_server):
+    """Runs last in this module: it stops the server."""
+    server = one_slot_server
+
+    async def scenario(client: httpx.AsyncClient):
+        body = {"stream": True, "messages": QUESTION, "max_tokens": 12, "temperature": 0}
+        events = []
+        async with client.stream("POST", f"{server.url}/chat", json=body) as response:
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                events.append(data if data == "[DONE]" else json.loads(data))
+                if len(events) == 2:
+                    server.process.send_signal(signal.SIGTERM)  # mid-stream
+        return events
+
+    events = asyncio.run(_with_client(scenario))
+    assert events[-1] == "[DONE]"
+    assert events[-2]["choices"][0]["finish_reason"] == "length"  # all 12 tokens came
+    assert server.process.wait(timeout=120) == 0
+    assert "Waiting for connections to close" in server.log() or "Shutting down" in server.log()
 
 
 def test_missing_model_path_stops_start_up_with_a_clear_message():
@@ -124,3 +158,17 @@ def test_unservable_folder_is_refused_at_start_up(tmp_path):
     )
     assert result.returncode == 1
     assert f"cannot serve {tmp_path}" in result.stdout + result.stderr
+
+
+def test_corrupt_weights_exit_non_zero_with_one_clear_message(tiny_llama_dir, tmp_path):
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_llama_dir, broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.write_bytes(b"this is not a safetensors file")
+    result = subprocess.run(
+        [sys.executable, "api.py", "--chat-model", str(broken), "--host", "127.0.0.1", "--port", "0"],
+        cwd=REPO, capture_output=True, text=True, timeout=180, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-2000:]
+    assert "model loading failed" in output
