@@ -2,9 +2,14 @@
 
 One worker thread owns the model. Each turn of its loop it drops aborted requests, admits
 waiting ones up to ``max_running`` (prefilling them as a group), then runs one decode step
-for every running row at once (see :mod:`batch_state`). Finished rows leave at once, so a new
-request never waits for another to finish, only for the current step. Output crosses back to
-the event loop through each request's asyncio queue; no torch call runs on the event loop.
+for every running row at once (see :mod:`batch_state` for the cache, and why not transformers'
+own continuous batching). Finished rows leave at once, so a new request never waits for another
+to finish, only for the current step. Output crosses back to the event loop through each
+request's asyncio queue, one thread hop per loop per step; no torch call runs on the event loop.
+
+Per step the Python work is kept small beside the forward: one argmax over the batch for greedy
+rows (penalties and sampling only for the rows that ask for them), incremental detokenization,
+and one ``call_soon_threadsafe`` per event loop rather than one per row.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import torch
@@ -23,38 +28,56 @@ from transformers import DynamicCache
 from glm_api.engines.base import GenerationChunk, SamplingParams
 from glm_api.engines.batch_state import BatchState
 from glm_api.engines.detokenizer import IncrementalDetokenizer
-from glm_api.engines.sampling import apply_penalties, sample_token
+from glm_api.engines.sampling import apply_penalties, needs_per_row_sampling, sample_token
+from glm_api.engines.stats import ChatEngineStats
 from glm_api.errors import EngineUnavailableError, InternalError, RateLimitError
 from glm_api.families.base import LoadedChatModel
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+Item = GenerationChunk | BaseException
+
+
+@dataclass(eq=False)  # identity: requests are found in lists by object, never by value
 class _Request:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    emit: Callable[[GenerationChunk | BaseException], None]
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
     detok: IncrementalDetokenizer
     generator: torch.Generator | None = None
     output_ids: list[int] = field(default_factory=list)
     seen: torch.Tensor | None = None  # [V] bool: ids in prompt or output (repetition penalty)
     counts: torch.Tensor | None = None  # [V] output id counts (presence/frequency penalty)
     stop_ids: frozenset[int] = frozenset()
+    per_row: bool = False  # penalties or sampling: not covered by the batch-wide argmax
     arrived: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
 
 
-@dataclass
-class EngineStats:
-    """Counters read by /metrics; written only by the worker thread."""
+def _deliver(items: list[tuple[asyncio.Queue, Item]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
 
-    steps: int = 0
-    prefills: int = 0
-    tokens_generated: int = 0
-    batch_sizes: list[int] = field(default_factory=list)  # drained by the metrics collector
-    ttft_seconds: list[float] = field(default_factory=list)
+
+class _Outbox:
+    """Output of one worker turn, handed to each event loop in a single thread hop."""
+
+    def __init__(self) -> None:
+        self._by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Item]]] = {}
+
+    def put(self, req: _Request, item: Item) -> None:
+        self._by_loop.setdefault(req.loop, []).append((req.queue, item))
+
+    def flush(self) -> None:
+        for loop, items in self._by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that loop is closed: nobody is listening any more
+                pass
+        self._by_loop = {}
 
 
 class TransformersChatEngine:
@@ -77,13 +100,17 @@ class TransformersChatEngine:
         self.max_waiting = max_waiting
         self.prefill_token_budget = prefill_token_budget
         self.device = next(self.model.parameters()).device
-        self.stats = EngineStats()
+        # A ready-made 4D mask skips transformers' mask building each step; only SDPA (which
+        # takes a boolean mask) is known to accept it as is.
+        self._bool_mask_4d = getattr(self.model.config, "_attn_implementation", None) == "sdpa"
+        self.stats = ChatEngineStats()
 
         self._cv = threading.Condition()
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []  # row order of the batch
         self._aborts: set[str] = set()
-        self._batch = BatchState()
+        self._batch = BatchState(max_rows=max_running)
+        self._outbox = _Outbox()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._dead: str | None = None
@@ -126,13 +153,16 @@ class TransformersChatEngine:
             request_id=request_id,
             prompt_ids=list(prompt_ids),
             params=params,
-            emit=lambda item: loop.call_soon_threadsafe(queue.put_nowait, item),
+            loop=loop,
+            queue=queue,
             detok=IncrementalDetokenizer(self.template.decode, params.stop),
             stop_ids=self.template.stop_token_ids | frozenset(params.stop_token_ids),
+            per_row=needs_per_row_sampling(params),
         )
         with self._cv:
             free = self.max_running - len(self._running)
             if len(self._waiting) - max(free, 0) >= self.max_waiting:
+                self.stats.rejected += 1
                 raise RateLimitError(
                     f"the server is busy: {len(self._running)} sequences running and "
                     f"{len(self._waiting)} waiting; retry shortly",
@@ -150,6 +180,15 @@ class TransformersChatEngine:
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
+                # A consumer that fell behind gets what piled up as one chunk: under load this
+                # cuts the per-event work (SSE framing, JSON) on the event loop.
+                while item.finish_reason is None and not queue.empty():
+                    nxt = queue.get_nowait()
+                    if isinstance(nxt, BaseException):
+                        finished = True
+                        yield item
+                        raise nxt
+                    item = _merge(item, nxt)
                 if item.finish_reason is not None:
                     finished = True
                 yield item
@@ -184,9 +223,17 @@ class TransformersChatEngine:
                             self._prefill(admitted)
                         if self._running:
                             self._decode_step()
-                    except Exception as exc:  # one bad step must not kill the server
+                    except Exception:  # one bad step must not kill the server
                         log.exception("chat engine step failed; failing %d running request(s)", len(self._running))
-                        self._fail_running(InternalError("generation failed; see the server log"))
+                        error = InternalError("generation failed; see the server log")
+                        # Admitted but never prefilled (the failure was in a prefill): fail them too.
+                        running = {id(r) for r in self._running}
+                        for req in admitted:
+                            if req.first_token_at is None and id(req) not in running:
+                                self._outbox.put(req, error)
+                        self._fail_running(error)
+                    finally:
+                        self._outbox.flush()
         except BaseException as exc:  # the thread itself is going down: say so to everyone
             self._dead = f"{type(exc).__name__}: {exc}"
             log.exception("chat engine thread died")
@@ -206,14 +253,11 @@ class TransformersChatEngine:
         with self._cv:
             for req in [r for r in self._waiting if r.request_id in aborts]:
                 self._waiting.remove(req)
-                req.emit(self._chunk(req, "", [], "abort"))
-        keep = [i for i, r in enumerate(self._running) if r.request_id not in aborts]
-        if len(keep) != len(self._running):
-            for r in self._running:
-                if r.request_id in aborts:
-                    r.emit(self._chunk(r, "", [], "abort"))
-            self._running = [self._running[i] for i in keep]
-            self._batch.keep(keep)
+                self._finish(req, "abort")
+        gone = {i for i, r in enumerate(self._running) if r.request_id in aborts}
+        for i in gone:
+            self._finish(self._running[i], "abort")
+        self._remove_rows(gone)
 
     def _prefill(self, admitted: list[_Request]) -> None:
         # Group so that one forward's padded size stays within the token budget.
@@ -237,12 +281,14 @@ class TransformersChatEngine:
             mask[row, width - n :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        # The group is prefilled apart (its own width), then copied into the batch's buffers.
         cache = DynamicCache(config=self.model.config)
         out = self.model(
             input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
         )
         logits = out.logits[:, -1, :].float()
         vocab = logits.shape[-1]
+        self.stats.prompt_tokens += sum(len(r.prompt_ids) for r in group)
         for req in group:
             if req.params.seed is not None:
                 req.generator = torch.Generator(device=self.device).manual_seed(req.params.seed)
@@ -257,22 +303,31 @@ class TransformersChatEngine:
         self._advance(group, logits, first_row=len(self._running) - len(group))
 
     def _decode_step(self) -> None:
-        last = torch.tensor([[r.output_ids[-1]] for r in self._running], dtype=torch.long, device=self.device)
+        running = self._running
+        last = torch.tensor([[r.output_ids[-1]] for r in running], dtype=torch.long, device=self.device)
         positions = torch.tensor(
-            [[len(r.prompt_ids) + len(r.output_ids) - 1] for r in self._running], dtype=torch.long, device=self.device
+            [[len(r.prompt_ids) + len(r.output_ids) - 1] for r in running], dtype=torch.long, device=self.device
         )
-        mask = self._batch.extend_mask()
+        mask = self._batch.step_mask()
+        if self._bool_mask_4d:
+            mask = mask[:, None, None, :]  # [B, 1, q=1, kv]: True where a row attends
         out = self.model(input_ids=last, attention_mask=mask, position_ids=positions, cache=self._batch.cache, use_cache=True)
+        self._batch.advance()
         self.stats.steps += 1
-        self.stats.batch_sizes.append(len(self._running))
-        self._advance(list(self._running), out.logits[:, -1, :].float(), first_row=0)
+        self.stats.batch_size.observe(len(running))
+        self._advance(list(running), out.logits[:, -1, :], first_row=0)
 
     def _advance(self, rows: list[_Request], logits: torch.Tensor, first_row: int) -> None:
         """Sample one token for each row, stream it, and retire rows that are done."""
+        # One argmax and one device sync for the whole batch; rows with penalties or sampling
+        # then replace their entry (argmax of the same row's logits: batched greedy == alone).
+        tokens = logits.argmax(dim=-1).tolist()
         finished: set[int] = set()
         for i, req in enumerate(rows):
-            row_logits = apply_penalties(logits[i], req.params, req.seen, req.counts)
-            token = sample_token(row_logits, req.params, req.generator)
+            if req.per_row:
+                row_logits = apply_penalties(logits[i].float(), req.params, req.seen, req.counts)
+                tokens[i] = sample_token(row_logits, req.params, req.generator)
+            token = tokens[i]
             req.output_ids.append(token)
             if req.seen is not None:
                 req.seen[token] = True
@@ -280,17 +335,25 @@ class TransformersChatEngine:
                 req.counts[token] += 1
             if req.first_token_at is None:
                 req.first_token_at = time.monotonic()
-                self.stats.ttft_seconds.append(req.first_token_at - req.arrived)
+                self.stats.ttft_seconds.observe(req.first_token_at - req.arrived)
             reason = self._finish_reason(req, token)
             text = req.detok.take(final=reason is not None)
-            req.emit(self._chunk(req, text, [token], reason))
+            self._outbox.put(req, self._chunk(req, text, [token], reason))
             if reason is not None:
+                self.stats.finished[reason] += 1
                 finished.add(first_row + i)
         self.stats.tokens_generated += len(rows)
-        if finished:
-            keep = [i for i in range(len(self._running)) if i not in finished]
-            self._running = [self._running[i] for i in keep]
-            self._batch.keep(keep)
+        self._remove_rows(finished)
+
+    def _remove_rows(self, rows: set[int]) -> None:
+        """Take rows out of the batch at once; the batch refills holes from its tail."""
+        if rows:
+            order = self._batch.remove(rows)
+            self._running = [self._running[i] for i in order]
+
+    def _finish(self, req: _Request, reason: str) -> None:
+        self.stats.finished[reason] += 1
+        self._outbox.put(req, self._chunk(req, "", [], reason))
 
     def _finish_reason(self, req: _Request, token: int) -> str | None:
         if token in req.stop_ids:  # counted as generated, never decoded into the text
@@ -315,7 +378,7 @@ class TransformersChatEngine:
 
     def _fail_running(self, error: BaseException) -> None:
         for req in self._running:
-            req.emit(error)
+            self._outbox.put(req, error)
         self._running = []
         self._batch.clear()
 
@@ -323,6 +386,17 @@ class TransformersChatEngine:
         with self._cv:
             waiting, self._waiting = list(self._waiting), deque()
         for req in waiting + self._running:
-            req.emit(error)
+            self._outbox.put(req, error)
+        self._outbox.flush()
         self._running = []
         self._batch.clear()
+
+
+def _merge(a: GenerationChunk, b: GenerationChunk) -> GenerationChunk:
+    return GenerationChunk(
+        text=a.text + b.text,
+        token_ids=a.token_ids + b.token_ids,
+        finish_reason=b.finish_reason,
+        prompt_tokens=b.prompt_tokens,
+        completion_tokens=b.completion_tokens,
+    )
