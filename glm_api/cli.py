@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key-file", metavar="FILE", help="a file of API keys, one per line")
     p.add_argument("--cors-origin", metavar="ORIGIN", action="append", dest="cors_origins",
                    help="allow browser requests from this origin (repeatable; default: CORS off)")
+    p.add_argument("--trust-remote-code", metavar="NAME", action="append", dest="trust_remote_code",
+                   help="let the chat model served as NAME run the Python code in its folder (off by default)")
     p.add_argument("--max-body-bytes", type=int, help="larger request bodies get 413 (default 4 MiB)")
     p.add_argument("--shutdown-grace-seconds", type=float,
                    help="on SIGTERM, time running requests get to finish (default 30)")

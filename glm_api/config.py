@@ -76,11 +76,13 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False)
     api_key_file: Path | None = None
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Names of chat models whose folders may run their own Python code (off for all by default).
+    trust_remote_code: Annotated[list[str], NoDecode] = Field(default_factory=list)
     cors_allow_credentials: bool = False
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
     shutdown_grace_seconds: float = Field(30.0, ge=0, description="time running streams get to finish on SIGTERM")
 
-    @field_validator("api_keys", "cors_origins", mode="before")
+    @field_validator("api_keys", "cors_origins", "trust_remote_code", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> list[str]:
         if value is None:

@@ -32,6 +32,7 @@ class StartupError(Exception):
 class ModelSource:
     name: str
     path: Path
+    trust_remote_code: bool = False
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,14 @@ def resolve_model_sources(settings: Settings) -> ModelSources:
                     "set GLM_API_EMBEDDING_MODELS or --embedding-model NAME=PATH"
                 )
             embeddings = (ModelSource(PACKAGED_EMBEDDING_NAME, packaged),)
+    unknown = set(settings.trust_remote_code) - ({chat.name} if chat else set())
+    if unknown:
+        raise StartupError(
+            f"--trust-remote-code names {', '.join(sorted(unknown))}, which is not the chat model "
+            f"({chat.name if chat else 'none'}); remote code is only ever allowed for the chat model"
+        )
+    if chat is not None and chat.name in settings.trust_remote_code:
+        chat = ModelSource(chat.name, chat.path, trust_remote_code=True)
     _check_families(chat, embeddings)
     return ModelSources(chat, embeddings)
 
@@ -92,7 +101,7 @@ def _check_families(chat: ModelSource | None, embeddings: tuple[ModelSource, ...
     from glm_api.families.detect import detect_chat_family
     from glm_api.families.embedding import detect_embedding_family
 
-    checks = [(chat, detect_chat_family, "chat")] if chat else []
+    checks = [(chat, lambda p: detect_chat_family(p, chat.trust_remote_code), "chat")] if chat else []
     checks += [(source, detect_embedding_family, "embedding") for source in embeddings]
     for source, detect, kind in checks:
         try:
@@ -185,7 +194,14 @@ def build_registry(settings: Settings, sources: ModelSources | None = None) -> M
     if sources.chat is not None:
         started = time.monotonic()
         log.info("loading chat model %s from %s on %s (%s)", sources.chat.name, sources.chat.path, device, dtype)
-        loaded = load_chat_model(sources.chat.path, device, dtype, settings.cache_dir)
+        if sources.chat.trust_remote_code:
+            log.warning(
+                "trust_remote_code is ON for %s: Python code from %s may run in this process",
+                sources.chat.name, sources.chat.path,
+            )
+        loaded = load_chat_model(
+            sources.chat.path, device, dtype, settings.cache_dir, trust_remote_code=sources.chat.trust_remote_code
+        )
         log.info(
             "chat model %s ready: %s family, context %d, %.1f s",
             sources.chat.name, loaded.family, loaded.context_length, time.monotonic() - started,

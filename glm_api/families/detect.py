@@ -50,7 +50,7 @@ def _is_chatglm3(path: Path) -> bool:
     return bool(is_chatglm3_folder(path))
 
 
-def detect_chat_family(path: Path) -> str:
+def detect_chat_family(path: Path, trust_remote_code: bool = False) -> str:
     """The family of a chat model path: "chatglm3", "gguf" or "transformers"; ValueError says why not."""
     path = Path(path)
     if not path.exists():
@@ -64,14 +64,16 @@ def detect_chat_family(path: Path) -> str:
         raise ValueError(f"{path} holds neither a config.json nor a .gguf file, so it is no model: {_HOW_TO_FIX}")
     if _is_chatglm3(path):
         return "chatglm3"
-    check_causal_lm_config(path, read_config(path))
+    check_causal_lm_config(path, read_config(path), trust_remote_code)
     return "transformers"
 
 
-def load_chat_model(path: Path, device: torch.device, dtype: torch.dtype, cache_dir: Path) -> LoadedChatModel:
+def load_chat_model(
+    path: Path, device: torch.device, dtype: torch.dtype, cache_dir: Path, trust_remote_code: bool = False
+) -> LoadedChatModel:
     """Load the chat model at ``path`` with the family :func:`detect_chat_family` picks."""
     path = Path(path)
-    family = detect_chat_family(path)
+    family = detect_chat_family(path, trust_remote_code)
     logger.info("chat model %s: loading as %s on %s in %s", path, family, device, dtype)
     if family == "gguf":
         gguf = _gguf_file(path)
@@ -81,4 +83,4 @@ def load_chat_model(path: Path, device: torch.device, dtype: torch.dtype, cache_
         from glm_api.families.chatglm3 import load_chatglm3
 
         return load_chatglm3(path, device, dtype)
-    return load_transformers_lm(path, device, dtype)
+    return load_transformers_lm(path, device, dtype, trust_remote_code)

@@ -280,9 +280,12 @@ def read_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def check_causal_lm_config(path: Path, config: dict[str, Any]) -> None:
-    """Refuse configs transformers cannot load natively as a causal LM (we never run remote code)."""
+def check_causal_lm_config(path: Path, config: dict[str, Any], trust_remote_code: bool = False) -> None:
+    """Refuse configs transformers cannot load natively as a causal LM. Remote code runs only
+    when the operator trusted this model explicitly and its auto_map names a causal LM."""
     model_type = config.get("model_type")
+    if trust_remote_code and "AutoModelForCausalLM" in (config.get("auto_map") or {}):
+        return
     architectures = config.get("architectures") or []
     if not isinstance(architectures, list):
         architectures = [architectures]
@@ -331,9 +334,9 @@ def _generation_eos_ids(model: Any) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos)
 
 
-def _load_tokenizer(path: Path, **kwargs: Any) -> PreTrainedTokenizerBase:
+def _load_tokenizer(path: Path, trust_remote_code: bool = False, **kwargs: Any) -> PreTrainedTokenizerBase:
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False, **kwargs)
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code, **kwargs)
     except OSError as exc:
         raise ValueError(f"cannot load a tokenizer from {path}: {exc}") from exc
 
@@ -355,17 +358,25 @@ def _wrap(model: Any, tokenizer: PreTrainedTokenizerBase, family: str, source: P
     )
 
 
-def load_transformers_lm(path: Path, device: torch.device, dtype: torch.dtype) -> LoadedChatModel:
-    """A native transformers causal LM folder with a chat template, on ``device`` in ``dtype``."""
+def load_transformers_lm(
+    path: Path, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False
+) -> LoadedChatModel:
+    """A transformers causal LM folder with a chat template, on ``device`` in ``dtype``.
+
+    ``trust_remote_code`` runs the folder's own Python code; only for a model the operator
+    trusted by name (``--trust-remote-code NAME``)."""
     path = Path(path)
-    check_causal_lm_config(path, read_config(path))
+    check_causal_lm_config(path, read_config(path), trust_remote_code)
     if not any(next(path.glob(p), None) for p in _WEIGHT_PATTERNS):
         raise ValueError(f"{path} has a config.json but no weights ({', '.join(_WEIGHT_PATTERNS)})")
-    tokenizer = _load_tokenizer(path)
+    tokenizer = _load_tokenizer(path, trust_remote_code=trust_remote_code)
     if not _template_text(tokenizer):  # refuse before paying for the weights
         raise ValueError(f"{path} has no chat template: it is a base model, not a chat model")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, trust_remote_code=False)
-    return _wrap(model.to(device), tokenizer, "transformers", path)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code
+    )
+    family = "transformers (remote code)" if trust_remote_code and "auto_map" in read_config(path) else "transformers"
+    return _wrap(model.to(device), tokenizer, family, path)
 
 
 def packaged_chat_gguf() -> Path | None:
