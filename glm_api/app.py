@@ -13,6 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from glm_api import __version__
 from glm_api.config import Settings
 from glm_api.error_handlers import install_error_handlers
+from glm_api.metrics import Metrics
 from glm_api.middleware import RequestContextMiddleware
 from glm_api.security import ApiKeyMiddleware, BodyLimitMiddleware
 from glm_api.registry import ModelRegistry, ModelSources, build_registry
@@ -52,6 +53,8 @@ def create_app(
 
     app = FastAPI(title="glm-api", version=__version__, lifespan=lifespan)
     app.state.glm = state
+    # This app's own Prometheus registry: nothing shared between apps (or tests).
+    app.state.metrics = Metrics(lambda: state.services.registry if state.services is not None else None)
     # Starlette runs the last added outermost: request id and access log, then CORS (so
     # preflights need no key), then the key check, then the body limit, then the routes.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
@@ -65,7 +68,7 @@ def create_app(
             allow_headers=["Authorization", "Content-Type", "api-key", "x-request-id"],
             expose_headers=["x-request-id", "Retry-After"],
         )
-    app.add_middleware(RequestContextMiddleware)
+    app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics)
     install_error_handlers(app)
     app.include_router(seed.router)
     app.include_router(openai.router)

@@ -1,4 +1,4 @@
-"""Request ids and one log line per request, as plain ASGI middleware.
+"""Request ids, one log line and the request metrics per request, as plain ASGI middleware.
 
 Plain ASGI (not BaseHTTPMiddleware) so streamed responses pass through untouched and a
 client disconnect still reaches the route.
@@ -13,6 +13,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from glm_api.metrics import UNMATCHED_ROUTE, Metrics
 from glm_api.request_context import RequestFacts, current_request
 
 log = logging.getLogger("glm_api.access")
@@ -25,8 +26,9 @@ def new_request_id() -> str:
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics | None = None) -> None:
         self.app = app
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -52,9 +54,14 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             current_request.reset(token)
+            elapsed = time.monotonic() - started
             # No prompt text here: only what the operator needs to trace a request.
             log.info(
                 "%s %s %s %d %.1fms prompt_tokens=%d completion_tokens=%d",
-                request_id, scope.get("method"), scope.get("path"), status, (time.monotonic() - started) * 1000,
+                request_id, scope.get("method"), scope.get("path"), status, elapsed * 1000,
                 facts.prompt_tokens, facts.completion_tokens,
             )
+            if self.metrics is not None:
+                # The router left the matched route in the scope: count by its template.
+                route = getattr(scope.get("route"), "path", None) or UNMATCHED_ROUTE
+                self.metrics.observe_request(scope.get("method", ""), route, status, elapsed)

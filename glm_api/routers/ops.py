@@ -1,9 +1,9 @@
-"""Operator routes: liveness, readiness."""
+"""Operator routes: liveness, readiness, Prometheus metrics."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
 
 from glm_api.deps import AppStateDep
 from glm_api.errors import EngineUnavailableError
@@ -34,3 +34,10 @@ async def ready(state: AppStateDep) -> JSONResponse:
     except EngineUnavailableError as exc:
         return JSONResponse({"status": "error", "detail": exc.message}, status_code=503)
     return JSONResponse({"status": "ready"})
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    """Prometheus text format: requests by route and status, engine queues, batches, TTFT, tokens."""
+    body, content_type = request.app.state.metrics.render()
+    return Response(body, media_type=content_type)
