@@ -65,7 +65,9 @@ class Settings(BaseSettings):
 
     # Embedding batching and limits.
     embedding_batch_size: int = Field(32, ge=1)
-    embedding_batch_wait_ms: float = Field(2.0, ge=0)
+    embedding_batch_wait_ms: float = Field(
+        2.0, ge=0, description="a batch waits this long for more texts after each arrival (10x in all at most)"
+    )
     max_embedding_inputs: int = Field(2048, ge=1)
     max_embedding_tokens: int | None = Field(
         None, ge=1, description="tokens of all inputs of one embedding request (after truncation); more get 400"

@@ -12,7 +12,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from glm_api.engines.embedding_engine import BatchingEmbeddingEngine
+from glm_api.engines.embedding_engine import BatchingEmbeddingEngine, split_by_length
 from glm_api.errors import BadRequestError, RateLimitError
 from glm_api.families.embedding import _tokenizer_lock
 from glm_api.registry import ModelRegistry
@@ -123,3 +123,12 @@ def test_total_tokens_per_request_is_a_400(engine):
     with pytest.raises(BadRequestError) as error:
         asyncio.run(run(TEXTS))
     assert error.value.status_code == 400 and error.value.param == "input"
+
+
+def test_split_by_length_cuts_only_where_padding_costs_more_than_a_pass():
+    assert split_by_length([40] * 32) == [(0, 32)]  # equal lengths: one pass
+    assert split_by_length([10] * 16 + [800] * 16) == [(0, 16), (16, 32)]
+    assert split_by_length([]) == []
+    parts = split_by_length(sorted([40 + 3 * i for i in range(32)]))
+    assert parts[0][0] == 0 and parts[-1][1] == 32
+    assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))  # consecutive, nothing lost
