@@ -18,6 +18,7 @@ from glm_api.engines.base import ChatEngine, GenerationChunk, SamplingParams
 from glm_api.errors import BadRequestError, ContextLengthError
 from glm_api.families.base import ParsedOutput, ToolCall
 from glm_api.registry import ModelRegistry
+from glm_api.serving.merge import merge
 from glm_api.request_context import record_tokens
 
 
@@ -97,42 +98,10 @@ class ChatRun:
     async def events(self) -> AsyncIterator[ChatEvent]:
         """Events of all choices, interleaved as they are produced."""
         try:
-            async for event in self._interleaved():
+            async for event in merge([self._choice_events(i) for i in range(len(self._streams))]):
                 yield event
         finally:
             self.abort()
-
-    async def _interleaved(self) -> AsyncIterator[ChatEvent]:
-        if len(self._streams) == 1:
-            async for event in self._choice_events(0):
-                yield event
-            return
-        queue: asyncio.Queue[ChatEvent | BaseException | None] = asyncio.Queue()
-
-        async def pump(index: int) -> None:
-            try:
-                async for event in self._choice_events(index):
-                    await queue.put(event)
-                await queue.put(None)
-            except BaseException as exc:  # hand errors (and cancellation) to the consumer
-                await queue.put(exc)
-                raise
-
-        tasks = [asyncio.create_task(pump(i)) for i in range(len(self._streams))]
-        try:
-            done = 0
-            while done < len(tasks):
-                item = await queue.get()
-                if item is None:
-                    done += 1
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
-                    yield item
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _choice_events(self, index: int) -> AsyncIterator[ChatEvent]:
         parser = self._parsers[index]

@@ -15,6 +15,7 @@ from glm_api.errors import BadRequestError, ContextLengthError
 from glm_api.protocol.common import Usage
 from glm_api.protocol.openai import Completion, CompletionChoice, CompletionRequest
 from glm_api.serving.chat import ChatCall, ChatEvent, ChatRun, ChatService
+from glm_api.serving.merge import merge
 from glm_api.serving.openai_chat import OPENAI_REPETITION_PENALTY, system_fingerprint
 from glm_api.serving.tokenize import check_token_ids, vocab_limit
 
@@ -111,36 +112,15 @@ def _abort(runs: list[ChatRun]) -> None:
 
 async def _merged(runs: list[ChatRun]) -> AsyncIterator[tuple[int, ChatEvent]]:
     """(prompt index, event) of every run, interleaved as produced."""
-    if len(runs) == 1:
-        async for event in runs[0].events():
-            yield 0, event
-        return
-    queue: asyncio.Queue[tuple[int, ChatEvent] | BaseException | None] = asyncio.Queue()
 
-    async def pump(j: int, run: ChatRun) -> None:
-        try:
-            async for event in run.events():
-                await queue.put((j, event))
-            await queue.put(None)
-        except BaseException as exc:  # hand errors (and cancellation) to the consumer
-            await queue.put(exc)
-            raise
+    async def tagged(j: int, run: ChatRun) -> AsyncIterator[tuple[int, ChatEvent]]:
+        async for event in run.events():
+            yield j, event
 
-    tasks = [asyncio.create_task(pump(j, run)) for j, run in enumerate(runs)]
     try:
-        done = 0
-        while done < len(tasks):
-            item = await queue.get()
-            if item is None:
-                done += 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield item
+        async for item in merge([tagged(j, run) for j, run in enumerate(runs)]):
+            yield item
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
         _abort(runs)
 
 
