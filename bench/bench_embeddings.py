@@ -1,0 +1,138 @@
+"""Embedding throughput under concurrency: a running glm-api server against in-process encode.
+
+    python bench/bench_embeddings.py                 # starts `python api.py --disable-chat`
+    python bench/bench_embeddings.py --url http://host:8100
+
+Two loads, each kept up until ``--sentences`` sentences are embedded: 32 clients sending
+one-sentence requests back to back, and 4 clients sending 32-sentence requests. In the same
+run, the same model in this process runs sentence-transformers ``encode`` with batch size 32
+over the same sentences: the limit a server batching perfectly would reach. The ratio is
+server / limit. Each figure is the best of ``--repeats`` runs, interleaved with the limit's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from bench.common import (  # noqa: E402
+    RawHTTPConnection,
+    glm_api_command,
+    machine_line,
+    print_table,
+    running_server,
+)
+
+SUBJECTS = ["The old bridge over the river", "A small bakery near the station", "Our new colleague from the Lyon office",
+            "The city council", "This laptop", "The morning train to the airport", "A quiet library", "The football team"]
+VERBS = ["was praised for", "was criticised for", "became known for", "surprised everyone with"]
+OBJECTS = [
+    "its careful design",
+    "the long delays last winter",
+    "a remarkably friendly atmosphere that visitors kept mentioning in their reviews",
+    "how quickly the repairs were finished after the storm had damaged the roof and the windows",
+    "the price",
+    "an unexpected decision",
+]
+CLAUSES = ["", ", according to several people who live nearby", "", " during the busy summer months of last year"]
+
+
+def sentences(n: int) -> list[str]:
+    """n different English sentences of everyday length: 7 to 32 words, 18 on average."""
+    out = []
+    for i in range(n):
+        s, v, o, c = SUBJECTS[i % 8], VERBS[(i // 8) % 4], OBJECTS[(i // 32) % 6], CLAUSES[i % 4]
+        out.append(f"{s} {v} {o}{c}.")
+    return out
+
+
+async def server_load(url: str, api: str, texts: list[str], clients: int, per_request: int) -> float:
+    """Sentences/s with ``clients`` concurrent clients, each sending ``per_request`` sentences at a time."""
+    chunks = [texts[i : i + per_request] for i in range(0, len(texts), per_request)]
+    queue: asyncio.Queue[list[str]] = asyncio.Queue()
+    for chunk in chunks:
+        queue.put_nowait(chunk)
+
+    async def client_loop(connection: RawHTTPConnection) -> None:
+        try:
+            while not queue.empty():
+                chunk = queue.get_nowait()
+                if api == "seed":
+                    path, body = "/embedding", {"prompt": chunk}
+                else:
+                    path, body = "/v1/embeddings", {"input": chunk, "encoding_format": "base64"}
+                status, payload = await connection.post_json(path, json.dumps(body).encode())
+                if status != 200:
+                    raise RuntimeError(f"{path} answered {status}: {payload[:300]!r}")
+                if len(json.loads(payload)["data"]) != len(chunk):
+                    raise RuntimeError(f"{path} returned the wrong number of vectors")
+        finally:
+            await connection.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*[client_loop(RawHTTPConnection(url)) for _ in range(clients)])
+    return len(texts) / (time.perf_counter() - started)
+
+
+def encode_limit(model, texts: list[str]) -> float:
+    started = time.perf_counter()
+    model.encode(texts, batch_size=32, convert_to_numpy=True)
+    return len(texts) / (time.perf_counter() - started)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", help="a running server (default: start `python api.py --disable-chat` on a free port)")
+    p.add_argument("--api", choices=["seed", "openai"], default="seed", help="/embedding or /v1/embeddings")
+    p.add_argument("--sentences", type=int, default=512, help="sentences per measurement")
+    p.add_argument("--repeats", type=int, default=3, help="runs per figure; the best is kept")
+    args = p.parse_args()
+
+    import torch
+
+    from glm_api.families.embedding import load_embedding_model, packaged_embedding_path
+
+    path = packaged_embedding_path()
+    loaded = load_embedding_model(path, torch.device("cpu"), torch.float32)
+    texts = sentences(args.sentences)
+    tokens = [len(ids) for ids in loaded.model.tokenizer(texts)["input_ids"]]
+    print(f"model all-MiniLM-L6-v2 ({path}), float32; {machine_line()}", flush=True)
+    print(f"{len(texts)} sentences of {min(tokens)} to {max(tokens)} tokens, {sum(tokens) / len(tokens):.1f} on average")
+    encode_limit(loaded.model, texts[:64])  # warm up
+    loads = [("32 clients x 1 sentence", 32, 1), ("4 clients x 32 sentences", 4, 32)]
+
+    def run(url: str) -> list[list[object]]:
+        asyncio.run(server_load(url, args.api, texts[:64], 8, 8))  # warm up
+        rows = []
+        for label, clients, per_request in loads:
+            best, limit = 0.0, 0.0
+            for _ in range(args.repeats):
+                limit = max(limit, encode_limit(loaded.model, texts))
+                best = max(best, asyncio.run(server_load(url, args.api, texts, clients, per_request)))
+            print(f"  {label}: {best:.1f} sentences/s, limit {limit:.1f}", flush=True)
+            rows.append([label, best, limit, best / limit])
+        return rows
+
+    if args.url:
+        rows = run(args.url)
+    else:
+        command = glm_api_command(["--disable-chat", "--log-level", "warning"])
+        with running_server(command, ready_path="/ready", log_name="glm-api-bench-emb") as server:
+            rows = run(server.url)
+    print()
+    print(f"{args.sentences} sentences per figure, best of {args.repeats}; limit: in-process encode, batch 32")
+    print_table(["load", "glm-api sentences/s", "encode batch 32 sentences/s", "ratio"], rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
