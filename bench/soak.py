@@ -124,6 +124,9 @@ async def _bad(client: httpx.AsyncClient, url: str, rng: random.Random, report: 
         report.failures.append(f"bad request to {path} answered {response.status_code}")
 
 
+RUNNING_GAUGES = {"glm_api_chat_running_sequences"}
+WAITING_GAUGES = {"glm_api_chat_waiting_requests", "glm_api_embedding_waiting_texts"}
+
 KINDS = [(_stream_chat, 4), (_plain_chat, 2), (_embedding, 3), (_tokenize, 1), (_bad, 2)]
 
 
@@ -139,9 +142,9 @@ def engine_counts(url: str) -> tuple[float | None, float | None]:
             continue
         name = line.split("{")[0].split(" ")[0]
         value = float(line.rsplit(" ", 1)[1])
-        if name.endswith("_running"):
+        if name in RUNNING_GAUGES:
             running = (running or 0) + value
-        elif name.endswith("_waiting"):
+        elif name in WAITING_GAUGES:
             waiting = (waiting or 0) + value
     return running, waiting
 
