@@ -1,10 +1,11 @@
 """The running batch's KV cache: preallocated, left-padded rows that join and leave between steps.
 
 Why not transformers' own continuous batching (``generate_batch`` / paged attention)? On this
-2-core CPU it reached ~43 tokens/s for 32 prompts, 0.37 of a static ``generate`` of the same
-batch (DESIGN.md, "Performance anchors"; ``transformers serve --continuous-batching`` ~30-35),
-far from the 0.8 we aim at. A static batch is fast because every step is one dense forward over
-``[B, 1]`` with a ``[B, T]`` cache; this class keeps exactly that layout while rows come and go.
+2-core CPU it reached 0.37-0.53 of a static ``generate`` of the same 32 prompts (DESIGN.md,
+"Performance anchors"; ``python bench/bench_chat.py --generate-batch``), short of the 0.8 we
+aim at; this engine reaches ~1.0 (docs/performance.md). A static batch is fast because every
+step is one dense forward over ``[B, 1]`` with a ``[B, T]`` cache; this class keeps exactly
+that layout while rows come and go.
 
 Why not ``DynamicCache``? It appends each step with ``torch.cat``, copying the whole cache of
 every layer (~5-15% of a decode step at batch 32), and dropping a row copies it all again. Here
