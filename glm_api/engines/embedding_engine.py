@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import torch
 
 from glm_api.engines.base import EmbeddingResult
 from glm_api.engines.stats import EmbeddingEngineStats
+from glm_api.engines.worker import WorkerThread
 from glm_api.errors import EngineUnavailableError, InternalError, RateLimitError
 from glm_api.families import embedding as family
 from glm_api.families.base import LoadedEmbeddingModel
@@ -46,7 +46,9 @@ class _Job:
         self.remaining = len(self.texts)
 
 
-class BatchingEmbeddingEngine:
+class BatchingEmbeddingEngine(WorkerThread):
+    _kind = "embedding engine"
+
     def __init__(
         self,
         loaded: LoadedEmbeddingModel,
@@ -57,7 +59,7 @@ class BatchingEmbeddingEngine:
         max_queued_texts: int = 4096,
     ) -> None:
         self.loaded = loaded
-        self.model_name = model_name
+        super().__init__(model_name)
         self.dimensions = loaded.dimensions
         self.max_seq_length = loaded.max_seq_length
         self.family = loaded.family
@@ -66,29 +68,7 @@ class BatchingEmbeddingEngine:
         self.batch_wait = batch_wait_ms / 1000
         self.max_queued_texts = max_queued_texts
         self.stats = EmbeddingEngineStats()
-        self._cv = threading.Condition()
         self._queue: deque[tuple[_Job, int]] = deque()  # (job, index of one text)
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-        self._dead: str | None = None
-
-    def start(self) -> None:
-        self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name=f"embed-{self.model_name}", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        with self._cv:
-            self._stopping = True
-            self._cv.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-
-    def check_health(self) -> None:
-        if self._dead is not None:
-            raise EngineUnavailableError(f"embedding engine {self.model_name} stopped: {self._dead}")
-        if self._stopping or self._thread is None or not self._thread.is_alive():
-            raise EngineUnavailableError(f"embedding engine {self.model_name} is not running")
 
     @property
     def num_waiting(self) -> int:

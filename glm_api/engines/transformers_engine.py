@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -30,6 +29,7 @@ from glm_api.engines.batch_state import BatchState
 from glm_api.engines.detokenizer import IncrementalDetokenizer
 from glm_api.engines.sampling import apply_penalties, needs_per_row_sampling, sample_token
 from glm_api.engines.stats import ChatEngineStats
+from glm_api.engines.worker import WorkerThread
 from glm_api.errors import EngineUnavailableError, InternalError, RateLimitError
 from glm_api.families.base import LoadedChatModel
 
@@ -80,7 +80,9 @@ class _Outbox:
         self._by_loop = {}
 
 
-class TransformersChatEngine:
+class TransformersChatEngine(WorkerThread):
+    _kind = "chat engine"
+
     def __init__(
         self,
         loaded: LoadedChatModel,
@@ -95,7 +97,7 @@ class TransformersChatEngine:
         self.context_length = loaded.context_length
         self.family = loaded.family
         self.source = loaded.source
-        self.model_name = model_name
+        super().__init__(model_name)
         self.max_running = max_running
         self.max_waiting = max_waiting
         self.prefill_token_budget = prefill_token_budget
@@ -105,35 +107,13 @@ class TransformersChatEngine:
         self._bool_mask_4d = getattr(self.model.config, "_attn_implementation", None) == "sdpa"
         self.stats = ChatEngineStats()
 
-        self._cv = threading.Condition()
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []  # row order of the batch
         self._aborts: set[str] = set()
         self._batch = BatchState(max_rows=max_running)
         self._outbox = _Outbox()
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-        self._dead: str | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
-
-    def start(self) -> None:
-        self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name=f"chat-engine-{self.model_name}", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        with self._cv:
-            self._stopping = True
-            self._cv.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-
-    def check_health(self) -> None:
-        if self._dead is not None:
-            raise EngineUnavailableError(f"chat engine stopped: {self._dead}")
-        if self._stopping or self._thread is None or not self._thread.is_alive():
-            raise EngineUnavailableError("chat engine is not running")
 
     @property
     def num_running(self) -> int:
