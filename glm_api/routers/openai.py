@@ -6,7 +6,6 @@ from fastapi import APIRouter, Request
 
 from glm_api.deps import RequestIdDep, ServicesDep, until_disconnect
 from glm_api.protocol.common import ERROR_RESPONSES, SSE_RESPONSE
-from glm_api.protocol.common import ERROR_RESPONSES, SSE_RESPONSE
 from glm_api.protocol.openai import (
     ChatCompletion,
     ChatCompletionRequest,

@@ -21,8 +21,8 @@ pytest.register_assert_rewrite("tests.fixtures.tiny_causal_lm")
 
 from glm_api.families.base import ChatTemplate, PassthroughParser, ToolCall
 from glm_api.families.detect import detect_chat_family, load_chat_model
+from glm_api.families.hf_template import HermesToolParser
 from glm_api.families.transformers_lm import (
-    HermesToolParser,
     gguf_cache_folder,
     load_gguf,
     load_transformers_lm,
