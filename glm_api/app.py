@@ -8,6 +8,7 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 from fastapi.middleware.cors import CORSMiddleware
 
 from glm_api import __version__
@@ -73,7 +74,22 @@ def create_app(
     app.include_router(seed.router)
     app.include_router(openai.router)
     app.include_router(ops.router)
+    app.openapi = lambda: _openapi_without_422(app)  # type: ignore[method-assign]
     return app
+
+
+def _openapi_without_422(app: FastAPI) -> dict:
+    """FastAPI documents a 422 on every route with a body; this server answers 400 instead
+    (see error_handlers), so the spec should not promise a status that never comes."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 async def _load(state: AppState, sources: ModelSources | None, on_fatal: Callable[[str], None] | None) -> None:
