@@ -124,13 +124,13 @@ class StreamOptions(WireModel):
     include_usage: bool | None = False
 
 
-class ChatCompletionRequest(WireModel):
+class SamplingRequest(WireModel):
+    """The fields chat and legacy completions share; both translate them the same way."""
+
     model: str | None = None
-    messages: list[ChatMessageIn] = Field(min_length=1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     max_tokens: MaxTokens | None = None
-    max_completion_tokens: MaxTokens | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
     n: int | None = Field(None, ge=1)  # the upper bound is settings.max_n, checked in serving
@@ -139,26 +139,31 @@ class ChatCompletionRequest(WireModel):
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     user: str | None = None
+    logit_bias: dict[str, float] | None = None
+    # Not OpenAI, accepted as extras (vLLM does the same).
+    top_k: int | None = Field(None, ge=0)
+    repetition_penalty: RepetitionPenalty | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, value: dict | None) -> dict | None:
+        return _refuse_logit_bias(value)
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    max_completion_tokens: MaxTokens | None = None
     tools: list[ToolDef] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None  # accepted; calls come back as the model writes them
     response_format: ResponseFormat | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    logit_bias: dict[str, float] | None = None
-    # Not OpenAI, accepted as extras (vLLM does the same).
-    top_k: int | None = Field(None, ge=0)
-    repetition_penalty: RepetitionPenalty | None = None
 
     @field_validator("logprobs", "top_logprobs")
     @classmethod
     def _no_logprobs(cls, value: Any) -> Any:
         return _refuse_logprobs(value)
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_logit_bias(cls, value: dict | None) -> dict | None:
-        return _refuse_logit_bias(value)
 
     @field_validator("response_format")
     @classmethod
@@ -241,27 +246,12 @@ class ChatCompletionChunk(BaseModel):
 # Legacy completions
 
 
-class CompletionRequest(WireModel):
-    model: str | None = None
+class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | TokenIds | list[TokenIds]
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    max_tokens: MaxTokens | None = None
-    temperature: Temperature | None = None
-    top_p: TopP | None = None
-    n: int | None = Field(None, ge=1)
-    stop: Stop = None
-    seed: int | None = None
-    presence_penalty: Penalty | None = None
-    frequency_penalty: Penalty | None = None
     echo: bool | None = False
-    user: str | None = None
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
     logprobs: int | None = None
-    logit_bias: dict[str, float] | None = None
-    top_k: int | None = Field(None, ge=0)
-    repetition_penalty: RepetitionPenalty | None = None
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -272,11 +262,6 @@ class CompletionRequest(WireModel):
     @classmethod
     def _no_logprobs(cls, value: Any) -> Any:
         return _refuse_logprobs(value)
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_logit_bias(cls, value: dict | None) -> dict | None:
-        return _refuse_logit_bias(value)
 
     @field_validator("suffix")
     @classmethod

@@ -36,6 +36,7 @@ from glm_api.protocol.openai import (
     ChatMessageOut,
     FunctionCallOut,
     NamedToolChoice,
+    SamplingRequest,
     ToolCallDelta,
     ToolCallOut,
     ToolDef,
@@ -107,21 +108,25 @@ def _offered_tools(req: ChatCompletionRequest) -> list[dict[str, Any]] | None:
     return tool_dicts(req.tools)
 
 
+def sampling_fields(req: SamplingRequest) -> dict[str, Any]:
+    """ChatCall fields from the sampling parameters chat and completions share (OpenAI defaults)."""
+    return {
+        "model": req.model,
+        "temperature": 1.0 if req.temperature is None else req.temperature,
+        "top_p": 1.0 if req.top_p is None else req.top_p,
+        "top_k": req.top_k or 0,
+        "repetition_penalty": req.repetition_penalty or OPENAI_REPETITION_PENALTY,
+        "presence_penalty": req.presence_penalty or 0.0,
+        "frequency_penalty": req.frequency_penalty or 0.0,
+        "seed": req.seed,
+        "stop": list(req.stop or []),
+        "n": req.n or 1,
+    }
+
+
 def chat_call(req: ChatCompletionRequest, messages: list[dict[str, Any]], tools: list[dict] | None) -> ChatCall:
     return ChatCall(
-        messages=messages,
-        model=req.model,
-        tools=tools,
-        max_tokens=req.max_completion_tokens or req.max_tokens,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=req.top_k or 0,
-        repetition_penalty=req.repetition_penalty or OPENAI_REPETITION_PENALTY,
-        presence_penalty=req.presence_penalty or 0.0,
-        frequency_penalty=req.frequency_penalty or 0.0,
-        seed=req.seed,
-        stop=list(req.stop or []),
-        n=req.n or 1,
+        messages=messages, tools=tools, max_tokens=req.max_completion_tokens or req.max_tokens, **sampling_fields(req)
     )
 
 

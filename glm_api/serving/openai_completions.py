@@ -16,7 +16,7 @@ from glm_api.protocol.common import Usage
 from glm_api.protocol.openai import Completion, CompletionChoice, CompletionRequest
 from glm_api.serving.chat import ChatCall, ChatEvent, ChatRun, ChatService
 from glm_api.serving.merge import merge
-from glm_api.serving.openai_chat import OPENAI_REPETITION_PENALTY, system_fingerprint
+from glm_api.serving.openai_chat import sampling_fields, system_fingerprint
 from glm_api.serving.tokenize import check_token_ids, vocab_limit
 
 #: Prompts per request; each is its own engine request (times n), so this bounds the fan-out.
@@ -68,20 +68,7 @@ async def start_completion(service: ChatService, req: CompletionRequest, request
     if len(prompts) > MAX_PROMPTS:
         raise BadRequestError(f"{len(prompts)} prompts; at most {MAX_PROMPTS} per request", param="prompt")
     ids, echo = await asyncio.to_thread(_encode, engine, prompts, bool(req.echo))
-    call = ChatCall(
-        messages=[],
-        model=req.model,
-        max_tokens=req.max_tokens or DEFAULT_MAX_TOKENS,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=req.top_k or 0,
-        repetition_penalty=req.repetition_penalty or OPENAI_REPETITION_PENALTY,
-        presence_penalty=req.presence_penalty or 0.0,
-        frequency_penalty=req.frequency_penalty or 0.0,
-        seed=req.seed,
-        stop=list(req.stop or []),
-        n=req.n or 1,
-    )
+    call = ChatCall(messages=[], max_tokens=req.max_tokens or DEFAULT_MAX_TOKENS, **sampling_fields(req))
     runs: list[ChatRun] = []
     try:
         for j, prompt_ids in enumerate(ids):
