@@ -11,6 +11,13 @@ token; in the same run, the same model in this process runs ``model.generate`` o
 batch of the same N prompts (same dtype, exactly ``--max-tokens`` new tokens): the limit a
 server batching perfectly would reach. The ratio is server / limit. Each figure is the best
 of ``--repeats`` runs, interleaved, since the CPU may be shared.
+
+``--transformers-serve`` runs the same load against ``transformers serve
+--continuous-batching`` on the same weights, once per ``--serve-dtypes`` entry. bfloat16 comes
+first: it is what that server runs with its default ``--dtype auto`` on SmolLM2 as published
+(bfloat16 weights; DESIGN.md's 260 MB folder), the set-up behind the anchor the speed goal was
+set against. float32 is the precision glm-api chooses on a CPU, for the comparison at equal
+precision.
 """
 
 from __future__ import annotations
@@ -163,6 +170,9 @@ def main() -> int:
     p.add_argument("--cache-dir", default=str(Path(".cache/glm-api").resolve()))
     p.add_argument("--transformers-serve", action="store_true",
                    help="also run the load against `transformers serve --continuous-batching` (same model)")
+    p.add_argument("--serve-dtypes", default="bfloat16,float32",
+                   help="--dtype values for transformers serve, one run each (bfloat16: its default on "
+                        "SmolLM2's published weights)")
     p.add_argument("--generate-batch", action="store_true",
                    help="also time transformers' in-process continuous batching (model.generate_batch)")
     args = p.parse_args()
@@ -183,7 +193,7 @@ def main() -> int:
                    "--log-level", "warning"]
     if args.chat_model:
         server_args += ["--chat-model", args.chat_model]
-    peers: dict[int, LoadResult] = {}
+    peers: dict[str, dict[int, LoadResult]] = {}
 
     def run_levels(url: str, api: str, model: str | None, label: str, limits: bool = True) -> dict[int, tuple[LoadResult, float]]:
         asyncio.run(server_load(url, api, model, conversations[:2], 4, count_tokens))  # warm up
@@ -210,11 +220,12 @@ def main() -> int:
             ours = run_levels(server.url, args.api, None, "glm-api")
     if args.transformers_serve:
         folder = loaded.model.name_or_path or str(source.path)
-        command = ["transformers", "serve", "--continuous-batching", "--device", "cpu", "--dtype", args.dtype,
-                   "--host", "127.0.0.1", "--port", "{port}", folder]
-        with running_server(command, ready_path="/health", log_name="transformers-serve") as peer:
-            for n, (result, _) in run_levels(peer.url, "openai", folder, "transformers serve", limits=False).items():
-                peers[n] = result
+        for dtype in args.serve_dtypes.split(","):
+            command = ["transformers", "serve", "--continuous-batching", "--device", "cpu", "--dtype", dtype,
+                       "--host", "127.0.0.1", "--port", "{port}", folder]
+            with running_server(command, ready_path="/health", log_name=f"transformers-serve-{dtype}") as peer:
+                label = f"transformers serve {dtype}"
+                peers[dtype] = {n: r for n, (r, _) in run_levels(peer.url, "openai", folder, label, limits=False).items()}
     batch_api: dict[int, float] = {}
     if args.generate_batch:  # last: it may leave the model set up for paged attention
         for n in levels:
@@ -225,15 +236,15 @@ def main() -> int:
         result, limit = ours[n]
         row = [n, result.tokens_per_s, limit, result.tokens_per_s / limit,
                percentile(result.ttft, 50), percentile(result.ttft, 95)]
-        if peers:
-            peer = peers[n]
+        for runs in peers.values():
+            peer = runs[n]
             row += [peer.tokens_per_s, percentile(peer.ttft, 50), result.tokens_per_s / peer.tokens_per_s]
         if batch_api:
             row += [batch_api[n], batch_api[n] / limit]
         rows.append(row)
     headers = ["streams", "glm-api tok/s", "static generate tok/s", "ratio", "TTFT p50 s", "TTFT p95 s"]
-    if peers:
-        headers += ["transformers serve --cb tok/s", "serve TTFT p50 s", "glm-api / serve"]
+    for dtype in peers:
+        headers += [f"serve --cb {dtype} tok/s", "its TTFT p50 s", "glm-api / it"]
     if batch_api:
         headers += ["generate_batch tok/s", "generate_batch / static"]
     print()

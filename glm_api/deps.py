@@ -1,4 +1,8 @@
-"""FastAPI dependency aliases: routes declare what they need, nothing is global."""
+"""FastAPI dependency aliases: routes declare what they need, nothing is global.
+
+The dependencies are ``async def`` although they never await: FastAPI runs a plain ``def``
+dependency in its thread pool, a thread hop per request for a dictionary lookup.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +18,11 @@ from glm_api.state import AppState, Services
 T = TypeVar("T")
 
 
-def get_app_state(request: Request) -> AppState:
+async def get_app_state(request: Request) -> AppState:
     return request.app.state.glm
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
     state: AppState = request.app.state.glm
     if state.services is None:
         detail = f"model loading failed: {state.load_error}" if state.load_error else "models are still loading"
@@ -26,7 +30,7 @@ def get_services(request: Request) -> Services:
     return state.services
 
 
-def get_request_id(request: Request) -> str:
+async def get_request_id(request: Request) -> str:
     return request.state.request_id
 
 

@@ -10,9 +10,10 @@ Two folder kinds are served, both from disk only (``local_files_only``, no remot
 
 We never add normalisation ourselves: the seed returned raw pooled vectors.
 
-The helpers below (:func:`embed`, :func:`tokenize`, :func:`count_tokens`) block; the engine
-calls them from its worker thread and does the batching itself. They may be called from
-several threads at once: tokenisation on one model is serialised, the forward pass is not.
+The helpers below (:func:`embed`, :func:`prepare` + :func:`forward`, :func:`tokenize`,
+:func:`count_tokens`) block; the engine calls them from its worker thread and does the
+batching itself. They may be called from several threads at once: tokenisation on one model
+is serialised, the forward pass is not.
 """
 
 from __future__ import annotations
@@ -285,22 +286,56 @@ def embed(loaded: LoadedEmbeddingModel, texts: list[str]) -> tuple[np.ndarray, l
     One forward pass over all ``texts`` (the engine batches); inputs are truncated to
     ``max_seq_length``. Token counts come from the same tokenisation as the vectors.
     """
-    from sentence_transformers.util import batch_to_device, truncate_embeddings
-
     if not texts:
         return np.zeros((0, loaded.dimensions), dtype=np.float32), []
-    model = loaded.model
-    # What SentenceTransformer.encode does for one batch, split so that only tokenisation
-    # holds the lock (the forward pass runs unlocked) and the mask gives the token counts.
-    features = _preprocess(model, texts)
+    features = prepare(loaded, texts)
+    return forward(loaded, features), token_lengths(features)
+
+
+def prepare(loaded: LoadedEmbeddingModel, texts: list[str]) -> dict[str, Any]:
+    """Tokenise ``texts`` as ``encode`` would (truncated, padded): the features for :func:`forward`."""
+    return _preprocess(loaded.model, texts)
+
+
+def token_lengths(features: dict[str, Any]) -> list[int]:
+    return features["attention_mask"].sum(dim=1).tolist()
+
+
+def take_rows(loaded: LoadedEmbeddingModel, features: dict[str, Any], rows: list[int]) -> dict[str, Any]:
+    """The features of some rows only, with the padding none of them needs cut away.
+
+    Lets the engine tokenise a gathered batch once and run it in several passes of similar
+    lengths. Per-token tensors are ``[rows, width]``; anything else is passed through.
+    """
     mask = features["attention_mask"]
+    batch, width = mask.shape
+    keep = int(mask[rows].sum(dim=1).max()) if rows else 0
+    left = getattr(loaded.model.tokenizer, "padding_side", "right") == "left"
+    columns = slice(width - keep, width) if left else slice(0, keep)
+    index = torch.tensor(rows, dtype=torch.long)
+    out: dict[str, Any] = {}
+    for key, value in features.items():
+        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch:
+            value = value.index_select(0, index)
+            if value.dim() >= 2 and value.shape[1] == width:
+                value = value[:, columns]
+        out[key] = value
+    return out
+
+
+def forward(loaded: LoadedEmbeddingModel, features: dict[str, Any]) -> np.ndarray:
+    """One forward pass over prepared features: float32 ``[n, d]``."""
+    from sentence_transformers.util import batch_to_device, truncate_embeddings
+
+    # What SentenceTransformer.encode does for one batch, split so that only tokenisation
+    # holds the tokenizer lock (the forward pass runs unlocked).
+    model = loaded.model
     with torch.inference_mode():
         output = model(batch_to_device(features, model.device))
     vectors = output["sentence_embedding"]
     if model.truncate_dim is not None:
         vectors = truncate_embeddings(vectors, model.truncate_dim)
-    array = vectors.detach().to(device="cpu", dtype=torch.float32).numpy()
-    return array, mask.sum(dim=1).tolist()
+    return vectors.detach().to(device="cpu", dtype=torch.float32).numpy()
 
 
 def tokenize(loaded: LoadedEmbeddingModel, texts: list[str]) -> list[list[int]]:

@@ -21,8 +21,12 @@ from glm_api.families.embedding import (
     count_tokens,
     detect_embedding_family,
     embed,
+    forward,
     load_embedding_model,
     packaged_embedding_path,
+    prepare,
+    take_rows,
+    token_lengths,
     tokenize,
 )
 from tests.fixtures.tiny_encoders import (  # noqa: F401  (fixtures, also usable without the root conftest)
@@ -209,6 +213,29 @@ def test_batch_equals_one_by_one(tiny: LoadedEmbeddingModel) -> None:
         alone, alone_counts = embed(tiny, [text])
         np.testing.assert_allclose(batch[i], alone[0], atol=1e-5, rtol=0)
         assert alone_counts == [batch_counts[i]]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_rows_of_a_prepared_batch_are_the_features_of_those_texts(tiny_bert_dir: Path, side: str) -> None:  # noqa: F811
+    # The engine tokenises a gathered batch once and runs its rows in passes of similar length:
+    # the rows taken, with the padding they do not need cut, must be what tokenising them
+    # alone gives, on whichever side the tokenizer pads.
+    loaded = load_embedding_model(tiny_bert_dir, CPU, torch.float32)
+    loaded.model.tokenizer.padding_side = side
+    texts = [*TEXTS, LONG_TEXT]
+    features = prepare(loaded, texts)
+    lengths = token_lengths(features)
+    rows = sorted(range(len(texts)), key=lengths.__getitem__)[:3]  # the three shortest
+    taken = take_rows(loaded, features, rows)
+    alone = prepare(loaded, [texts[i] for i in rows])
+    assert taken.keys() == alone.keys()
+    for key, value in alone.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(taken[key], value), key
+        else:
+            assert taken[key] == value
+    assert taken["input_ids"].shape[1] < features["input_ids"].shape[1]  # padding was cut
+    np.testing.assert_allclose(forward(loaded, taken), forward(loaded, alone), atol=1e-6, rtol=0)
 
 
 def test_explicit_max_seq_length(tiny_bert_dir: Path) -> None:  # noqa: F811
