@@ -21,7 +21,8 @@ from glm_api.engines.embedding_engine import BatchingEmbeddingEngine
 from glm_api.engines.transformers_engine import TransformersChatEngine
 from glm_api.families.base import LoadedChatModel, LoadedEmbeddingModel
 from glm_api.families.embedding import load_embedding_model, packaged_embedding_path
-from glm_api.families.transformers_lm import load_gguf, packaged_chat_gguf
+from glm_api.families.detect import load_chat_model
+from glm_api.families.transformers_lm import packaged_chat_gguf
 from glm_api.registry import PACKAGED_CHAT_NAME, PACKAGED_EMBEDDING_NAME, ModelRegistry
 
 pytest_plugins = [
@@ -36,8 +37,9 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="session")
 def smollm2(smollm2_cache_dir) -> LoadedChatModel:
-    """The packaged chat default, from the session's GGUF conversion cache."""
-    return load_gguf(packaged_chat_gguf(), CPU, torch.float32, smollm2_cache_dir)
+    """The packaged chat default, from the session's GGUF conversion cache, loaded as the server
+    loads it (load_chat_model: on CPU, with its linear weights stored input-major)."""
+    return load_chat_model(packaged_chat_gguf(), CPU, torch.float32, smollm2_cache_dir)
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ import torch
 
 from glm_api.families.base import LoadedChatModel
 from glm_api.families.transformers_lm import check_causal_lm_config, load_gguf, load_transformers_lm, read_config
+from glm_api.families.weight_layout import store_linear_weights_input_major
 
 logger = logging.getLogger(__name__)
 
@@ -71,16 +72,24 @@ def detect_chat_family(path: Path, trust_remote_code: bool = False) -> str:
 def load_chat_model(
     path: Path, device: torch.device, dtype: torch.dtype, cache_dir: Path, trust_remote_code: bool = False
 ) -> LoadedChatModel:
-    """Load the chat model at ``path`` with the family :func:`detect_chat_family` picks."""
+    """Load the chat model at ``path`` with the family :func:`detect_chat_family` picks.
+
+    On CPU the linear weights are then stored input-major (same values, faster decode steps;
+    see :mod:`glm_api.families.weight_layout`).
+    """
     path = Path(path)
     family = detect_chat_family(path, trust_remote_code)
     logger.info("chat model %s: loading as %s on %s in %s", path, family, device, dtype)
     if family == "gguf":
         gguf = _gguf_file(path)
         assert gguf is not None  # detect_chat_family said so
-        return load_gguf(gguf, device, dtype, cache_dir)
-    if family == "chatglm3":
+        loaded = load_gguf(gguf, device, dtype, cache_dir)
+    elif family == "chatglm3":
         from glm_api.families.chatglm3 import load_chatglm3
 
-        return load_chatglm3(path, device, dtype)
-    return load_transformers_lm(path, device, dtype, trust_remote_code)
+        loaded = load_chatglm3(path, device, dtype)
+    else:
+        loaded = load_transformers_lm(path, device, dtype, trust_remote_code)
+    if device.type == "cpu":
+        store_linear_weights_input_major(loaded.model)
+    return loaded
