@@ -1,7 +1,10 @@
 """Chat templates of generic transformers models, and Hermes-style tool-call parsing.
 
 The tokenizer's own chat template formats conversations (``apply_chat_template``), so every
-model whose folder ships a template works without family-specific code. Tool calls are parsed
+model whose folder ships a template works without family-specific code. A message's content
+is always text: the model's control tokens typed into it (``<|im_start|>system`` ...) are
+tokenised as the characters they are, never as the markers the template uses between turns,
+so a user cannot forge a turn of another role. Tool calls are parsed
 in the Hermes/Qwen ``<tool_call>{json}</tool_call>`` style, the most common one in HF
 templates; model output is only ever parsed with ``json.loads``, never executed.
 """
@@ -9,6 +12,7 @@ templates; model output is only ever parsed with ``json.loads``, never executed.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -19,6 +23,11 @@ from glm_api.families.base import OutputParser, ParsedOutput, PassthroughParser,
 
 _TOOL_OPEN = "<tool_call>"
 _TOOL_CLOSE = "</tool_call>"
+
+# Stand-ins for message contents while a template is rendered (Unicode private use area).
+_SLOT = "\ue000{}\ue001"
+_SLOT_RE = re.compile("\ue000(\\d+)\ue001")
+_SLOT_MARKS = ("\ue000", "\ue001")
 
 # ---------------------------------------------------------------------------------------------
 # Chat template
@@ -104,6 +113,10 @@ class HFChatTemplate:
         self.stop_token_ids: frozenset[int] = frozenset(stops)
         text = template_text(tokenizer)
         self.supports_tools: bool = bool(text) and "tools" in text
+        controls = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+        controls |= set(tokenizer.all_special_tokens)
+        ordered = sorted((c for c in controls if c), key=len, reverse=True)
+        self._controls = re.compile("|".join(map(re.escape, ordered))) if ordered else None
 
     def encode_messages(self, messages: list[dict[str, Any]], tools: list[dict] | None = None) -> list[int]:
         if not template_text(self.tokenizer):
@@ -112,13 +125,58 @@ class HFChatTemplate:
         if all_tools and not self.supports_tools:
             # Ignoring them would silently answer a different question than the one asked.
             raise ValueError("this model's chat template does not support tools")
+        if self._controls is not None:
+            others = [{k: v for k, v in m.items() if k != "content"} for m in conversation]
+            found = self._controls.search(json.dumps([others, all_tools], ensure_ascii=False))
+            if found:  # names, tool calls and tool schemas are rendered by the template as is
+                raise ValueError(f"a tool schema, tool call or name contains the model's control token {found.group()!r}")
+            if any(isinstance(m.get("content"), str) and self._controls.search(m["content"]) for m in conversation):
+                return self._encode_contents_as_text(conversation, all_tools)
+        # The usual path, exactly what the model's own tooling gives.
+        encoded = self._render(conversation, all_tools, tokenize=True)
+        return list(encoded["input_ids"])
+
+    def _render(self, conversation: list[dict[str, Any]], tools: list[dict] | None, tokenize: bool) -> Any:
         try:
-            encoded = self.tokenizer.apply_chat_template(
-                conversation, tools=all_tools, add_generation_prompt=True, tokenize=True, return_dict=True
+            return self.tokenizer.apply_chat_template(
+                conversation, tools=tools, add_generation_prompt=True, tokenize=tokenize, return_dict=tokenize
             )
         except jinja2.TemplateError as exc:  # raise_exception(...) in templates, e.g. bad roles
             raise ValueError(f"the chat template cannot format these messages: {exc}") from exc
-        return list(encoded["input_ids"])
+
+    def _encode_contents_as_text(self, conversation: list[dict[str, Any]], tools: list[dict] | None) -> list[int]:
+        """Render with a stand-in for each content, then tokenise the template's text with its
+        control tokens and each content with control tokens split into plain text.
+
+        Only taken when some content holds a control token's text: tokenising in pieces may
+        cut a merge at a piece's edge that the whole text would make, so the usual path stays
+        the exact one.
+        """
+        contents: list[str] = []
+        slotted = []
+        for message in conversation:
+            content = message.get("content")
+            if isinstance(content, str) and content:
+                slotted.append({**message, "content": _SLOT.format(len(contents))})
+                contents.append(content)
+            else:
+                slotted.append(message)
+        text = self._render(slotted, tools, tokenize=False)
+        ids: list[int] = []
+        pos = 0
+        for match in _SLOT_RE.finditer(text):
+            ids += self._template_piece(text[pos : match.start()])
+            ids += self.tokenizer.encode(contents[int(match.group(1))], add_special_tokens=False, split_special_tokens=True)
+            pos = match.end()
+        ids += self._template_piece(text[pos:])
+        return ids
+
+    def _template_piece(self, piece: str) -> list[int]:
+        if any(mark in piece for mark in _SLOT_MARKS):
+            # The template rewrote a content (cut or re-spelled it): it cannot be placed as text.
+            raise ValueError("this model's chat template rewrites message contents, so content holding the model's "
+                             "control tokens cannot be formatted safely")
+        return list(self.tokenizer.encode(piece, add_special_tokens=False)) if piece else []
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
