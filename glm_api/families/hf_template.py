@@ -1,12 +1,13 @@
-"""Chat templates of generic transformers models, and Hermes-style tool-call parsing.
+"""Chat templates of generic transformers models, and their tool-call parsing.
 
 The tokenizer's own chat template formats conversations (``apply_chat_template``), so every
 model whose folder ships a template works without family-specific code. A message's content
 is always text: the model's control tokens typed into it (``<|im_start|>system`` ...) are
 tokenised as the characters they are, never as the markers the template uses between turns,
-so a user cannot forge a turn of another role. Tool calls are parsed
-in the Hermes/Qwen ``<tool_call>{json}</tool_call>`` style, the most common one in HF
-templates; model output is only ever parsed with ``json.loads``, never executed.
+so a user cannot forge a turn of another role. Tool calls are parsed in the Hermes/Qwen
+``<tool_call>{json}</tool_call>`` style, the most common one in HF templates, or in GLM-4's
+``name\n{json}`` style when the template is GLM-4's; model output is only ever parsed with
+``json.loads``, never executed.
 """
 
 from __future__ import annotations
@@ -113,6 +114,10 @@ class HFChatTemplate:
         self.stop_token_ids: frozenset[int] = frozenset(stops)
         text = template_text(tokenizer)
         self.supports_tools: bool = bool(text) and "tools" in text
+        # GLM-4's templates: a reply is "<|assistant|>" + a metadata line (empty, or the name
+        # of the function called) + the text or the call's JSON arguments; tool results come
+        # back as <|observation|>.
+        self.glm_style: bool = bool(text) and "<|observation|>" in text and "<|assistant|>" in text
         controls = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
         controls |= set(tokenizer.all_special_tokens)
         ordered = sorted((c for c in controls if c), key=len, reverse=True)
@@ -129,7 +134,9 @@ class HFChatTemplate:
             others = [{k: v for k, v in m.items() if k != "content"} for m in conversation]
             found = self._controls.search(json.dumps([others, all_tools], ensure_ascii=False))
             if found:  # names, tool calls and tool schemas are rendered by the template as is
-                raise ValueError(f"a tool schema, tool call or name contains the model's control token {found.group()!r}")
+                raise ValueError(
+                    f"a tool schema, tool call or name contains the model's control token {found.group()!r}"
+                )
             if any(isinstance(m.get("content"), str) and self._controls.search(m["content"]) for m in conversation):
                 return self._encode_contents_as_text(conversation, all_tools)
         # The usual path, exactly what the model's own tooling gives.
@@ -166,7 +173,8 @@ class HFChatTemplate:
         pos = 0
         for match in _SLOT_RE.finditer(text):
             ids += self._template_piece(text[pos : match.start()])
-            ids += self.tokenizer.encode(contents[int(match.group(1))], add_special_tokens=False, split_special_tokens=True)
+            content = contents[int(match.group(1))]
+            ids += self.tokenizer.encode(content, add_special_tokens=False, split_special_tokens=True)
             pos = match.end()
         ids += self._template_piece(text[pos:])
         return ids
@@ -188,6 +196,8 @@ class HFChatTemplate:
         return [self.tokenizer.convert_ids_to_tokens(i) for i in ids]
 
     def new_output_parser(self, tools_enabled: bool) -> OutputParser:
+        if self.glm_style:
+            return GlmToolParser(tools_enabled)
         return HermesToolParser() if tools_enabled else PassthroughParser()
 
 
@@ -297,6 +307,64 @@ class HermesToolParser:
         if not self._calls:
             content += self._held_space  # plain text keeps its trailing whitespace
         return ParsedOutput(content=content, tool_calls=list(self._calls))
+
+
+_FUNCTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
+
+
+class GlmToolParser:
+    """GLM-4 output: a metadata line, then the reply (empty metadata) or a call's arguments.
+
+    ``get_weather\n{"city": "Beijing"}`` is a call of get_weather (with tools enabled); an
+    empty first line is dropped from a plain reply, as ChatGLM3's parser does. The first line
+    is held back until it is complete; a call's arguments until the end. Arguments that are
+    not a JSON object turn the whole output back into text.
+    """
+
+    def __init__(self, tools_enabled: bool) -> None:
+        self.tools_enabled = tools_enabled
+        self._head: str | None = ""  # the first line while it is incomplete; None once decided
+        self._call_name: str | None = None
+        self._body: list[str] = []  # a call's arguments, or the plain reply so far
+
+    def feed(self, delta: str) -> str:
+        if self._head is None:
+            self._body.append(delta)
+            return "" if self._call_name is not None else delta
+        self._head += delta
+        metadata, newline, rest = self._head.partition("\n")
+        if not newline:
+            name = metadata.strip()
+            if name and not (self.tools_enabled and _FUNCTION_NAME.fullmatch(name)):
+                # Text from the first character on (no metadata line): stream it now.
+                self._head = None
+                self._body.append(metadata)
+                return metadata
+            return ""
+        self._head = None
+        if self.tools_enabled and _FUNCTION_NAME.fullmatch(metadata.strip()):
+            self._call_name = metadata.strip()
+            self._body.append(rest)
+            return ""
+        text = rest if not metadata.strip() else f"{metadata}\n{rest}"
+        self._body.append(text)
+        return text
+
+    def finish(self) -> ParsedOutput:
+        if self._head is not None:  # no newline at all: a one-line reply
+            text, self._head = self._head, None
+            return ParsedOutput(content=text)
+        body = "".join(self._body)
+        if self._call_name is None:
+            return ParsedOutput(content=body)
+        try:
+            arguments = json.loads(body)
+        except json.JSONDecodeError:
+            arguments = None
+        if not isinstance(arguments, dict):
+            return ParsedOutput(content=f"{self._call_name}\n{body}")
+        call = ToolCall(self._call_name, json.dumps(arguments, ensure_ascii=False))
+        return ParsedOutput(content="", tool_calls=[call])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,7 +45,9 @@ def test_ordinary_content_keeps_the_models_own_tokenisation(smollm2):
         {"role": "assistant", "content": "A markup language."},
         {"role": "user", "content": "Thanks"},
     ]
-    expected = template.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)
+    expected = template.tokenizer.apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=True, return_dict=True
+    )
     assert template.encode_messages(messages) == list(expected["input_ids"])
 
 

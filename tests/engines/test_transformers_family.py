@@ -21,7 +21,7 @@ pytest.register_assert_rewrite("tests.fixtures.tiny_causal_lm")
 
 from glm_api.families.base import ChatTemplate, PassthroughParser, ToolCall
 from glm_api.families.detect import detect_chat_family, load_chat_model
-from glm_api.families.hf_template import HermesToolParser
+from glm_api.families.hf_template import GlmToolParser, HermesToolParser
 from glm_api.families.transformers_lm import (
     gguf_cache_folder,
     load_gguf,
@@ -252,7 +252,8 @@ def test_glm4_tool_conversation(tiny_glm4_dir: Path) -> None:
 
     with pytest.raises(ValueError, match="arguments are not valid JSON"):
         template.encode_messages([{"role": "assistant", "content": "", "tool_calls": [ToolCall("f", "{oops")]}])
-    assert isinstance(template.new_output_parser(tools_enabled=True), HermesToolParser)
+    assert isinstance(template.new_output_parser(tools_enabled=True), GlmToolParser)
+    assert isinstance(template.new_output_parser(tools_enabled=False), GlmToolParser)
 
 
 def test_glm_hf_layout_loads_and_generates(tmp_path: Path) -> None:
@@ -386,3 +387,43 @@ def test_hermes_parser_streams_text_promptly() -> None:
     assert parser.feed(" world. <tool") == " world."  # "<tool" might open a call: held
     assert parser.feed("s are great") == " <tools are great"
     assert parser.finish().content == "Hello world. <tools are great"
+
+
+@pytest.mark.parametrize(
+    ("tools", "text", "content", "calls"),
+    [
+        # GLM-4 replies start with an empty metadata line, dropped as ChatGLM3's is
+        (True, "\nBeijing is sunny.", "Beijing is sunny.", []),
+        (False, "\nBeijing is sunny.\nWarm too.", "Beijing is sunny.\nWarm too.", []),
+        # a function name as metadata, JSON arguments after it: a call (GLM-4's chat-hf form)
+        (True, 'get_weather\n{"city": "北京"}', "", [("get_weather", {"city": "北京"})]),
+        (True, 'lookup.v2\n  {"q": [1, 2]}\n', "", [("lookup.v2", {"q": [1, 2]})]),
+        # without tools, or with arguments that are no JSON object, it stays text
+        (False, 'get_weather\n{"city": "北京"}', 'get_weather\n{"city": "北京"}', []),
+        (True, "get_weather\n{oops", "get_weather\n{oops", []),
+        (True, 'f\n["a"]', 'f\n["a"]', []),
+        # a first line that cannot be a name, or no newline at all: text
+        (True, "Sure, here it is:\n42", "Sure, here it is:\n42", []),
+        (True, "42", "42", []),
+        (True, "", "", []),
+    ],
+)
+def test_glm_tool_parser(tools: bool, text: str, content: str, calls: list[tuple[str, dict]]) -> None:
+    for chunk in (1, 2, 3, 7, max(len(text), 1)):
+        parser = GlmToolParser(tools)
+        shown = "".join(parser.feed(text[i : i + chunk]) for i in range(0, len(text), chunk))
+        result = parser.finish()
+        assert result.content == content
+        assert result.content.startswith(shown)  # streamed text is never taken back
+        assert [(c.name, json.loads(c.arguments)) for c in result.tool_calls] == calls
+
+
+def test_glm_tool_parser_streams_a_reply_once_its_first_line_is_known() -> None:
+    parser = GlmToolParser(tools_enabled=True)
+    assert parser.feed("get_wea") == ""  # might be a call's name
+    assert GlmToolParser(tools_enabled=False).feed("get_wea") == "get_wea"  # no tools: text at once
+    assert GlmToolParser(tools_enabled=True).feed("Sure, ") == "Sure, "  # cannot be a name
+    parser = GlmToolParser(tools_enabled=True)
+    assert parser.feed("\nHel") == "Hel"
+    assert parser.feed("lo") == "lo"
+    assert parser.finish().content == "Hello"
