@@ -117,7 +117,11 @@ class BatchingEmbeddingEngine(WorkerThread):
                     batch = self._next_batch()
                     if batch is None:
                         break
-                    self._run(batch)
+                    try:
+                        self._run(batch)
+                    except Exception:  # a bug in one batch must not stop the engine or strand its callers
+                        log.exception("embedding batch of %d failed", len(batch))
+                        self._resolve_all(self._fail(batch))
         except BaseException as exc:
             self._dead = f"{type(exc).__name__}: {exc}"
             log.exception("embedding engine %s died", self.model_name)
@@ -162,11 +166,11 @@ class BatchingEmbeddingEngine(WorkerThread):
         """
         try:
             features = family.prepare(self.loaded, [job.texts[i] for job, i in batch])
-        except Exception:
+            lengths = family.token_lengths(features)
+        except Exception:  # fail these requests, keep serving
             log.exception("tokenising %d texts failed", len(batch))
             self._resolve_all(self._fail(batch))
             return
-        lengths = family.token_lengths(features)
         order = sorted(range(len(batch)), key=lengths.__getitem__)
         done: list[tuple[_Job, EmbeddingResult | BaseException]] = []
         for start, end in split_by_length([lengths[i] for i in order]):

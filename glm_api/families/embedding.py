@@ -297,8 +297,14 @@ def prepare(loaded: LoadedEmbeddingModel, texts: list[str]) -> dict[str, Any]:
     return _preprocess(loaded.model, texts)
 
 
+def _mask(features: dict[str, Any]) -> torch.Tensor:
+    # A tokenizer that returns no mask pads nothing: every position is a token.
+    mask = features.get("attention_mask")
+    return mask if isinstance(mask, torch.Tensor) else torch.ones_like(features["input_ids"])
+
+
 def token_lengths(features: dict[str, Any]) -> list[int]:
-    return features["attention_mask"].sum(dim=1).tolist()
+    return _mask(features).sum(dim=1).tolist()
 
 
 def take_rows(loaded: LoadedEmbeddingModel, features: dict[str, Any], rows: list[int]) -> dict[str, Any]:
@@ -307,7 +313,7 @@ def take_rows(loaded: LoadedEmbeddingModel, features: dict[str, Any], rows: list
     Lets the engine tokenise a gathered batch once and run it in several passes of similar
     lengths. Per-token tensors are ``[rows, width]``; anything else is passed through.
     """
-    mask = features["attention_mask"]
+    mask = _mask(features)
     batch, width = mask.shape
     keep = int(mask[rows].sum(dim=1).max()) if rows else 0
     left = getattr(loaded.model.tokenizer, "padding_side", "right") == "left"

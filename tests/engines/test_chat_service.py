@@ -30,8 +30,12 @@ def with_service(smollm2, scenario, **overrides):
 
 def test_a_run_dropped_before_anyone_reads_it_frees_its_slots(smollm2):
     async def scenario(service, engine):
-        run = await service.start(ChatCall(messages=QUESTION, max_tokens=500, n=2, temperature=0.8), "dropped")
-        await asyncio.sleep(0.5)
+        # Seeded: a reproducible long story, so the two choices are still running when dropped.
+        call = ChatCall(messages=QUESTION, max_tokens=500, n=2, temperature=0.8, seed=7)
+        run = await service.start(call, "dropped")
+        deadline = time.monotonic() + 5
+        while engine.num_running < 2 and time.monotonic() < deadline:  # both prefilled, decoding
+            await asyncio.sleep(0.05)
         busy = engine.num_running + engine.num_waiting
         del run  # e.g. the client left before the response started streaming
         gc.collect()

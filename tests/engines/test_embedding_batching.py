@@ -132,3 +132,26 @@ def test_split_by_length_cuts_only_where_padding_costs_more_than_a_pass():
     parts = split_by_length(sorted([40 + 3 * i for i in range(32)]))
     assert parts[0][0] == 0 and parts[-1][1] == 32
     assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))  # consecutive, nothing lost
+
+
+@pytest.mark.parametrize("stage", ["prepare", "token_lengths", "forward"])
+def test_a_failing_batch_fails_its_requests_and_the_engine_keeps_serving(engine, monkeypatch, stage):
+    # Seen once under fuzzing: an exception outside the forward pass killed the worker thread,
+    # and every later request got 503 until a restart.
+    from glm_api.engines import embedding_engine
+    from glm_api.errors import InternalError
+
+    real = getattr(embedding_engine.family, stage)
+    calls = {"n": 0}
+
+    def fail_once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected fault")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(embedding_engine.family, stage, fail_once)
+    with pytest.raises(InternalError):
+        asyncio.run(engine.embed(["first"]))
+    engine.check_health()  # the worker thread is still alive
+    assert asyncio.run(engine.embed(["second"])).vectors.shape == (1, 384)
