@@ -173,7 +173,10 @@ class HFChatTemplate:
         pos = 0
         for match in _SLOT_RE.finditer(text):
             ids += self._template_piece(text[pos : match.start()])
-            content = contents[int(match.group(1))]
+            index = int(match.group(1))
+            if index >= len(contents):  # a stand-in look-alike typed into a tool call or name
+                raise ValueError("a tool call or name contains private-use characters this server reserves")
+            content = contents[index]
             ids += self.tokenizer.encode(content, add_special_tokens=False, split_special_tokens=True)
             pos = match.end()
         ids += self._template_piece(text[pos:])
