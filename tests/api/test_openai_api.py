@@ -19,6 +19,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from glm_api.app import create_app
 from glm_api.families.transformers_lm import load_transformers_lm
 from glm_api.registry import PACKAGED_CHAT_NAME, PACKAGED_EMBEDDING_NAME
+from tests.api.test_seed_api import QUESTION, assert_error, sse_events
 from tests.conftest import make_registry, make_settings
 from tests.fixtures.tool_calling_lm import (
     CALL_ARGUMENTS,
@@ -30,28 +31,7 @@ from tests.fixtures.tool_calling_lm import (
     second_turn,
 )
 
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 CHUNK_KEYS = {"id", "object", "created", "model", "system_fingerprint", "choices"}
-
-
-def sse_events(response) -> list:
-    events = []
-    for line in response.text.splitlines():
-        if line.startswith("data:"):
-            data = line[len("data:") :].strip()
-            events.append(data if data == "[DONE]" else json.loads(data))
-    return events
-
-
-def assert_error(response, status: int, param: str | None = None, code: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    if param is not None:
-        assert error["param"] == param, error
-    if code is not None:
-        assert error["code"] == code, error
-    return error
 
 
 def completion_of(body: dict) -> ChatCompletion:

@@ -27,13 +27,16 @@ def chat(client, **body):
     return client.post("/chat", json=body)
 
 
-def assert_error(response, status: int, param: str | None = None) -> dict:
+def assert_error(response, status: int, param: str | None = None, code: str | None = None) -> dict:
+    """An OpenAI-shaped error body with this status (and param / code when given)."""
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["message"]
     if param is not None:
-        assert error["param"] == param
+        assert error["param"] == param, error
+    if code is not None:
+        assert error["code"] == code, error
     return error
 
 
