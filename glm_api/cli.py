@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", metavar="DIR", help="where converted GGUF models are cached (default .cache/glm-api)")
     p.add_argument("--max-running", type=int, help="chat sequences decoded together (default 32)")
     p.add_argument("--max-waiting", type=int, help="chat requests queued beyond those; more get 429 (default 256)")
+    p.add_argument("--prefix-cache-tokens", type=int,
+                   help="prompt-prefix tokens kept for reuse by later prompts that begin the same way; 0: off (default 4096)")
     p.add_argument("--api-key", metavar="KEY", action="append", dest="api_keys",
                    help="require 'Authorization: Bearer KEY' (repeatable); GLM_API_API_KEYS takes a comma-separated list")
     p.add_argument("--api-key-file", metavar="FILE", help="a file of API keys, one per line")

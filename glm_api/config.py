@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     # Chat scheduling and limits.
     max_running: int = Field(32, ge=1, description="sequences decoded together in one batch")
     max_waiting: int = Field(256, ge=0, description="requests queued beyond the running batch; more get 429")
+    prefix_cache_tokens: int = Field(
+        4096, ge=0, description="prompt-prefix tokens whose keys and values are kept for later prompts (0: off)"
+    )
     max_prompt_tokens: int | None = Field(None, ge=1, description="cap below the model's context")
     default_max_tokens: int = Field(4096, ge=1, description="the seed's default max_tokens")
     max_tokens_limit: int | None = Field(None, ge=1, description="larger max_tokens are refused with 400")

@@ -95,7 +95,9 @@ def _chat_families(model: str, stats: ChatEngineStats) -> Iterator[Metric]:
         return family
 
     yield counter("generated_tokens", "Completion tokens generated", stats.tokens_generated)
-    yield counter("prompt_tokens", "Prompt tokens prefilled", stats.prompt_tokens)
+    yield counter("prompt_tokens", "Prompt tokens of admitted requests (those taken from the prefix cache included)", stats.prompt_tokens)
+    yield counter("cached_prompt_tokens", "Prompt tokens taken from the prefix cache instead of prefilled", stats.cached_prompt_tokens)
+    yield counter("prefix_prefills", "Forward passes that prefilled a shared prompt prefix to store it", stats.prefixes_computed)
     yield counter("decode_steps", "Decode steps (one forward pass over the running batch each)", stats.steps)
     yield counter("prefills", "Prefill forward passes (one per group of joining requests)", stats.prefills)
     finished = CounterMetricFamily(f"{PREFIX}_chat_requests_finished", "Finished generations by reason", labels=["model", "reason"])

@@ -207,7 +207,8 @@ def build_registry(settings: Settings, sources: ModelSources | None = None) -> M
             sources.chat.name, loaded.family, loaded.context_length, time.monotonic() - started,
         )
         chat = TransformersChatEngine(
-            loaded, sources.chat.name, max_running=settings.max_running, max_waiting=settings.max_waiting
+            loaded, sources.chat.name, max_running=settings.max_running, max_waiting=settings.max_waiting,
+            prefix_cache_tokens=settings.prefix_cache_tokens,
         )
     embeddings: dict[str, EmbeddingEngine] = {}
     for source in sources.embeddings:

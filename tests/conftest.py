@@ -57,6 +57,7 @@ def make_registry(chat: LoadedChatModel | None, embeddings: dict[str, LoadedEmbe
         engine = TransformersChatEngine(
             chat, settings.chat_model_name or PACKAGED_CHAT_NAME,
             max_running=settings.max_running, max_waiting=settings.max_waiting,
+            prefix_cache_tokens=settings.prefix_cache_tokens,
         )
     return ModelRegistry(
         engine,

@@ -44,6 +44,8 @@ class ChatEngineStats:
     steps: int = 0  # decode steps (one forward over the running batch each)
     prefills: int = 0  # prefill forwards (one per group of joining requests)
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens taken from the prefix cache, not prefilled
+    prefixes_computed: int = 0  # forwards that prefilled a shared prefix on its own, to store it
     tokens_generated: int = 0
     rejected: int = 0  # requests refused with 429 because the queue was full
     finished: Counter = field(default_factory=Counter)  # by finish reason

@@ -1,7 +1,8 @@
 """Chat engine over a transformers causal LM with iteration-level (continuous) batching.
 
 One worker thread owns the model. Each turn of its loop it drops aborted requests, admits
-waiting ones up to ``max_running`` (prefilling them as a group), then runs one decode step
+waiting ones up to ``max_running`` (prefilling them as a group, each after the longest stored
+prefix of its prompt: see :mod:`prefix_cache`), then runs one decode step
 for every running row at once (see :mod:`batch_state` for the cache, and why not transformers'
 own continuous batching). Finished rows leave at once, so a new request never waits for another
 to finish, only for the current step. Output crosses back to the event loop through each
@@ -23,10 +24,13 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from glm_api.engines.base import GenerationChunk, SamplingParams
 from glm_api.engines.batch_state import BatchState
 from glm_api.engines.detokenizer import IncrementalDetokenizer
+from glm_api.engines.prefill import compute_prefix, prefill, prefix_of_row
+from glm_api.engines.prefix_cache import Prefix, PrefixCache
 from glm_api.engines.sampling import apply_penalties, needs_per_row_sampling, sample_token
 from glm_api.engines.stats import ChatEngineStats
 from glm_api.engines.worker import WorkerThread
@@ -53,6 +57,7 @@ class _Request:
     counts: torch.Tensor | None = None  # [V] output id counts (presence/frequency penalty)
     stop_ids: frozenset[int] = frozenset()
     per_row: bool = False  # penalties or sampling: not covered by the batch-wide argmax
+    shared: int = 0  # prompt tokens at the start that a recent prompt begins with too
     arrived: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
 
@@ -91,6 +96,7 @@ class TransformersChatEngine(WorkerThread):
         max_running: int = 32,
         max_waiting: int = 256,
         prefill_token_budget: int = 1024,
+        prefix_cache_tokens: int = 4096,
     ) -> None:
         self.model = loaded.model
         self.template = loaded.template
@@ -106,6 +112,10 @@ class TransformersChatEngine(WorkerThread):
         # takes a boolean mask) is known to accept it as is.
         self._bool_mask_4d = getattr(self.model.config, "_attn_implementation", None) == "sdpa"
         self.stats = ChatEngineStats()
+        # Stored prefixes are plain per-layer keys/values: only for models whose every layer
+        # keeps them all (a sliding-window layer drops old columns).
+        full_layers = all(type(layer) is DynamicLayer for layer in DynamicCache(config=self.model.config).layers)
+        self.prefixes = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 and full_layers else None
 
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []  # row order of the batch
@@ -240,35 +250,40 @@ class TransformersChatEngine(WorkerThread):
         self._remove_rows(gone)
 
     def _prefill(self, admitted: list[_Request]) -> None:
+        prefixes: list[Prefix | None] = [None] * len(admitted)
+        if self.prefixes is not None:
+            for req in admitted:  # compared with the prompts before it, this batch's included
+                req.shared = self.prefixes.shared_length(req.prompt_ids)
+                self.prefixes.remember(req.prompt_ids)
+            prefixes = self.prefixes.plan([r.prompt_ids for r in admitted], self._compute_prefix)
         # Group so that one forward's padded size stays within the token budget: ~1k tokens
         # already keep the matmuls busy, and smaller groups hand out first tokens sooner (32
         # prompts of ~55 tokens arriving together: TTFT p50 2.5 s -> 1.1 s at the same tok/s).
+        # Only the tokens after a row's prefix are prefilled.
+        rest = {id(r): len(r.prompt_ids) - (len(p) if p else 0) for r, p in zip(admitted, prefixes)}
+        prefix_of = {id(r): p for r, p in zip(admitted, prefixes)}
         group: list[_Request] = []
-        for req in sorted(admitted, key=lambda r: len(r.prompt_ids)):
-            width = max([len(r.prompt_ids) for r in group] + [len(req.prompt_ids)])
+        for req in sorted(admitted, key=lambda r: rest[id(r)]):
+            width = max(rest[id(r)] for r in [*group, req])
             if group and width * (len(group) + 1) > self.prefill_token_budget:
-                self._prefill_group(group)
+                self._prefill_group(group, [prefix_of[id(r)] for r in group])
                 group = []
             group.append(req)
         if group:
-            self._prefill_group(group)
+            self._prefill_group(group, [prefix_of[id(r)] for r in group])
 
-    def _prefill_group(self, group: list[_Request]) -> None:
-        width = max(len(r.prompt_ids) for r in group)
-        ids = torch.zeros((len(group), width), dtype=torch.long)
-        mask = torch.zeros((len(group), width), dtype=torch.long)
-        for row, req in enumerate(group):
-            n = len(req.prompt_ids)
-            ids[row, width - n :] = torch.tensor(req.prompt_ids)
-            mask[row, width - n :] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        # The group is prefilled apart (its own width), then copied into the batch's buffers.
-        cache = DynamicCache(config=self.model.config)
-        out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
-        )
-        logits = out.logits[:, -1, :].float()
+    def _compute_prefix(self, tokens: tuple[int, ...], base: Prefix | None) -> Prefix:
+        self.stats.prefixes_computed += 1
+        return compute_prefix(self.model, tokens, base, self.device)
+
+    def _prefill_group(self, group: list[_Request], prefixes: list[Prefix | None]) -> None:
+        logits, cache, mask = prefill(self.model, [r.prompt_ids for r in group], prefixes, self.device)
+        logits = logits.float()
+        self.stats.cached_prompt_tokens += sum(len(p) for p in prefixes if p is not None)
+        if self.prefixes is not None:
+            for row, (req, prefix) in enumerate(zip(group, prefixes)):
+                if self.prefixes.worth_storing(req.shared, prefix):
+                    self.prefixes.store(prefix_of_row(cache, mask, row, tuple(req.prompt_ids[: req.shared])))
         vocab = logits.shape[-1]
         self.stats.prompt_tokens += sum(len(r.prompt_ids) for r in group)
         for req in group:
