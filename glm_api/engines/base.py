@@ -44,6 +44,7 @@ class GenerationChunk:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0  # total so far
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache instead of prefilled
 
 
 class ChatEngine(Protocol):

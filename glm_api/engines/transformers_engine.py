@@ -58,6 +58,7 @@ class _Request:
     stop_ids: frozenset[int] = frozenset()
     per_row: bool = False  # penalties or sampling: not covered by the batch-wide argmax
     shared: int = 0  # prompt tokens at the start that a recent prompt begins with too
+    cached: int = 0  # prompt tokens taken from a stored prefix
     arrived: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
 
@@ -286,7 +287,8 @@ class TransformersChatEngine(WorkerThread):
                     self.prefixes.store(prefix_of_row(cache, mask, row, tuple(req.prompt_ids[: req.shared])))
         vocab = logits.shape[-1]
         self.stats.prompt_tokens += sum(len(r.prompt_ids) for r in group)
-        for req in group:
+        for req, prefix in zip(group, prefixes):
+            req.cached = len(prefix) if prefix is not None else 0
             if req.params.seed is not None:
                 req.generator = torch.Generator(device=self.device).manual_seed(req.params.seed)
             if req.params.repetition_penalty != 1.0:
@@ -372,6 +374,7 @@ class TransformersChatEngine(WorkerThread):
             finish_reason=reason,
             prompt_tokens=len(req.prompt_ids),
             completion_tokens=len(req.output_ids),
+            cached_tokens=req.cached,
         )
 
     def _fail_running(self, error: BaseException) -> None:
@@ -397,4 +400,5 @@ def _merge(a: GenerationChunk, b: GenerationChunk) -> GenerationChunk:
         finish_reason=b.finish_reason,
         prompt_tokens=b.prompt_tokens,
         completion_tokens=b.completion_tokens,
+        cached_tokens=b.cached_tokens,
     )

@@ -202,6 +202,16 @@ class ChatChoiceOut(BaseModel):
     logprobs: None = None
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache instead of prefilled
+
+
+class OpenAIUsage(Usage):
+    """The seed's usage plus OpenAI's ``prompt_tokens_details`` (the seed's shape stays as it was)."""
+
+    prompt_tokens_details: PromptTokensDetails = PromptTokensDetails()
+
+
 class ChatCompletion(BaseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
@@ -209,7 +219,7 @@ class ChatCompletion(BaseModel):
     model: str
     system_fingerprint: str
     choices: list[ChatChoiceOut]
-    usage: Usage
+    usage: OpenAIUsage
 
 
 class ToolCallDelta(BaseModel):
@@ -239,7 +249,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     system_fingerprint: str
     choices: list[ChatChunkChoice]
-    usage: Usage | None = None
+    usage: OpenAIUsage | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,7 +301,7 @@ class Completion(BaseModel):
     model: str
     system_fingerprint: str
     choices: list[CompletionChoice]
-    usage: Usage | None = None
+    usage: OpenAIUsage | None = None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -85,6 +85,7 @@ class ChatRun:
     ) -> None:
         self.model = engine.model_name
         self.prompt_tokens = prompt_tokens
+        self.cached_tokens = 0  # of the prompt, counted once like prompt_tokens (first choice's)
         self._streams = streams
         self._parsers = parsers
         # Also when nobody ever iterates events() (the client left before the response
@@ -118,6 +119,8 @@ class ChatRun:
                 text = visible + parsed.content[parser.shown :]
                 reason = "tool_calls" if parsed.tool_calls else chunk.finish_reason
                 record_tokens(prompt=chunk.prompt_tokens if index == 0 else 0, completion=chunk.completion_tokens)
+                if index == 0:
+                    self.cached_tokens = chunk.cached_tokens
                 yield ChatEvent(
                     index, text, reason, list(parsed.tool_calls), chunk.prompt_tokens, chunk.completion_tokens
                 )

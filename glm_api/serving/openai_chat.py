@@ -24,7 +24,6 @@ from typing import Any
 from glm_api import __version__
 from glm_api.errors import BadRequestError
 from glm_api.families.base import ToolCall
-from glm_api.protocol.common import Usage
 from glm_api.protocol.openai import (
     ChatChoiceOut,
     ChatChunkChoice,
@@ -36,6 +35,8 @@ from glm_api.protocol.openai import (
     ChatMessageOut,
     FunctionCallOut,
     NamedToolChoice,
+    OpenAIUsage,
+    PromptTokensDetails,
     SamplingRequest,
     ToolCallDelta,
     ToolCallOut,
@@ -224,15 +225,21 @@ async def chat_response(plan: ChatPlan) -> ChatCompletion:
         model=plan.run.model,
         system_fingerprint=plan.fingerprint,
         choices=out,
-        usage=Usage(
-            prompt_tokens=plan.run.prompt_tokens,
-            completion_tokens=completion,
-            total_tokens=plan.run.prompt_tokens + completion,
-        ),
+        usage=_usage(plan, completion),
     )
 
 
-def _chunk(plan: ChatPlan, choices: list[ChatChunkChoice], usage: Usage | None = None) -> dict:
+def _usage(plan: ChatPlan, completion_tokens: int) -> OpenAIUsage:
+    prompt = plan.run.prompt_tokens
+    return OpenAIUsage(
+        prompt_tokens=prompt,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt + completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=plan.run.cached_tokens),
+    )
+
+
+def _chunk(plan: ChatPlan, choices: list[ChatChunkChoice], usage: OpenAIUsage | None = None) -> dict:
     chunk = ChatCompletionChunk(
         id=plan.id,
         created=plan.created,
@@ -273,8 +280,4 @@ async def chat_stream(plan: ChatPlan) -> AsyncIterator[dict]:
         completion_tokens += event.completion_tokens
         yield _chunk(plan, [ChatChunkChoice(index=event.index, delta=ChatDelta(), finish_reason=event.finish_reason)])
     if plan.include_usage:
-        prompt = plan.run.prompt_tokens
-        usage = Usage(
-            prompt_tokens=prompt, completion_tokens=completion_tokens, total_tokens=prompt + completion_tokens
-        )
-        yield _chunk(plan, [], usage)
+        yield _chunk(plan, [], _usage(plan, completion_tokens))

@@ -12,8 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from glm_api.errors import BadRequestError, ContextLengthError
-from glm_api.protocol.common import Usage
-from glm_api.protocol.openai import Completion, CompletionChoice, CompletionRequest
+from glm_api.protocol.openai import Completion, CompletionChoice, CompletionRequest, OpenAIUsage, PromptTokensDetails
 from glm_api.serving.chat import ChatCall, ChatEvent, ChatRun, ChatService
 from glm_api.serving.merge import merge
 from glm_api.serving.openai_chat import sampling_fields, system_fingerprint
@@ -111,9 +110,13 @@ async def _merged(runs: list[ChatRun]) -> AsyncIterator[tuple[int, ChatEvent]]:
         _abort(runs)
 
 
-def _usage(plan: CompletionPlan, completion_tokens: int) -> Usage:
+def _usage(plan: CompletionPlan, completion_tokens: int) -> OpenAIUsage:
     prompt = sum(run.prompt_tokens for run in plan.runs)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion_tokens, total_tokens=prompt + completion_tokens)
+    cached = sum(run.cached_tokens for run in plan.runs)
+    return OpenAIUsage(
+        prompt_tokens=prompt, completion_tokens=completion_tokens, total_tokens=prompt + completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+    )
 
 
 async def completion_response(plan: CompletionPlan) -> Completion:
@@ -139,7 +142,7 @@ async def completion_response(plan: CompletionPlan) -> Completion:
 
 
 async def completion_stream(plan: CompletionPlan) -> AsyncIterator[dict]:
-    def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> dict:
+    def chunk(choices: list[CompletionChoice], usage: OpenAIUsage | None = None) -> dict:
         payload = Completion(
             id=plan.id,
             created=plan.created,

@@ -93,7 +93,8 @@ def test_chat_matches_the_seed_route_and_streams_the_same_text(client, smollm2):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[0].system_fingerprint == completion.system_fingerprint
     *content_chunks, usage_chunk = chunks
-    assert usage_chunk.choices == [] and usage_chunk.usage.model_dump() == completion.usage.model_dump()
+    counts = ("prompt_tokens", "completion_tokens", "total_tokens")  # cached_tokens grows as the prompt repeats
+    assert usage_chunk.choices == [] and usage_chunk.usage.model_dump(include=set(counts)) == completion.usage.model_dump(include=set(counts))
     pieces = [c.choices[0].delta.content or "" for c in content_chunks]
     assert len([p for p in pieces if p]) > 2  # incremental, not one blob
     assert "".join(pieces) == completion.choices[0].message.content
@@ -105,6 +106,16 @@ def test_usage_chunk_only_when_asked(client):
     chunks = chunks_of(chat(client, temperature=0, max_tokens=2, stream=True))
     assert all(c.usage is None and c.choices for c in chunks)
     assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_usage_counts_the_prompt_tokens_taken_from_the_prefix_cache(client):
+    body = {"messages": [{"role": "user", "content": "List two rivers in Spain."}], "temperature": 0, "max_tokens": 2}
+    # The second sees the first's prompt shared and keeps it; the third starts after it.
+    usages = [completion_of(chat(client, **body).json()).usage for _ in range(3)]
+    cached = usages[2].prompt_tokens_details.cached_tokens
+    assert 16 <= cached < usages[2].prompt_tokens
+    streamed = chunks_of(chat(client, **body, stream=True, stream_options={"include_usage": True}))
+    assert streamed[-1].usage.prompt_tokens_details.cached_tokens == cached
 
 
 def test_n_choices_with_a_seed_repeat(client):

@@ -64,6 +64,7 @@ def test_chat_answers_with_the_real_model(client, smollm2):
     assert choice["finish_reason"] == "stop"
     prompt_tokens = len(smollm2.template.encode_messages(QUESTION))
     usage = body["usage"]
+    assert set(usage) == {"prompt_tokens", "completion_tokens", "total_tokens"}  # the seed's shape
     assert usage["prompt_tokens"] == prompt_tokens
     assert usage["total_tokens"] == prompt_tokens + usage["completion_tokens"]
     assert response.headers["x-request-id"] == body["id"]

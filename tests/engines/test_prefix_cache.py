@@ -118,8 +118,8 @@ def test_engine_without_a_prefix_cache_when_turned_off(smollm2):
 
 def _tiny(kind: str):
     torch.manual_seed(0)
-    shape = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=256)
+    shape = {"vocab_size": 97, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
     if kind == "llama":
         return LlamaForCausalLM(LlamaConfig(**shape)).eval()
     # GLM: partial rotary (half of each head), interleaved: positions must be exactly right.

@@ -45,6 +45,7 @@ class ScriptedRun(ChatRun):
     def __init__(self, events: list[ChatEvent], n: int = 1) -> None:
         self.model = "m"
         self.prompt_tokens = 7
+        self.cached_tokens = 3
         self._streams = [None] * n
         self._events = events
 
@@ -175,7 +176,9 @@ def test_tool_call_response_shape():
     message = parsed.choices[0].message
     assert message.content is None and parsed.choices[0].finish_reason == "tool_calls"
     assert message.tool_calls[0].id.startswith("call_") and message.tool_calls[0].function.arguments == call.arguments
-    assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 12, "total_tokens": 19}
+    assert body["usage"] == {
+        "prompt_tokens": 7, "completion_tokens": 12, "total_tokens": 19, "prompt_tokens_details": {"cached_tokens": 3}
+    }
 
 
 def test_stream_shape_with_two_choices_tool_calls_and_usage():
