@@ -95,13 +95,17 @@ class PrefixCache:
 
     def shared_length(self, prompt: Sequence[int]) -> int:
         """Tokens at the start of ``prompt`` (all but its last) that a recent prompt also begins with."""
-        key = tuple(prompt[:-1])
+        key = self._key(prompt)
         i = bisect.bisect_left(self._recent_sorted, key)
         neighbours = self._recent_sorted[max(0, i - 1) : i + 1]
         return max((common_prefix_length(key, other) for other in neighbours), default=0)
 
+    def _key(self, prompt: Sequence[int]) -> tuple[int, ...]:
+        # No longer beginning could be stored, and a 32k-token prompt is not kept whole.
+        return tuple(prompt[: min(len(prompt) - 1, self.max_tokens)])
+
     def remember(self, prompt: Sequence[int]) -> None:
-        key = tuple(prompt[:-1])
+        key = self._key(prompt)
         if len(key) < self.min_tokens:
             return
         if len(self._recent_order) >= self._recent_max:
@@ -127,9 +131,9 @@ class PrefixCache:
                 continue
             base = chosen[members[0]]
             first = prompts[members[0]][:-1]
-            shared = min(common_prefix_length(first, prompts[i][:-1]) for i in members[1:])
+            shared = min(self.max_tokens, *(common_prefix_length(first, prompts[i][:-1]) for i in members[1:]))
             gain = shared - (len(base) if base else 0)
-            if gain >= self.min_tokens and (len(members) - 1) * gain >= PASS_OVERHEAD_TOKENS and shared <= self.max_tokens:
+            if gain >= self.min_tokens and (len(members) - 1) * gain >= PASS_OVERHEAD_TOKENS:
                 entry = compute(tuple(first[:shared]), base)
                 self.store(entry)
                 for i in members:

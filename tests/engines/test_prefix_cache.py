@@ -58,6 +58,15 @@ def test_shared_length_is_the_longest_shared_with_a_recent_prompt():
         seen.append(prompt)
 
 
+def test_nothing_longer_than_the_cache_is_kept_or_planned():
+    cache = PrefixCache(max_tokens=20, min_tokens=4)
+    document = list(range(100, 150))  # 50 shared tokens, more than the cache holds
+    cache.remember(document + [1])
+    assert cache.shared_length(document + [2]) == 20
+    chosen = cache.plan([document + [i] for i in range(4)], lambda tokens, base: Prefix(tokens, []))
+    assert all(p.tokens == tuple(document[:20]) for p in chosen) and cache.stored_tokens == 20
+
+
 def test_match_is_the_longest_stored_beginning_that_leaves_a_token():
     cache = PrefixCache(max_tokens=100, min_tokens=2)
     short, long = Prefix((1, 2), []), Prefix((1, 2, 3, 4), [])
