@@ -248,3 +248,61 @@ def test_metrics_count_cached_prompt_tokens(client):
     model = {"model": PACKAGED_CHAT_NAME}
     moved = value(after, "glm_api_chat_cached_prompt_tokens_total", **model) - value(before, "glm_api_chat_cached_prompt_tokens_total", **model)
     assert moved >= prefix_cache.MIN_PREFIX_TOKENS
+
+
+@torch.inference_mode()
+def test_rows_join_after_learnt_prefixes_and_leave_without_changing_any_rows_logits(monkeypatch):
+    """The engine's whole prefill path over time, on a tiny model: prompts from a few stems
+    arrive in waves, the cache learns their shared beginnings (copied out of prefills and
+    computed for a wave), rows join a batch that is decoding and leave it; every row's logits
+    at every step stay those of its sequence run alone."""
+    from glm_api.engines import batch_state
+
+    monkeypatch.setattr(batch_state, "COLUMN_CHUNK", 2)  # relayout columns often
+    model = _tiny("llama")
+    cache = PrefixCache(max_tokens=60, min_tokens=3)  # small: entries are evicted too
+    rng = random.Random(11)
+    stems = [[rng.randrange(1, 97) for _ in range(rng.randint(4, 12))] for _ in range(3)]
+    rows = []
+    for _ in range(18):
+        prompt = rng.choice(stems) + [rng.randrange(1, 97) for _ in range(rng.randint(1, 6))]
+        ids = prompt + [rng.randrange(1, 97) for _ in range(rng.randint(1, 6))]
+        rows.append({"ids": ids, "prompt": prompt, "join": rng.randint(0, 14), "fed": 0, "seen": [],
+                     "reference": model(input_ids=torch.tensor([ids])).logits[0]})
+
+    def compute(tokens, base):
+        return compute_prefix(model, tokens, base, torch.device("cpu"))
+
+    state, running, used = BatchState(max_rows=2), [], 0
+    for step in range(40):
+        wave = [r for r in rows if r["join"] == step]
+        if wave:
+            shared = []
+            for r in wave:
+                shared.append(cache.shared_length(r["prompt"]))
+                cache.remember(r["prompt"])
+            prefixes = cache.plan([r["prompt"] for r in wave], compute)
+            used += sum(p is not None for p in prefixes)
+            logits, group_cache, mask = prefill(model, [r["prompt"] for r in wave], prefixes, torch.device("cpu"))
+            for j, r in enumerate(wave):
+                r["seen"].append(logits[j])
+                if cache.worth_storing(shared[j], prefixes[j]):
+                    cache.store(prefix_of_row(group_cache, mask, j, tuple(r["prompt"][: shared[j]])))
+            state.add(group_cache, mask)
+            running += wave
+        done = {i for i, r in enumerate(running) if len(r["prompt"]) + r["fed"] == len(r["ids"])}
+        if done:
+            running = [running[i] for i in state.remove(done)]
+        if not running:
+            continue
+        last = torch.tensor([[r["ids"][len(r["prompt"]) + r["fed"]]] for r in running])
+        positions = torch.tensor([[len(r["prompt"]) + r["fed"]] for r in running])
+        out = model(input_ids=last, attention_mask=state.step_mask()[:, None, None, :], position_ids=positions, cache=state.cache)
+        state.advance()
+        for j, r in enumerate(running):
+            r["fed"] += 1
+            r["seen"].append(out.logits[j, -1])
+    assert state.size == 0 and used >= 6  # prefixes were really used, not just stored
+    for r in rows:
+        expected = r["reference"][len(r["prompt"]) - 1 :]
+        torch.testing.assert_close(torch.stack(r["seen"]), expected, atol=1e-5, rtol=1e-4)
