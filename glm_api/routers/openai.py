@@ -11,15 +11,12 @@ from glm_api.protocol.openai import (
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
-    DetokenizeRequest,
-    DetokenizeResponse,
     EmbeddingRequest,
     EmbeddingResponse,
     ModelCard,
     ModelList,
-    TokenizeRequest,
-    TokenizeResponse,
 )
+from glm_api.protocol.tokenizer import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from glm_api.serving import openai_chat, openai_completions, openai_embeddings, openai_models
 from glm_api.serving.sse import sse_response
 

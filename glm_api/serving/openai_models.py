@@ -5,14 +5,8 @@ from __future__ import annotations
 import asyncio
 
 from glm_api.errors import BadRequestError, NotFoundError
-from glm_api.protocol.openai import (
-    DetokenizeRequest,
-    DetokenizeResponse,
-    ModelCard,
-    ModelList,
-    TokenizeRequest,
-    TokenizeResponse,
-)
+from glm_api.protocol.openai import ModelCard, ModelList
+from glm_api.protocol.tokenizer import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from glm_api.registry import ModelRegistry
 from glm_api.serving.chat import ChatCall, ChatService
 from glm_api.serving.openai_chat import openai_messages, tool_dicts

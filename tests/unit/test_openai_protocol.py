@@ -17,7 +17,8 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import ValidationError
 
 from glm_api.families.base import ToolCall
-from glm_api.protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, TokenizeRequest
+from glm_api.protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from glm_api.protocol.tokenizer import TokenizeRequest
 from glm_api.serving.chat import ChatEvent, ChatRun
 from glm_api.serving.openai_chat import (
     ChatPlan,
