@@ -29,6 +29,7 @@ from transformers.cache_utils import DynamicLayer
 from glm_api.engines.base import GenerationChunk, SamplingParams
 from glm_api.engines.batch_state import BatchState
 from glm_api.engines.detokenizer import IncrementalDetokenizer
+from glm_api.engines.outbox import Outbox
 from glm_api.engines.prefill import compute_prefix, prefill, prefix_of_row
 from glm_api.engines.prefix_cache import Prefix, PrefixCache
 from glm_api.engines.sampling import apply_penalties, needs_per_row_sampling, sample_token
@@ -39,8 +40,6 @@ from glm_api.families.base import LoadedChatModel
 
 log = logging.getLogger(__name__)
 
-
-Item = GenerationChunk | BaseException
 
 
 @dataclass(eq=False)  # identity: requests are found in lists by object, never by value
@@ -61,29 +60,6 @@ class _Request:
     cached: int = 0  # prompt tokens taken from a stored prefix
     arrived: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
-
-
-def _deliver(items: list[tuple[asyncio.Queue, Item]]) -> None:
-    for queue, item in items:
-        queue.put_nowait(item)
-
-
-class _Outbox:
-    """Output of one worker turn, handed to each event loop in a single thread hop."""
-
-    def __init__(self) -> None:
-        self._by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Item]]] = {}
-
-    def put(self, req: _Request, item: Item) -> None:
-        self._by_loop.setdefault(req.loop, []).append((req.queue, item))
-
-    def flush(self) -> None:
-        for loop, items in self._by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, items)
-            except RuntimeError:  # that loop is closed: nobody is listening any more
-                pass
-        self._by_loop = {}
 
 
 class TransformersChatEngine(WorkerThread):
@@ -122,7 +98,7 @@ class TransformersChatEngine(WorkerThread):
         self._running: list[_Request] = []  # row order of the batch
         self._aborts: set[str] = set()
         self._batch = BatchState(max_rows=max_running)
-        self._outbox = _Outbox()
+        self._outbox = Outbox()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
