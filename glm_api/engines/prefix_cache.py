@@ -3,8 +3,8 @@
 Chat prompts repeat their beginnings: the template's default system turn, a deployment's system
 prompt, the earlier turns of a conversation sent again with each new message. Prefilling those
 tokens again for every request is most of a prefill's work (32 bench prompts of ~55 tokens share
-29), so the engine keeps their keys and values, as vLLM's automatic prefix caching does and as
-``transformers serve`` does with its shared cache blocks.
+29), so the engine keeps their keys and values, as vLLM's automatic prefix caching does (and
+``transformers serve``, for whole 256-token cache pages).
 
 What to keep is learnt from the traffic, in two ways:
 
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-#: Shorter shared beginnings are not worth a forward pass of their own.
+#: Shorter shared beginnings are not worth an entry (nor a pass of their own).
 MIN_PREFIX_TOKENS = 16
 #: How many recent prompts a new one is compared with.
 RECENT_PROMPTS = 256
