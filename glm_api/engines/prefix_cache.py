@@ -12,7 +12,8 @@ What to keep is learnt from the traffic, in two ways:
   with one of them (``min_tokens`` or more beyond the prefix it used) is copied out of its cache
   and stored (no extra work but the copy: the next turn of a conversation, a repeated prompt);
 - requests admitted together that share a longer beginning than their stored prefix get it
-  prefilled once, on its own, first (32 clients with one system prompt, arriving at once).
+  prefilled once, on its own, first (32 clients with one system prompt, or a few, arriving at
+  once).
 
 Finding the longest beginning a prompt shares with any recent prompt needs only its two
 neighbours in sorted order (the longest common prefix with a sorted set is reached at a
@@ -30,6 +31,7 @@ worker thread: nothing here is locked.
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -119,26 +121,40 @@ class PrefixCache:
     ) -> list[Prefix | None]:
         """The stored prefix each of these prompts (admitted together) is prefilled after.
 
-        Prompts with the same longest stored prefix that share more than it get a longer one,
-        made by ``compute(tokens, base)`` (a pass of its own) when the saving pays for the pass.
+        Prompts with the same longest stored prefix that share more than it (all of them, or a
+        run of them in sorted order) get a longer one, made by ``compute(tokens, base)`` (a pass
+        of its own) when the saving pays for the pass.
         """
         chosen = [self.match(prompt) for prompt in prompts]
         same: dict[int, list[int]] = {}
         for i, entry in enumerate(chosen):
             same.setdefault(id(entry), []).append(i)
         for members in same.values():
-            if len(members) < 2:
-                continue
             base = chosen[members[0]]
-            first = prompts[members[0]][:-1]
-            shared = min(self.max_tokens, *(common_prefix_length(first, prompts[i][:-1]) for i in members[1:]))
-            gain = shared - (len(base) if base else 0)
-            if gain >= self.min_tokens and (len(members) - 1) * gain >= PASS_OVERHEAD_TOKENS:
-                entry = compute(tuple(first[:shared]), base)
-                self.store(entry)
-                for i in members:
-                    chosen[i] = entry
+            for run in self._runs(prompts, members, len(base) if base else 0):
+                first = prompts[run[0]][:-1]
+                shared = min(self.max_tokens, *(common_prefix_length(first, prompts[i][:-1]) for i in run[1:]))
+                gain = shared - (len(base) if base else 0)
+                if gain >= self.min_tokens and (len(run) - 1) * gain >= PASS_OVERHEAD_TOKENS:
+                    entry = compute(tuple(first[:shared]), base)
+                    self.store(entry)
+                    for i in run:
+                        chosen[i] = entry
         return chosen
+
+    def _runs(self, prompts: list[list[int]], members: list[int], base: int) -> list[list[int]]:
+        """Groups (two or more) of these prompts that share ``min_tokens`` beyond ``base``: runs of
+        neighbours in sorted order (a wave with two system prompts gives two runs)."""
+        order = sorted(members, key=lambda i: prompts[i][:-1])
+        runs, run = [], order[:1]
+        for prev, i in itertools.pairwise(order):
+            if common_prefix_length(prompts[prev][:-1], prompts[i][:-1]) >= base + self.min_tokens:
+                run.append(i)
+            else:
+                runs.append(run)
+                run = [i]
+        runs.append(run)
+        return [r for r in runs if len(r) > 1]
 
     def worth_storing(self, shared: int, used: Prefix | None) -> bool:
         """Whether a prompt's beginning of ``shared`` tokens, prefilled after ``used``, is worth keeping."""

@@ -117,6 +117,23 @@ def test_plan_computes_a_shared_beginning_once_when_it_pays_for_its_pass():
     assert calls[-1] == (tuple(more), chosen[0]) and all(p.tokens == tuple(more) for p in many)
 
 
+def test_plan_gives_each_system_prompt_of_a_mixed_wave_its_own_prefix():
+    cache = PrefixCache(max_tokens=1000, min_tokens=4)
+    first, second = list(range(100, 120)), list(range(200, 224))
+    prompts = [(first if i % 2 else second) + [i, 7, 8] for i in range(8)]
+    calls = []
+
+    def compute(tokens, base):
+        calls.append(tokens)
+        return Prefix(tokens, [])
+
+    chosen = cache.plan(prompts, compute)
+    assert sorted(calls) == [tuple(first), tuple(second)]
+    assert all(p.tokens == tuple(first if i % 2 else second) for i, p in enumerate(chosen))
+    # A lone prompt with a third beginning gets none: there is nothing to share it with.
+    assert cache.plan([list(range(300, 330)) + [1], first + [9, 9]], compute)[0] is None
+
+
 def test_engine_without_a_prefix_cache_when_turned_off(smollm2):
     assert TransformersChatEngine(smollm2, "m", prefix_cache_tokens=0).prefixes is None
     assert TransformersChatEngine(smollm2, "m").prefixes is not None
