@@ -106,6 +106,12 @@ class PrefixCache:
         # No longer beginning could be stored, and a 32k-token prompt is not kept whole.
         return tuple(prompt[: min(len(prompt) - 1, self.max_tokens)])
 
+    def observe(self, prompt: Sequence[int]) -> int:
+        """``shared_length`` of a new prompt, which is then remembered for the ones after it."""
+        shared = self.shared_length(prompt)
+        self.remember(prompt)
+        return shared
+
     def remember(self, prompt: Sequence[int]) -> None:
         key = self._key(prompt)
         if len(key) < self.min_tokens:
@@ -131,10 +137,11 @@ class PrefixCache:
             same.setdefault(id(entry), []).append(i)
         for members in same.values():
             base = chosen[members[0]]
-            for run in self._runs(prompts, members, len(base) if base else 0):
+            base_length = len(base) if base else 0
+            for run in self._runs(prompts, members, base_length):
                 first = prompts[run[0]][:-1]
                 shared = min(self.max_tokens, *(common_prefix_length(first, prompts[i][:-1]) for i in run[1:]))
-                gain = shared - (len(base) if base else 0)
+                gain = shared - base_length
                 if gain >= self.min_tokens and (len(run) - 1) * gain >= PASS_OVERHEAD_TOKENS:
                     entry = compute(tuple(first[:shared]), base)
                     self.store(entry)

@@ -294,10 +294,7 @@ def test_rows_join_after_learnt_prefixes_and_leave_without_changing_any_rows_log
     for step in range(40):
         wave = [r for r in rows if r["join"] == step]
         if wave:
-            shared = []
-            for r in wave:
-                shared.append(cache.shared_length(r["prompt"]))
-                cache.remember(r["prompt"])
+            shared = [cache.observe(r["prompt"]) for r in wave]
             prefixes = cache.plan([r["prompt"] for r in wave], compute)
             used += sum(p is not None for p in prefixes)
             logits, group_cache, mask = prefill(model, [r["prompt"] for r in wave], prefixes, torch.device("cpu"))
