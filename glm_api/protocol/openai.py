@@ -211,6 +211,13 @@ class OpenAIUsage(Usage):
 
     prompt_tokens_details: PromptTokensDetails = PromptTokensDetails()
 
+    @classmethod
+    def counted(cls, prompt: int, completion: int, cached: int) -> OpenAIUsage:
+        return cls(
+            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+        )
+
 
 class ChatCompletion(BaseModel):
     id: str

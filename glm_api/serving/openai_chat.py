@@ -36,7 +36,6 @@ from glm_api.protocol.openai import (
     FunctionCallOut,
     NamedToolChoice,
     OpenAIUsage,
-    PromptTokensDetails,
     SamplingRequest,
     ToolCallDelta,
     ToolCallOut,
@@ -230,13 +229,7 @@ async def chat_response(plan: ChatPlan) -> ChatCompletion:
 
 
 def _usage(plan: ChatPlan, completion_tokens: int) -> OpenAIUsage:
-    prompt = plan.run.prompt_tokens
-    return OpenAIUsage(
-        prompt_tokens=prompt,
-        completion_tokens=completion_tokens,
-        total_tokens=prompt + completion_tokens,
-        prompt_tokens_details=PromptTokensDetails(cached_tokens=plan.run.cached_tokens),
-    )
+    return OpenAIUsage.counted(plan.run.prompt_tokens, completion_tokens, plan.run.cached_tokens)
 
 
 def _chunk(plan: ChatPlan, choices: list[ChatChunkChoice], usage: OpenAIUsage | None = None) -> dict:

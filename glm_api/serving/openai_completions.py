@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from glm_api.errors import BadRequestError, ContextLengthError
-from glm_api.protocol.openai import Completion, CompletionChoice, CompletionRequest, OpenAIUsage, PromptTokensDetails
+from glm_api.protocol.openai import Completion, CompletionChoice, CompletionRequest, OpenAIUsage
 from glm_api.serving.chat import ChatCall, ChatEvent, ChatRun, ChatService
 from glm_api.serving.merge import merge
 from glm_api.serving.openai_chat import sampling_fields, system_fingerprint
@@ -112,11 +112,7 @@ async def _merged(runs: list[ChatRun]) -> AsyncIterator[tuple[int, ChatEvent]]:
 
 def _usage(plan: CompletionPlan, completion_tokens: int) -> OpenAIUsage:
     prompt = sum(run.prompt_tokens for run in plan.runs)
-    cached = sum(run.cached_tokens for run in plan.runs)
-    return OpenAIUsage(
-        prompt_tokens=prompt, completion_tokens=completion_tokens, total_tokens=prompt + completion_tokens,
-        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
-    )
+    return OpenAIUsage.counted(prompt, completion_tokens, sum(run.cached_tokens for run in plan.runs))
 
 
 async def completion_response(plan: CompletionPlan) -> Completion:
