@@ -1,5 +1,6 @@
 # glm-api on a GPU host: `docker compose up` (see docker-compose.yml).
-# torch==2.13.0 from PyPI is the CUDA build on linux/x86_64; the NVIDIA driver comes from the host.
+# Installs from the same lock files as the README and CI. torch==2.13.0 from PyPI is the CUDA
+# build on linux/x86_64 (pip adds its nvidia-* packages); the NVIDIA driver comes from the host.
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 \
