@@ -8,7 +8,6 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi.openapi.utils import get_openapi
 from fastapi.middleware.cors import CORSMiddleware
 
 from glm_api import __version__
@@ -16,6 +15,7 @@ from glm_api.config import Settings
 from glm_api.error_handlers import install_error_handlers
 from glm_api.metrics import Metrics
 from glm_api.middleware import RequestContextMiddleware
+from glm_api.openapi import openapi_schema
 from glm_api.security import ApiKeyMiddleware, BodyLimitMiddleware
 from glm_api.registry import ModelRegistry, ModelSources, build_registry
 from glm_api.routers import openai, ops, seed
@@ -74,22 +74,8 @@ def create_app(
     app.include_router(seed.router)
     app.include_router(openai.router)
     app.include_router(ops.router)
-    app.openapi = lambda: _openapi_without_422(app)  # type: ignore[method-assign]
+    app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
     return app
-
-
-def _openapi_without_422(app: FastAPI) -> dict:
-    """FastAPI documents a 422 on every route with a body; this server answers 400 instead
-    (see error_handlers), so the spec should not promise a status that never comes."""
-    if app.openapi_schema is None:
-        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-        for path in schema.get("paths", {}).values():
-            for operation in path.values():
-                operation.get("responses", {}).pop("422", None)
-        for name in ("HTTPValidationError", "ValidationError"):
-            schema.get("components", {}).get("schemas", {}).pop(name, None)
-        app.openapi_schema = schema
-    return app.openapi_schema
 
 
 async def _load(state: AppState, sources: ModelSources | None, on_fatal: Callable[[str], None] | None) -> None:

@@ -75,7 +75,32 @@ ERROR_RESPONSES: dict[int | str, dict] = {
     ]
 }
 
-#: For routes that stream with ``stream: true``: the 200 may also be server-sent events.
-SSE_RESPONSE: dict[int | str, dict] = {
-    200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}, "description": "JSON, or SSE when streaming"}
-}
+def streamed_response(chunk_model: type[BaseModel]) -> dict[int | str, dict]:
+    """The 200 of a route that streams with ``stream: true``: JSON, or server-sent events whose
+    ``data`` is JSON of ``chunk_model`` (an ``{"error": ...}`` object for a failure after the 200)
+    and, last, the literal ``[DONE]``.
+
+    The event is described by ``itemSchema`` (OpenAPI 3.2's way for sequential media, which
+    FastAPI's own SSE routes emit too), so a client or a fuzzer can check every chunk. The
+    referenced schemas are added to the spec's components by ``glm_api.openapi``."""
+    chunk = {"anyOf": [_component_ref(chunk_model), _component_ref(ErrorResponse)]}
+    event = {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "data": {
+                "type": "string",
+                "if": {"const": "[DONE]"},
+                "then": True,
+                "else": {"contentMediaType": "application/json", "contentSchema": chunk},
+            },
+            "event": {"type": "string"},
+            "id": {"type": "string"},
+            "retry": {"type": "integer", "minimum": 0},
+        },
+    }
+    return {200: {"content": {"text/event-stream": {"itemSchema": event}}, "description": "JSON, or SSE when streaming"}}
+
+
+def _component_ref(model: type[BaseModel]) -> dict:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}

@@ -5,9 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from glm_api.deps import RequestIdDep, ServicesDep, until_disconnect
-from glm_api.protocol.common import ERROR_RESPONSES, SSE_RESPONSE
+from glm_api.protocol.common import ERROR_RESPONSES, streamed_response
 from glm_api.protocol.openai import (
     ChatCompletion,
+    ChatCompletionChunk,
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
@@ -23,7 +24,7 @@ from glm_api.serving.sse import sse_response
 router = APIRouter(prefix="/v1", tags=["OpenAI API"], responses=ERROR_RESPONSES)
 
 
-@router.post("/chat/completions", response_model=ChatCompletion, responses=SSE_RESPONSE)
+@router.post("/chat/completions", response_model=ChatCompletion, responses=streamed_response(ChatCompletionChunk))
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, services: ServicesDep, request_id: RequestIdDep
 ):
@@ -33,7 +34,7 @@ async def chat_completions(
     return await until_disconnect(request, openai_chat.chat_response(plan))
 
 
-@router.post("/completions", response_model=Completion, responses=SSE_RESPONSE)
+@router.post("/completions", response_model=Completion, responses=streamed_response(Completion))
 async def completions(body: CompletionRequest, request: Request, services: ServicesDep, request_id: RequestIdDep):
     plan = await openai_completions.start_completion(services.chat, body, request_id)
     if body.stream:

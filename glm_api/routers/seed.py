@@ -5,8 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from glm_api.deps import RequestIdDep, ServicesDep, until_disconnect
-from glm_api.protocol.common import ERROR_RESPONSES, SSE_RESPONSE
+from glm_api.protocol.common import ERROR_RESPONSES, streamed_response
 from glm_api.protocol.seed import (
+    SeedChatChunk,
     SeedChatRequest,
     SeedChatResponse,
     SeedEmbeddingRequest,
@@ -21,7 +22,7 @@ from glm_api.serving.sse import sse_response
 router = APIRouter(tags=["seed GLM-API"], responses=ERROR_RESPONSES)
 
 
-@router.post("/chat", response_model=SeedChatResponse, responses=SSE_RESPONSE)
+@router.post("/chat", response_model=SeedChatResponse, responses=streamed_response(SeedChatChunk))
 async def chat(body: SeedChatRequest, request: Request, services: ServicesDep, request_id: RequestIdDep):
     run = await services.chat.start(seed.seed_chat_call(body), request_id)
     if body.stream:

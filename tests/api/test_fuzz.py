@@ -10,8 +10,10 @@ schemathesis' lazy pytest loader (``from_fixture``) breaks on pytest 9 (it sets 
 
 from __future__ import annotations
 
+import datetime
 import traceback
 
+import httpx
 import pytest
 import schemathesis
 from fastapi.testclient import TestClient
@@ -25,6 +27,23 @@ from tests.conftest import make_settings
 
 CHECKS = [not_a_server_error, status_code_conformance, response_schema_conformance]
 EXAMPLES = 30
+# Random bodies rarely make a valid streamed request, so every streamed route also gets these:
+# each of their SSE events is validated against the spec's chunk schema.
+_MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"}]
+STREAMED_BODIES = {
+    "/chat": [
+        {"messages": _MESSAGES, "stream": True, "max_tokens": 4},
+        {"messages": _MESSAGES, "stream": True, "chunk": False, "max_tokens": 4, "stop": ["x"]},
+    ],
+    "/v1/chat/completions": [
+        {"messages": _MESSAGES, "stream": True, "max_tokens": 4},
+        {"messages": _MESSAGES, "stream": True, "max_tokens": 3, "n": 2, "stream_options": {"include_usage": True}},
+    ],
+    "/v1/completions": [
+        {"prompt": "Hello", "stream": True, "max_tokens": 4},
+        {"prompt": ["a", "b"], "stream": True, "max_tokens": 2, "echo": True, "stream_options": {"include_usage": True}},
+    ],
+}
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +78,44 @@ def test_every_operation_survives_fuzzing(fuzz_app):
 
         try:
             run()
-        except Exception as exc:  # collect every operation's failure, not just the first
+            for body in STREAMED_BODIES.get(op.path, []) if op.method.upper() == "POST" else []:
+                response = op.Case(body=body).call()
+                assert response.status_code == 200, response.text
+                assert response.headers["content-type"][0].startswith("text/event-stream")
+                op.Case(body=body).validate_response(response, checks=CHECKS)
+        except (Exception, BaseExceptionGroup) as exc:  # collect every operation's failure, not just the first
             detail = "".join(traceback.format_exception(exc))[-3000:]
             failures.append(f"{op.method.upper()} {op.path}: {detail}")
     assert not failures, "\n\n".join(failures)
+
+
+def _sse(*events: str) -> bytes:
+    return "".join(f"data: {event}\r\n\r\n" for event in events).encode()
+
+
+@pytest.mark.parametrize(
+    ("body", "valid"),
+    [
+        (_sse('{"id":"c1","created":1,"model":"m","choices":[{"delta":{"role":"assistant"}}]}', "[DONE]"), True),
+        (_sse('{"error":{"message":"boom","type":"server_error"}}', "[DONE]"), True),
+        (_sse('{"created":1,"model":"m","choices":[{"delta":{"content":"hi"}}]}', "[DONE]"), False),  # no id
+        (_sse('{"id":"c1","created":1,"model":"m","choices":[]}', "DONE"), False),  # not JSON, not [DONE]
+    ],
+)
+def test_the_fuzz_checks_read_every_streamed_chunk(body, valid):
+    """The spec's SSE description is what the fuzz test validates each streamed chunk against:
+    a chunk that breaks the chunk schema must fail it, a good stream must pass."""
+    app = create_app(make_settings(disable_chat=True))
+    op = schemathesis.openapi.from_dict(app.openapi())["/chat"]["POST"]
+    case = op.Case(body={"messages": [{"role": "user", "content": "hi"}], "stream": True})
+    request = httpx.Request("POST", "http://testserver/chat")
+    response = httpx.Response(200, headers={"content-type": "text/event-stream; charset=utf-8"}, content=body,
+                              request=request)
+    response.read()  # a finished response, as the fuzz test's calls produce
+    response.elapsed = datetime.timedelta(0)
+    if valid:
+        case.validate_response(response, checks=CHECKS)
+    else:
+        with pytest.raises(BaseExceptionGroup) as failure:  # schemathesis FailureGroup
+            case.validate_response(response, checks=CHECKS)
+        assert "SSE event violates schema" in "".join(traceback.format_exception(failure.value))
