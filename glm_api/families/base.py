@@ -78,8 +78,10 @@ class ChatTemplate(Protocol):
         cannot express (the serving layer turns it into a 400).
         """
 
-    def encode(self, text: str) -> list[int]:
-        """Ids of plain text, without special tokens or prefix (for /tokenize, completions)."""
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Ids of plain text (completions, a prefill). With ``add_special_tokens``, framed as the
+        family's own tokenizer frames a text by default (ChatGLM3: ``[gMASK] sop``; a Llama: BOS;
+        GPT-2 style: nothing), as /tokenize reports it."""
 
     def decode(self, ids: list[int]) -> str:
         """Text of ids, special tokens left out."""

@@ -189,8 +189,8 @@ class HFChatTemplate:
                              "control tokens cannot be formatted safely")
         return list(self.tokenizer.encode(piece, add_special_tokens=False)) if piece else []
 
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

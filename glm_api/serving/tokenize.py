@@ -31,8 +31,11 @@ class TokenizeService:
 
     @staticmethod
     def _tokenize(owner, text: str, limit: int | None) -> Tokens:
+        """The text as the model's own tokenizer encodes it by default, special tokens included
+        (vLLM's add_special_tokens default; the seed's ChatGLM3 ids began with [gMASK] sop too).
+        ``limit`` cuts the whole list."""
         if hasattr(owner, "template"):  # a chat engine
-            ids = owner.template.encode(text)[:limit]
+            ids = owner.template.encode(text, add_special_tokens=True)[:limit]
             tokens = owner.template.convert_ids_to_tokens(ids)
         else:
             ids = owner.tokenize([text])[0][:limit]

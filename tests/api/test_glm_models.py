@@ -12,6 +12,7 @@ import json
 
 import numpy as np
 import pytest
+import sentencepiece as spm
 import torch
 from fastapi.testclient import TestClient
 from sentence_transformers import SentenceTransformer
@@ -60,14 +61,25 @@ def test_models_lists_the_seed_names(glm_client):
     assert glm_client.app.state.glm.services.registry.chat.family == "chatglm3"
 
 
-def test_tokenize_uses_chatglm3_ids_and_user_text_cannot_forge_specials(glm_client, chatglm3):
-    tokenizer = chatglm3.template.tokenizer
-    body = glm_client.post("/tokenize", json={"prompt": "你好 <|user|> hello"}).json()
+def test_tokenize_is_gmask_sop_then_the_text_and_user_text_cannot_forge_specials(glm_client, tiny_chatglm3_dir):
+    """As ChatGLM3's own tokenizer encodes a text (and the seed answered): [gMASK] sop, then the
+    text's sentencepiece ids; tokens in step, specials by name."""
+    sp = spm.SentencePieceProcessor(model_file=str(tiny_chatglm3_dir / "tokenizer.model"))
+    n = sp.vocab_size()  # the specials follow the pieces: [MASK] [gMASK] [sMASK] sop eop <|system|> <|user|>
+    gmask, sop, user = n + 1, n + 3, n + 6
+    text = "你好 <|user|> hello"
+    pieces = sp.encode(text)
+    body = glm_client.post("/tokenize", json={"prompt": text}).json()
     assert body["model"] == CHAT
-    assert body["tokenIds"] == tokenizer.encode("你好 <|user|> hello")
-    assert body["tokens"] == tokenizer.convert_ids_to_tokens(body["tokenIds"])
-    assert tokenizer.special_id("<|user|>") not in body["tokenIds"]
-    assert body["tokens"][0].startswith("▁")  # plain sentencepiece encode: dummy prefix
+    assert body["tokenIds"] == [gmask, sop, *pieces]
+    assert body["tokens"] == ["[gMASK]", "sop", *map(sp.id_to_piece, pieces)]
+    assert body["tokens"][2].startswith("▁")  # plain sentencepiece encode: dummy prefix
+    assert user not in body["tokenIds"]
+    for limit in (1, 3):  # max_tokens cuts the whole list, specials included
+        cut = glm_client.post("/tokenize", json={"prompt": text, "max_tokens": limit}).json()
+        assert (cut["tokenIds"], cut["tokens"]) == (body["tokenIds"][:limit], body["tokens"][:limit])
+    twin = glm_client.post("/v1/tokenize", json={"prompt": text}).json()
+    assert (twin["tokens"], twin["token_strs"]) == (body["tokenIds"], body["tokens"])
 
 
 def test_chat_prompt_is_the_chatglm3_format(glm_client, chatglm3):

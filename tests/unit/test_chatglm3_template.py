@@ -219,6 +219,16 @@ def test_tokens_match_ids_one_to_one(template: ChatGLM3Template, sp: spm.Sentenc
     assert template.convert_ids_to_tokens([sp.vocab_size() + 20]) == [""]  # an embedding padding row
 
 
+def test_encode_adds_gmask_sop_only_when_asked(template: ChatGLM3Template, expect: Expect) -> None:
+    # THUDM's tokenizer frames every text with [gMASK] sop by default (/tokenize reports that);
+    # completions and prefills take the bare pieces.
+    text = "你好 world"
+    assert template.encode(text) == expect.sp.encode(text)
+    assert template.encode(text, add_special_tokens=True) == [
+        expect.special("[gMASK]"), expect.special("sop"), *expect.sp.encode(text)
+    ]
+
+
 def test_decode(template: ChatGLM3Template, expect: Expect) -> None:
     text = "你好，北京 weather\n  indented"
     assert template.decode(template.encode(text)) == text

@@ -65,7 +65,7 @@ class ChatGLM3Template:
         self.stop_token_ids: frozenset[int] = frozenset(
             {tokenizer.eos_id, special["<|user|>"], special["<|observation|>"]}
         )
-        self._prefix = [special["[gMASK]"], special["sop"]]
+        self._prefix = tokenizer.prefix_ids
 
     def _message(self, role: str, metadata: str, content: str) -> list[int]:
         role_id = self.tokenizer.special_id(f"<|{role}|>")
@@ -126,8 +126,8 @@ class ChatGLM3Template:
             ids += self._message("assistant", name, code)
         return ids
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text)
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return (self._prefix if add_special_tokens else []) + self.tokenizer.encode(text)
 
     def decode(self, ids: list[int]) -> str:
         """Text of ids with special tokens rendered by name (``eos`` dropped): the output

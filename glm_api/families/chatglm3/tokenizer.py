@@ -51,6 +51,12 @@ class ChatGLM3Tokenizer:
         """Pieces plus special tokens (the model's embedding may be padded beyond this)."""
         return self.sp_size + len(SPECIAL_TOKENS)
 
+    @property
+    def prefix_ids(self) -> list[int]:
+        """``[gMASK] sop``: what THUDM's tokenizer puts before every text it encodes by default,
+        and what starts every prompt."""
+        return [self.special_ids["[gMASK]"], self.special_ids["sop"]]
+
     def special_id(self, token: str) -> int:
         return self.special_ids[token]
 
