@@ -70,6 +70,8 @@ class ToolCallIn(WireModel):
 class ChatMessageIn(WireModel):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     #: A string, or a list of ``{"type": "text", "text": ...}`` parts (joined with newlines).
+    #: None only where OpenAI allows it (an assistant's tool calls): serving refuses the rest,
+    #: naming ``messages[i].content``.
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None

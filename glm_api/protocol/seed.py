@@ -15,7 +15,7 @@ from glm_api.protocol.common import MaxTokens, RepetitionPenalty, Stop, Temperat
 
 class SeedMessage(WireModel):
     role: Literal["system", "user", "assistant", "observation", "function", "tool"]
-    content: str | None = ""
+    content: str | None = None  # required: serving refuses it missing or null, naming messages[i].content
     metadata: str | None = None
     tools: list[dict[str, Any]] | None = None
     name: str | None = None

@@ -42,6 +42,7 @@ from glm_api.protocol.openai import (
     ToolDef,
 )
 from glm_api.serving.chat import ChatCall, ChatRun, ChatService
+from glm_api.serving.messages import check_content
 
 JSON_INSTRUCTION = "Answer with one JSON object only."
 #: OpenAI's default, where the seed route keeps the seed's 1.1.
@@ -72,7 +73,8 @@ def openai_messages(messages: list[ChatMessageIn]) -> list[dict[str, Any]]:
     """OpenAI messages -> the internal dicts of :mod:`glm_api.families.base`."""
     names: dict[str, str] = {}  # tool_call_id -> function name, for tool results
     out: list[dict[str, Any]] = []
-    for m in messages:
+    for index, m in enumerate(messages):
+        check_content(index, m.role, m.content, m.tool_calls)
         role = {"developer": "system", "function": "tool"}.get(m.role, m.role)
         message: dict[str, Any] = {"role": role, "content": m.text()}
         if m.role == "assistant" and m.tool_calls:

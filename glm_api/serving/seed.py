@@ -27,6 +27,7 @@ from glm_api.protocol.seed import (
 from glm_api.registry import ModelRegistry
 from glm_api.serving.chat import ChatCall, ChatRun
 from glm_api.serving.embeddings import EmbeddingService
+from glm_api.serving.messages import check_content
 from glm_api.serving.tokenize import TokenizeService
 
 #: Roles the seed accepted for tool results; inside we speak OpenAI's "tool".
@@ -35,8 +36,10 @@ _TOOL_ROLES = {"observation", "function", "tool"}
 
 def seed_chat_call(req: SeedChatRequest) -> ChatCall:
     messages: list[dict[str, Any]] = []
-    for m in req.messages:
-        message: dict[str, Any] = {"role": "tool" if m.role in _TOOL_ROLES else m.role, "content": m.content or ""}
+    for index, m in enumerate(req.messages):
+        role = "tool" if m.role in _TOOL_ROLES else m.role
+        check_content(index, role, m.content)  # the seed has no tool_calls: an assistant turn is text
+        message: dict[str, Any] = {"role": role, "content": m.content}
         if m.metadata:
             message["metadata"] = m.metadata
         if m.tools:

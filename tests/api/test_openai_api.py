@@ -201,6 +201,19 @@ def test_bad_chat_requests(client, body, status, param):
     assert_error(client.post("/v1/chat/completions", json=body), status, param)
 
 
+@pytest.mark.parametrize("role", ["system", "developer", "user", "tool", "assistant"])
+@pytest.mark.parametrize("null", [False, True], ids=["missing", "null"])
+def test_a_message_without_content_is_400_naming_it(client, role, null):
+    """As OpenAI answers; served, it would be an empty turn the model answers at length."""
+    message = {"role": role, "content": None} if null else {"role": role}  # an assistant without tool_calls
+    messages = [{"role": "system", "content": "Be brief."}, message, *QUESTION]
+    for stream in (False, True):  # refused before the stream starts
+        error = assert_error(chat(client, messages=messages, stream=stream), 400, "messages[1].content")
+        assert "required" in error["message"] and error["code"] == "missing_required_parameter"
+    # Counting the conversation refuses it the same way.
+    assert_error(client.post("/v1/tokenize", json={"messages": messages}), 400, "messages[1].content")
+
+
 def test_context_length_fails_before_the_stream(client, smollm2):
     long_text = "hello " * (smollm2.context_length + 10)
     response = chat(client, messages=[{"role": "user", "content": long_text}], stream=True)
@@ -260,6 +273,15 @@ def test_tool_result_is_fed_back_to_the_model(tool_client):
     body = completion_of(chat(tool_client, messages=messages, tools=[WEATHER_TOOL], temperature=0).json())
     assert body.choices[0].message.content == FINAL_ANSWER and body.choices[0].finish_reason == "stop"
     assert body.usage.prompt_tokens == counted["count"]
+
+
+@pytest.mark.parametrize("null", [False, True], ids=["missing", "null"])
+def test_an_assistant_that_calls_tools_may_leave_content_out(tool_client, null):
+    messages = second_turn()
+    if not null:
+        del messages[1]["content"]
+    assert messages[1].get("content") is None and messages[1]["tool_calls"]
+    completion_of(chat(tool_client, messages=messages, tools=[WEATHER_TOOL], max_tokens=1).json())
 
 
 def test_assistant_tool_call_arguments_must_be_json(tool_client):

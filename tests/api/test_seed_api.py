@@ -148,6 +148,18 @@ def test_bad_chat_requests_are_400(client, body, param):
     assert_error(client.post("/chat", json=body), 400, param)
 
 
+@pytest.mark.parametrize("role", ["system", "user", "assistant", "observation", "tool", "function"])
+@pytest.mark.parametrize("null", [False, True], ids=["missing", "null"])
+def test_a_message_without_content_is_400_naming_it(client, role, null):
+    """OpenAI's contract: served, it would be an empty turn the model answers at length. The
+    seed's messages have no tool_calls, so an assistant turn needs its text too."""
+    message = {"role": role, "content": None} if null else {"role": role}
+    messages = [{"role": "system", "content": "Be brief."}, message, *QUESTION]
+    for stream in (False, True):  # refused before the stream starts
+        error = assert_error(chat(client, messages=messages, stream=stream), 400, "messages[1].content")
+        assert "required" in error["message"] and error["code"] == "missing_required_parameter"
+
+
 def test_malformed_json_is_400(client):
     response = client.post("/chat", content=b'{"messages": [', headers={"content-type": "application/json"})
     assert_error(response, 400)
@@ -215,6 +227,7 @@ def test_tokenize_ids_and_tokens_match_one_to_one(client, smollm2):
     assert body["model"] == PACKAGED_CHAT_NAME
     ids, tokens = body["tokenIds"], body["tokens"]
     assert len(ids) == len(tokens) > 3
+    assert ids == smollm2.template.tokenizer.encode(prompt)  # its default: SmolLM2's tokenizer adds nothing
     assert tokens == smollm2.template.convert_ids_to_tokens(ids)
     assert smollm2.template.decode(ids) == prompt
     cut = client.post("/tokenize", json={"prompt": prompt, "max_tokens": 2}).json()

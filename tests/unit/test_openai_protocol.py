@@ -16,6 +16,7 @@ import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import ValidationError
 
+from glm_api.errors import BadRequestError
 from glm_api.families.base import ToolCall
 from glm_api.protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from glm_api.protocol.tokenizer import TokenizeRequest
@@ -128,6 +129,31 @@ def test_messages_become_internal_dicts():
     assert user == {"role": "user", "content": "a\nb"}
     assert assistant["tool_calls"] == [ToolCall("f", '{"x": 1}', "call_1")] and assistant["content"] == ""
     assert tool == {"role": "tool", "content": "42", "name": "f", "tool_call_id": "call_1"}
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"role": "user"},
+        {"role": "system", "content": None},
+        {"role": "developer"},
+        {"role": "tool", "tool_call_id": "call_1"},
+        {"role": "assistant", "content": None},
+        {"role": "assistant", "tool_calls": []},
+    ],
+)
+def test_a_message_without_content_is_refused_naming_its_index(message):
+    req = chat_request(messages=[*USER, message])  # valid on the wire: the contract is checked in serving
+    with pytest.raises(BadRequestError) as caught:
+        openai_messages(req.messages)
+    assert (caught.value.param, caught.value.code) == ("messages[1].content", "missing_required_parameter")
+    assert "required" in caught.value.message
+
+
+def test_content_may_be_left_out_where_openai_allows_it():
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    req = chat_request(messages=[*USER, {"role": "assistant", "tool_calls": [call]}, {"role": "function", "name": "f"}])
+    assert [m["content"] for m in openai_messages(req.messages)] == ["hi", "", ""]
 
 
 def test_json_instruction_joins_the_system_message_or_leads():
