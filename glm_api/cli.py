@@ -36,7 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-running", type=int, help="chat sequences decoded together (default 32)")
     p.add_argument("--max-waiting", type=int, help="chat requests queued beyond those; more get 429 (default 256)")
     p.add_argument("--prefix-cache-tokens", type=int,
-                   help="prompt-prefix tokens kept for reuse by later prompts that begin the same way; 0: off (default 4096)")
+                   help="tokens of finished requests' KV blocks kept for later prompts that begin the same way; 0: off (default 4096)")
+    p.add_argument("--kv-cache-tokens", type=int,
+                   help="KV cache size in tokens, all requests together (default: 65536 on CPU; on GPU what memory allows)")
+    p.add_argument("--kv-block-size", type=int, help="tokens per KV cache block (default 16)")
+    p.add_argument("--prefill-chunk-tokens", type=int,
+                   help="prompt tokens prefilled per engine step between decode steps (default 512)")
+    p.add_argument("--gpu-memory-utilization", type=float,
+                   help="share of the GPU's memory for the weights and the KV cache (default 0.9)")
     p.add_argument("--api-key", metavar="KEY", action="append", dest="api_keys",
                    help="require 'Authorization: Bearer KEY' (repeatable); GLM_API_API_KEYS takes a comma-separated list")
     p.add_argument("--api-key-file", metavar="FILE", help="a file of API keys, one per line")

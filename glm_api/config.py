@@ -59,8 +59,14 @@ class Settings(BaseSettings):
     max_running: int = Field(32, ge=1, description="sequences decoded together in one batch")
     max_waiting: int = Field(256, ge=0, description="requests queued beyond the running batch; more get 429")
     prefix_cache_tokens: int = Field(
-        4096, ge=0, description="prompt-prefix tokens whose keys and values are kept for later prompts (0: off)"
+        4096, ge=0, description="tokens of finished rows' KV blocks kept findable for later prompts (0: off)"
     )
+    kv_cache_tokens: int | None = Field(
+        None, ge=1, description="KV pool size in tokens (default: 65536 on CPU; on GPU what memory allows)"
+    )
+    kv_block_size: int = Field(16, ge=1, le=1024, description="tokens per KV block")
+    prefill_chunk_tokens: int = Field(512, ge=1, description="prompt tokens prefilled per engine step, all rows together")
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="share of GPU memory for weights + KV pool")
     max_prompt_tokens: int | None = Field(None, ge=1, description="cap below the model's context")
     default_max_tokens: int = Field(4096, ge=1, description="the seed's default max_tokens")
     max_tokens_limit: int | None = Field(None, ge=1, description="larger max_tokens are refused with 400")

@@ -71,6 +71,8 @@ class EngineCollector(Collector):
             waiting.add_metric([chat.model_name], chat.num_waiting)
         if chat is not None and isinstance(chat_stats, ChatEngineStats):
             families += list(_chat_families(chat.model_name, chat_stats))
+        if chat is not None and hasattr(chat, "kv_blocks"):
+            families.append(_kv_blocks(chat.model_name, chat.kv_blocks))
             rejected.add_metric(["chat", chat.model_name], chat_stats.rejected)
         emb_waiting = GaugeMetricFamily(f"{PREFIX}_embedding_waiting_texts", "Texts queued for an embedding batch", labels=["model"])
         emb_texts = CounterMetricFamily(f"{PREFIX}_embedding_texts", "Texts embedded", labels=["model"])
@@ -88,6 +90,16 @@ class EngineCollector(Collector):
         yield from families
 
 
+def _kv_blocks(model: str, blocks: tuple[int, int, int]) -> Metric:
+    family = GaugeMetricFamily(
+        f"{PREFIX}_chat_kv_blocks", "KV cache blocks: used by rows, free, and free but still cached (a subset of free)",
+        labels=["model", "state"],
+    )
+    for state, count in zip(("used", "free", "cached"), blocks):
+        family.add_metric([model, state], count)
+    return family
+
+
 def _chat_families(model: str, stats: ChatEngineStats) -> Iterator[Metric]:
     def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
         family = CounterMetricFamily(f"{PREFIX}_chat_{name}", doc, labels=["model"])
@@ -97,9 +109,9 @@ def _chat_families(model: str, stats: ChatEngineStats) -> Iterator[Metric]:
     yield counter("generated_tokens", "Completion tokens generated", stats.tokens_generated)
     yield counter("prompt_tokens", "Prompt tokens of admitted requests (those taken from the prefix cache included)", stats.prompt_tokens)
     yield counter("cached_prompt_tokens", "Prompt tokens taken from the prefix cache instead of prefilled", stats.cached_prompt_tokens)
-    yield counter("prefix_prefills", "Forward passes that prefilled a shared prompt prefix to store it", stats.prefixes_computed)
-    yield counter("decode_steps", "Decode steps (one forward pass over the running batch each)", stats.steps)
-    yield counter("prefills", "Prefill forward passes (one per group of joining requests)", stats.prefills)
+    yield counter("decode_steps", "Engine steps (one forward over the decode tokens and prompt chunks scheduled)", stats.steps)
+    yield counter("prefills", "Steps that carried prompt tokens (chunked prefill)", stats.prefills)
+    yield counter("preemptions", "Rows whose KV blocks were taken back when the pool ran short, recomputed later", stats.preemptions)
     finished = CounterMetricFamily(f"{PREFIX}_chat_requests_finished", "Finished generations by reason", labels=["model", "reason"])
     for reason, count in sorted(stats.finished.items()):
         finished.add_metric([model, reason], count)

@@ -208,7 +208,9 @@ def build_registry(settings: Settings, sources: ModelSources | None = None) -> M
         )
         chat = TransformersChatEngine(
             loaded, sources.chat.name, max_running=settings.max_running, max_waiting=settings.max_waiting,
-            prefix_cache_tokens=settings.prefix_cache_tokens,
+            prefix_cache_tokens=settings.prefix_cache_tokens, kv_cache_tokens=settings.kv_cache_tokens,
+            kv_block_size=settings.kv_block_size, prefill_chunk_tokens=settings.prefill_chunk_tokens,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
         )
     embeddings: dict[str, EmbeddingEngine] = {}
     for source in sources.embeddings:

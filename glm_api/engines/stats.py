@@ -41,11 +41,11 @@ class Histogram:
 
 @dataclass
 class ChatEngineStats:
-    steps: int = 0  # decode steps (one forward over the running batch each)
-    prefills: int = 0  # prefill forwards (one per group of joining requests)
+    steps: int = 0  # forwards over the scheduled rows (decode tokens and prompt chunks)
+    prefills: int = 0  # steps that carried prompt tokens (a chunk of one or more prompts)
     prompt_tokens: int = 0
-    cached_prompt_tokens: int = 0  # prompt tokens taken from the prefix cache, not prefilled
-    prefixes_computed: int = 0  # forwards that prefilled a shared prefix on its own, to store it
+    cached_prompt_tokens: int = 0  # prompt tokens found in the KV pool (prefix cache), not prefilled
+    preemptions: int = 0  # rows whose blocks were taken back, to be recomputed later
     tokens_generated: int = 0
     rejected: int = 0  # requests refused with 429 because the queue was full
     finished: Counter = field(default_factory=Counter)  # by finish reason

@@ -1,16 +1,18 @@
 """Chat engine over a transformers causal LM with iteration-level (continuous) batching.
 
-One worker thread owns the model. Each turn of its loop it drops aborted requests, admits
-waiting ones up to ``max_running`` (prefilling them as a group, each after the longest stored
-prefix of its prompt: see :mod:`prefix_cache`), then runs one decode step
-for every running row at once (see :mod:`batch_state` for the cache, and why not transformers'
-own continuous batching). Finished rows leave at once, so a new request never waits for another
-to finish, only for the current step. Output crosses back to the event loop through each
-request's asyncio queue, one thread hop per loop per step; no torch call runs on the event loop.
+One worker thread owns the model. Each turn of its loop drops aborted requests, asks the
+:mod:`scheduler` what to compute (every decoding row's next token, then prompt chunks, admitting
+waiting requests while the KV pool has room), and runs it as one forward over the packed tokens
+(:mod:`paged_attention`): a long prompt is prefilled a chunk per step between the other rows'
+decode steps, and each row's keys/values live in blocks of its own (:mod:`kv_pool`,
+:mod:`kv_blocks`), so one long conversation neither freezes nor pads the others. Prompt
+beginnings already in the pool (a system prompt, earlier turns) are reused, not recomputed.
+Finished rows leave at once. Output crosses back to the event loop through each request's
+asyncio queue, one thread hop per loop per step; no torch call runs on the event loop.
 
-Per step the Python work is kept small beside the forward: one argmax over the batch for greedy
-rows (penalties and sampling only for the rows that ask for them), incremental detokenization,
-and one ``call_soon_threadsafe`` per event loop rather than one per row.
+Per step the Python work is kept small beside the forward: one argmax over the rows that sample
+for greedy rows (penalties and sampling only for the rows that ask for them), incremental
+detokenization, and one ``call_soon_threadsafe`` per event loop rather than one per row.
 """
 
 from __future__ import annotations
@@ -23,19 +25,18 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from glm_api.engines.base import GenerationChunk, SamplingParams
-from glm_api.engines.batch_state import BatchState
 from glm_api.engines.detokenizer import IncrementalDetokenizer
+from glm_api.engines.kv_blocks import BlockManager
+from glm_api.engines.kv_pool import KVPool, KVShape, size_pool
 from glm_api.engines.outbox import Outbox
-from glm_api.engines.prefill import compute_prefix, prefill, prefix_of_row
-from glm_api.engines.prefix_cache import Prefix, PrefixCache
+from glm_api.engines.paged_attention import PagedStep, ScheduledRow, install
 from glm_api.engines.sampling import apply_penalties, needs_per_row_sampling, sample_token
+from glm_api.engines.scheduler import RowKV, Scheduler, StepPlan
 from glm_api.engines.stats import ChatEngineStats
 from glm_api.engines.worker import WorkerThread
-from glm_api.errors import EngineUnavailableError, InternalError, RateLimitError
+from glm_api.errors import ContextLengthError, EngineUnavailableError, InternalError, RateLimitError
 from glm_api.families.base import LoadedChatModel
 
 log = logging.getLogger(__name__)
@@ -49,14 +50,14 @@ class _Request:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     detok: IncrementalDetokenizer
+    kv: RowKV
     generator: torch.Generator | None = None
     output_ids: list[int] = field(default_factory=list)
     seen: torch.Tensor | None = None  # [V] bool: ids in prompt or output (repetition penalty)
     counts: torch.Tensor | None = None  # [V] output id counts (presence/frequency penalty)
     stop_ids: frozenset[int] = frozenset()
     per_row: bool = False  # penalties or sampling: not covered by the batch-wide argmax
-    shared: int = 0  # prompt tokens at the start that a recent prompt begins with too
-    cached: int = 0  # prompt tokens taken from a stored prefix
+    started: bool = False  # admitted once (a preempted request is not counted again)
     arrived: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
 
@@ -71,8 +72,11 @@ class TransformersChatEngine(WorkerThread):
         *,
         max_running: int = 32,
         max_waiting: int = 256,
-        prefill_token_budget: int = 1024,
+        prefill_chunk_tokens: int = 512,
         prefix_cache_tokens: int = 4096,
+        kv_cache_tokens: int | None = None,
+        kv_block_size: int = 16,
+        gpu_memory_utilization: float = 0.9,
     ) -> None:
         self.model = loaded.model
         self.template = loaded.template
@@ -82,21 +86,30 @@ class TransformersChatEngine(WorkerThread):
         super().__init__(model_name)
         self.max_running = max_running
         self.max_waiting = max_waiting
-        self.prefill_token_budget = prefill_token_budget
         self.device = next(self.model.parameters()).device
-        # A ready-made 4D mask skips transformers' mask building each step; only SDPA (which
-        # takes a boolean mask) is known to accept it as is.
-        self._bool_mask_4d = getattr(self.model.config, "_attn_implementation", None) == "sdpa"
         self.stats = ChatEngineStats()
-        # Stored prefixes are plain per-layer keys/values: only for models whose every layer
-        # keeps them all (a sliding-window layer drops old columns).
-        full_layers = all(type(layer) is DynamicLayer for layer in DynamicCache(config=self.model.config).layers)
-        self.prefixes = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 and full_layers else None
+        install(self.model)
+        shape = KVShape.of(self.model.config, next(self.model.parameters()).dtype)
+        num_blocks = size_pool(
+            shape,
+            self.device,
+            block_size=kv_block_size,
+            kv_cache_tokens=kv_cache_tokens,
+            context_length=self.context_length,
+            gpu_memory_utilization=gpu_memory_utilization,
+            step_tokens=prefill_chunk_tokens + max_running,
+            hidden_size=self.model.config.get_text_config().hidden_size,
+            model_name=model_name,
+        )
+        self.pool = KVPool(shape, num_blocks, kv_block_size, self.device)
+        self.blocks = BlockManager(num_blocks, kv_block_size, cached_blocks=-(-prefix_cache_tokens // kv_block_size))
+        self.scheduler = Scheduler(self.blocks, self.pool, max_running=max_running, chunk_tokens=prefill_chunk_tokens)
+        # A row alone never outgrows the pool, so growing never has to preempt the last row.
+        self.row_limit = min(self.context_length, self.scheduler.capacity_tokens())
 
         self._waiting: deque[_Request] = deque()
-        self._running: list[_Request] = []  # row order of the batch
+        self._running: list[_Request] = []  # admission order (the newest is preempted first)
         self._aborts: set[str] = set()
-        self._batch = BatchState(max_rows=max_running)
         self._outbox = Outbox()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -109,10 +122,23 @@ class TransformersChatEngine(WorkerThread):
     def num_waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def kv_blocks(self) -> tuple[int, int, int]:
+        """Blocks in use, free, and (of the free ones) still holding cached prompt beginnings."""
+        return self.blocks.num_used, self.blocks.num_free, self.blocks.num_cached
+
     # -- client side (event loop) ------------------------------------------------------------
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[GenerationChunk]:
+    def generate(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[GenerationChunk]:
         self.check_health()
+        if len(prompt_ids) >= self.row_limit:  # it could never get a token out of the pool
+            raise ContextLengthError(
+                f"the prompt has {len(prompt_ids)} tokens; this server's KV cache holds at most "
+                f"{self.row_limit} tokens of one request (--kv-cache-tokens)",
+                param="messages",
+            )
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
         request = _Request(
@@ -122,6 +148,7 @@ class TransformersChatEngine(WorkerThread):
             loop=loop,
             queue=queue,
             detok=IncrementalDetokenizer(self.template.decode, params.stop),
+            kv=RowKV(ids=list(prompt_ids)),
             stop_ids=self.template.stop_token_ids | frozenset(params.stop_token_ids),
             per_row=needs_per_row_sampling(params),
         )
@@ -182,22 +209,19 @@ class TransformersChatEngine(WorkerThread):
                         if self._stopping:
                             break
                         aborts, self._aborts = self._aborts, set()
-                        admitted = self._take_admissible()
-                    self._drop_aborted(aborts)
+                        self._drop_aborted(aborts)
+                        plan = self.scheduler.schedule(self._running, self._waiting)
+                        if not plan.rows:  # nothing fits yet (cannot last: rows only wait on rows)
+                            self._cv.wait(timeout=0.05)
+                            continue
+                    self._admitted(plan)
                     try:
-                        if admitted:
-                            self._prefill(admitted)
-                        if self._running:
-                            self._decode_step()
+                        self._step(plan)
+                    except torch.OutOfMemoryError:
+                        self._out_of_memory(plan)
                     except Exception:  # one bad step must not kill the server
                         log.exception("chat engine step failed; failing %d running request(s)", len(self._running))
-                        error = InternalError("generation failed; see the server log")
-                        # Admitted but never prefilled (the failure was in a prefill): fail them too.
-                        running = {id(r) for r in self._running}
-                        for req in admitted:
-                            if req.first_token_at is None and id(req) not in running:
-                                self._outbox.put(req, error)
-                        self._fail_running(error)
+                        self._fail_running(InternalError("generation failed; see the server log"))
                     finally:
                         self._outbox.flush()
         except BaseException as exc:  # the thread itself is going down: say so to everyone
@@ -206,105 +230,70 @@ class TransformersChatEngine(WorkerThread):
         finally:
             self._fail_all(EngineUnavailableError("the chat engine is shutting down"))
 
-    def _take_admissible(self) -> list[_Request]:
-        """Waiting requests that fit in the batch now (caller holds the lock)."""
-        out = []
-        while self._waiting and len(self._running) + len(out) < self.max_running:
-            out.append(self._waiting.popleft())
-        return out
-
     def _drop_aborted(self, aborts: set[str]) -> None:
+        """Caller holds the lock."""
         if not aborts:
             return
-        with self._cv:
-            for req in [r for r in self._waiting if r.request_id in aborts]:
-                self._waiting.remove(req)
-                self._finish(req, "abort")
-        gone = {i for i, r in enumerate(self._running) if r.request_id in aborts}
-        for i in gone:
-            self._finish(self._running[i], "abort")
-        self._remove_rows(gone)
+        for req in [r for r in self._waiting if r.request_id in aborts]:
+            self._waiting.remove(req)
+            self.scheduler.free(req.kv)
+            self._finish(req, "abort")
+        for req in [r for r in self._running if r.request_id in aborts]:
+            self._running.remove(req)
+            self.scheduler.free(req.kv)
+            self._finish(req, "abort")
 
-    def _prefill(self, admitted: list[_Request]) -> None:
-        prefixes: list[Prefix | None] = [None] * len(admitted)
-        if self.prefixes is not None:
-            for req in admitted:  # compared with the prompts before it, this batch's included
-                req.shared = self.prefixes.observe(req.prompt_ids)
-            prefixes = self.prefixes.plan([r.prompt_ids for r in admitted], self._compute_prefix)
-        # Group so that one forward's padded size stays within the token budget: ~1k tokens
-        # already keep the matmuls busy, and smaller groups hand out first tokens sooner (32
-        # prompts of ~55 tokens arriving together: TTFT p50 2.5 s -> 1.1 s at the same tok/s).
-        # Only the tokens after a row's prefix are prefilled; in this order the row being added
-        # is the group's widest.
-        def rest(row: tuple[_Request, Prefix | None]) -> int:
-            return len(row[0].prompt_ids) - (len(row[1]) if row[1] is not None else 0)
-
-        group: list[tuple[_Request, Prefix | None]] = []
-        for row in sorted(zip(admitted, prefixes), key=rest):
-            if group and rest(row) * (len(group) + 1) > self.prefill_token_budget:
-                self._prefill_group(group)
-                group = []
-            group.append(row)
-        if group:
-            self._prefill_group(group)
-
-    def _compute_prefix(self, tokens: tuple[int, ...], base: Prefix | None) -> Prefix:
-        self.stats.prefixes_computed += 1
-        return compute_prefix(self.model, tokens, base, self.device)
-
-    def _prefill_group(self, rows: list[tuple[_Request, Prefix | None]]) -> None:
-        group, prefixes = [req for req, _ in rows], [prefix for _, prefix in rows]
-        logits, cache, mask = prefill(self.model, [r.prompt_ids for r in group], prefixes, self.device)
-        logits = logits.float()
-        self.stats.cached_prompt_tokens += sum(len(p) for p in prefixes if p is not None)
-        if self.prefixes is not None:
-            for row, (req, prefix) in enumerate(zip(group, prefixes)):
-                if self.prefixes.worth_storing(req.shared, prefix):
-                    self.prefixes.store(prefix_of_row(cache, mask, row, tuple(req.prompt_ids[: req.shared])))
-        vocab = logits.shape[-1]
-        self.stats.prompt_tokens += sum(len(r.prompt_ids) for r in group)
-        for req, prefix in zip(group, prefixes):
-            req.cached = len(prefix) if prefix is not None else 0
+    def _admitted(self, plan: StepPlan) -> None:
+        """Per-request state for rows starting now (a preempted row keeps what it had)."""
+        self.stats.preemptions += len(plan.preempted)
+        for req in plan.admitted:
+            if req.started:
+                continue
+            req.started = True
+            self.stats.prompt_tokens += len(req.prompt_ids)
+            self.stats.cached_prompt_tokens += req.kv.cached or 0
             if req.params.seed is not None:
                 req.generator = torch.Generator(device=self.device).manual_seed(req.params.seed)
-            if req.params.repetition_penalty != 1.0:
-                req.seen = torch.zeros(vocab, dtype=torch.bool, device=self.device)
-                req.seen[torch.tensor([i for i in req.prompt_ids if i < vocab], dtype=torch.long, device=self.device)] = True
-            if req.params.presence_penalty or req.params.frequency_penalty:
-                req.counts = torch.zeros(vocab, dtype=torch.int32, device=self.device)
-        self.stats.prefills += 1
-        self._batch.add(cache, mask)
-        self._running.extend(group)
-        self._advance(group, logits, first_row=len(self._running) - len(group))
-        self._outbox.flush()  # first tokens out now, not after the other groups' prefills
 
-    def _decode_step(self) -> None:
-        running = self._running
-        last = torch.tensor([[r.output_ids[-1]] for r in running], dtype=torch.long, device=self.device)
-        positions = torch.tensor(
-            [[len(r.prompt_ids) + len(r.output_ids) - 1] for r in running], dtype=torch.long, device=self.device
-        )
-        mask = self._batch.step_mask()
-        if self._bool_mask_4d:
-            mask = mask[:, None, None, :]  # [B, 1, q=1, kv]: True where a row attends
-        out = self.model(input_ids=last, attention_mask=mask, position_ids=positions, cache=self._batch.cache, use_cache=True)
-        self._batch.advance()
+    def _step(self, plan: StepPlan) -> None:
+        rows = [
+            ScheduledRow(req.kv.table, req.kv.computed, req.kv.ids[req.kv.computed : req.kv.computed + n])
+            for req, n in plan.rows
+        ]
+        step = PagedStep.build(self.pool, rows)
+        # Logits only where a row's last known token is computed: decode rows and finished prompts.
+        sampling = [i for i, (req, n) in enumerate(plan.rows) if req.kv.computed + n == len(req.kv.ids)]
+        keep = torch.tensor([step.last_index[i] for i in sampling], dtype=torch.long, device=self.device)
+        out = self.model(**step.model_inputs(), logits_to_keep=keep)
+        self.scheduler.computed(plan.rows)
         self.stats.steps += 1
-        self.stats.batch_size.observe(len(running))
-        self._advance(list(running), out.logits[:, -1, :], first_row=0)
+        self.stats.prefills += any(n > 1 for _, n in plan.rows)
+        self.stats.batch_size.observe(len(plan.rows))
+        if sampling:
+            self._advance([plan.rows[i][0] for i in sampling], out.logits[0])
 
-    def _advance(self, rows: list[_Request], logits: torch.Tensor, first_row: int) -> None:
+    def _start_penalties(self, req: _Request, vocab: int) -> None:
+        if req.params.repetition_penalty != 1.0 and req.seen is None:
+            req.seen = torch.zeros(vocab, dtype=torch.bool, device=self.device)
+            ids = [i for i in req.prompt_ids if i < vocab]
+            req.seen[torch.tensor(ids, dtype=torch.long, device=self.device)] = True
+        if (req.params.presence_penalty or req.params.frequency_penalty) and req.counts is None:
+            req.counts = torch.zeros(vocab, dtype=torch.int32, device=self.device)
+
+    def _advance(self, rows: list[_Request], logits: torch.Tensor) -> None:
         """Sample one token for each row, stream it, and retire rows that are done."""
-        # One argmax and one device sync for the whole batch; rows with penalties or sampling
-        # then replace their entry (argmax of the same row's logits: batched greedy == alone).
+        # One argmax and one device sync for the rows; rows with penalties or sampling then
+        # replace their entry (argmax of the same row's logits: batched greedy == alone).
         tokens = logits.argmax(dim=-1).tolist()
-        finished: set[int] = set()
+        finished: list[_Request] = []
         for i, req in enumerate(rows):
             if req.per_row:
+                self._start_penalties(req, logits.shape[-1])
                 row_logits = apply_penalties(logits[i].float(), req.params, req.seen, req.counts)
                 tokens[i] = sample_token(row_logits, req.params, req.generator)
             token = tokens[i]
             req.output_ids.append(token)
+            req.kv.ids.append(token)
             if req.seen is not None:
                 req.seen[token] = True
             if req.counts is not None:
@@ -317,15 +306,13 @@ class TransformersChatEngine(WorkerThread):
             self._outbox.put(req, self._chunk(req, text, [token], reason))
             if reason is not None:
                 self.stats.finished[reason] += 1
-                finished.add(first_row + i)
+                finished.append(req)
         self.stats.tokens_generated += len(rows)
-        self._remove_rows(finished)
-
-    def _remove_rows(self, rows: set[int]) -> None:
-        """Take rows out of the batch at once; the batch refills holes from its tail."""
-        if rows:
-            order = self._batch.remove(rows)
-            self._running = [self._running[i] for i in order]
+        if finished:
+            with self._cv:
+                for req in finished:
+                    self._running.remove(req)
+                    self.scheduler.free(req.kv)
 
     def _finish(self, req: _Request, reason: str) -> None:
         self.stats.finished[reason] += 1
@@ -338,7 +325,7 @@ class TransformersChatEngine(WorkerThread):
             return "stop"
         if len(req.output_ids) >= req.params.max_tokens:
             return "length"
-        if len(req.prompt_ids) + len(req.output_ids) >= self.context_length:
+        if len(req.prompt_ids) + len(req.output_ids) >= self.row_limit:
             return "length"
         return None
 
@@ -350,23 +337,39 @@ class TransformersChatEngine(WorkerThread):
             finish_reason=reason,
             prompt_tokens=len(req.prompt_ids),
             completion_tokens=len(req.output_ids),
-            cached_tokens=req.cached,
+            cached_tokens=req.kv.cached or 0,
         )
 
+    def _out_of_memory(self, plan: StepPlan) -> None:
+        """A device out-of-memory error in a step fails the rows whose prompt chunks it carried
+        (or, with none, the newest row); the others lose nothing (their counts did not move)
+        and go on next step."""
+        chunked = [req for req, n in plan.rows if n > 1] or [plan.rows[-1][0]]
+        log.error("out of device memory in a step of %d rows; failing %d request(s)", len(plan.rows), len(chunked))
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        error = EngineUnavailableError("out of device memory for this request; retry later or send a shorter prompt")
+        with self._cv:
+            for req in chunked:
+                if req in self._running:
+                    self._running.remove(req)
+                self.scheduler.free(req.kv)
+                self._outbox.put(req, error)
+
     def _fail_running(self, error: BaseException) -> None:
-        for req in self._running:
+        with self._cv:
+            running, self._running = self._running, []
+        for req in running:
+            self.scheduler.free(req.kv)
             self._outbox.put(req, error)
-        self._running = []
-        self._batch.clear()
 
     def _fail_all(self, error: BaseException) -> None:
         with self._cv:
             waiting, self._waiting = list(self._waiting), deque()
-        for req in waiting + self._running:
+            running, self._running = self._running, []
+        for req in waiting + running:
             self._outbox.put(req, error)
         self._outbox.flush()
-        self._running = []
-        self._batch.clear()
 
 
 def _merge(a: GenerationChunk, b: GenerationChunk) -> GenerationChunk:
