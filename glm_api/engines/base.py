@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -29,6 +29,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
+    grammar: Any = None  # engines.grammar.CompiledGrammar: the output must match it
 
     @property
     def greedy(self) -> bool:
@@ -68,6 +69,11 @@ class ChatEngine(Protocol):
         """
 
     def abort(self, request_id: str) -> None: ...
+
+    def compile_constraint(self, constraint: Any) -> Any:
+        """A structured-output constraint (``engines.grammar.Constraint``) compiled for this
+        model's vocabulary, to pass as ``SamplingParams.grammar``. Blocking; a constraint that
+        cannot be enforced raises :class:`glm_api.errors.BadRequestError`."""
 
     @property
     def num_running(self) -> int: ...

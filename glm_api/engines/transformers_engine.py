@@ -23,11 +23,13 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from glm_api.engines.base import GenerationChunk, SamplingParams
 from glm_api.engines.detokenizer import IncrementalDetokenizer
+from glm_api.engines.grammar import Constraint, CompiledGrammar, GrammarCompiler, mask_logits
 from glm_api.engines.kv_blocks import BlockManager
 from glm_api.engines.kv_pool import KVPool, KVShape, size_pool
 from glm_api.engines.outbox import Outbox
@@ -57,6 +59,7 @@ class _Request:
     counts: torch.Tensor | None = None  # [V] output id counts (presence/frequency penalty)
     stop_ids: frozenset[int] = frozenset()
     per_row: bool = False  # penalties or sampling: not covered by the batch-wide argmax
+    matcher: Any = None  # llguidance matcher of the request's grammar (structured outputs)
     started: bool = False  # admitted once (a preempted request is not counted again)
     arrived: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
@@ -104,6 +107,7 @@ class TransformersChatEngine(WorkerThread):
         self.pool = KVPool(shape, num_blocks, kv_block_size, self.device)
         self.blocks = BlockManager(num_blocks, kv_block_size, cached_blocks=-(-prefix_cache_tokens // kv_block_size))
         self.scheduler = Scheduler(self.blocks, self.pool, max_running=max_running, chunk_tokens=prefill_chunk_tokens)
+        self.grammars = GrammarCompiler(self.template, self.model.config.get_text_config().vocab_size)
         # A row alone never outgrows the pool, so growing never has to preempt the last row.
         self.row_limit = min(self.context_length, self.scheduler.capacity_tokens())
 
@@ -129,6 +133,11 @@ class TransformersChatEngine(WorkerThread):
 
     # -- client side (event loop) ------------------------------------------------------------
 
+    def compile_constraint(self, constraint: Constraint) -> CompiledGrammar:
+        """The grammar for a constraint (cached); blocking, so callers run it off the event loop.
+        A constraint that cannot be enforced is a BadRequestError."""
+        return self.grammars.compile(constraint)
+
     def generate(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str
     ) -> AsyncIterator[GenerationChunk]:
@@ -151,6 +160,7 @@ class TransformersChatEngine(WorkerThread):
             kv=RowKV(ids=list(prompt_ids)),
             stop_ids=self.template.stop_token_ids | frozenset(params.stop_token_ids),
             per_row=needs_per_row_sampling(params),
+            matcher=params.grammar.matcher() if params.grammar is not None else None,
         )
         with self._cv:
             free = self.max_running - len(self._running)
@@ -282,8 +292,12 @@ class TransformersChatEngine(WorkerThread):
 
     def _advance(self, rows: list[_Request], logits: torch.Tensor) -> None:
         """Sample one token for each row, stream it, and retire rows that are done."""
-        # One argmax and one device sync for the rows; rows with penalties or sampling then
-        # replace their entry (argmax of the same row's logits: batched greedy == alone).
+        # Constrained rows first lose every token their grammar does not allow next. Then one
+        # argmax and one device sync for the rows; rows with penalties or sampling replace their
+        # entry (argmax of the same row's logits: batched greedy == alone).
+        constrained = [i for i, req in enumerate(rows) if req.matcher is not None]
+        if constrained:
+            mask_logits(logits, constrained, [rows[i].matcher for i in constrained])
         tokens = logits.argmax(dim=-1).tolist()
         finished: list[_Request] = []
         for i, req in enumerate(rows):
@@ -292,6 +306,8 @@ class TransformersChatEngine(WorkerThread):
                 row_logits = apply_penalties(logits[i].float(), req.params, req.seen, req.counts)
                 tokens[i] = sample_token(row_logits, req.params, req.generator)
             token = tokens[i]
+            if req.matcher is not None:
+                req.matcher.consume_token(token)
             req.output_ids.append(token)
             req.kv.ids.append(token)
             if req.seen is not None:
@@ -320,6 +336,9 @@ class TransformersChatEngine(WorkerThread):
 
     def _finish_reason(self, req: _Request, token: int) -> str | None:
         if token in req.stop_ids:  # counted as generated, never decoded into the text
+            return "stop"
+        if req.matcher is not None and req.matcher.is_stopped():  # the grammar is complete
+            req.detok.push(token)
             return "stop"
         if req.detok.push(token):
             return "stop"

@@ -70,6 +70,9 @@ class ChatTemplate(Protocol):
     stop_token_ids: frozenset[int]
     #: Whether the format can present tools to the model and parse its calls back.
     supports_tools: bool
+    #: "hermes" (<tool_call>{json}</tool_call>), "glm4" (name line, then JSON arguments) or None:
+    #: the syntax a forced tool call is constrained to.
+    tool_call_syntax: str | None
 
     def encode_messages(self, messages: list[dict[str, Any]], tools: list[dict] | None = None) -> list[int]:
         """Prompt ids for a conversation, ending with the assistant generation prompt.

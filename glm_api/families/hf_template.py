@@ -118,6 +118,8 @@ class HFChatTemplate:
         # of the function called) + the text or the call's JSON arguments; tool results come
         # back as <|observation|>.
         self.glm_style: bool = bool(text) and "<|observation|>" in text and "<|assistant|>" in text
+        # How a call is written, for grammars that force one (see serving/structured.py).
+        self.tool_call_syntax: str | None = "glm4" if self.glm_style else "hermes" if self.supports_tools else None
         controls = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
         controls |= set(tokenizer.all_special_tokens)
         ordered = sorted((c for c in controls if c), key=len, reverse=True)

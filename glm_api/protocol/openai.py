@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from glm_api.protocol.common import MaxTokens, RepetitionPenalty, Stop, Temperature, TopP, Usage, WireModel
 
@@ -118,8 +118,42 @@ class NamedToolChoice(WireModel):
     function: NamedFunction
 
 
+class JsonSchemaFormat(WireModel):
+    name: str = Field(max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | bool = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, populate_by_name=True)
+
+
 class ResponseFormat(WireModel):
     type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('type "json_schema" needs a "json_schema": {"name", "schema"} object')
+        return self
+
+
+class StructuredOutputs(WireModel):
+    """vLLM's structured-output extras: one of them, as the output's grammar."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = None
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "StructuredOutputs":
+        given = [k for k in ("json_", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of json, regex, choice, grammar")
+        return self
 
 
 class StreamOptions(WireModel):
@@ -145,6 +179,7 @@ class SamplingRequest(WireModel):
     # Not OpenAI, accepted as extras (vLLM does the same).
     top_k: int | None = Field(None, ge=0)
     repetition_penalty: RepetitionPenalty | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -166,13 +201,6 @@ class ChatCompletionRequest(SamplingRequest):
     @classmethod
     def _no_logprobs(cls, value: Any) -> Any:
         return _refuse_logprobs(value)
-
-    @field_validator("response_format")
-    @classmethod
-    def _no_json_schema(cls, value: ResponseFormat | None) -> ResponseFormat | None:
-        if value is not None and value.type == "json_schema":
-            raise ValueError('json_schema is not supported; use {"type": "json_object"}')
-        return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,6 +299,7 @@ class CompletionRequest(SamplingRequest):
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
     logprobs: int | None = None
+    response_format: ResponseFormat | None = None  # an extension: OpenAI's completions have none
 
     @field_validator("prompt", mode="before")
     @classmethod

@@ -15,6 +15,7 @@ from typing import Any
 
 from glm_api.config import Settings
 from glm_api.engines.base import ChatEngine, GenerationChunk, SamplingParams
+from glm_api.engines.grammar import Constraint
 from glm_api.errors import BadRequestError, ContextLengthError
 from glm_api.families.base import ParsedOutput, ToolCall
 from glm_api.registry import ModelRegistry
@@ -40,6 +41,7 @@ class ChatCall:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     n: int = 1
+    constraint: Constraint | None = None  # structured outputs: the grammar the answer must match
 
 
 @dataclass
@@ -180,6 +182,8 @@ class ChatService:
         if not prompt_ids:
             raise BadRequestError("the prompt is empty", param="prompt")
         params = self._sampling_params(engine, call, len(prompt_ids))
+        if call.constraint is not None:  # compiled (or found in the cache) off the event loop; 400 if it cannot be
+            params = replace(params, grammar=await asyncio.to_thread(engine.compile_constraint, call.constraint))
         request_ids = [f"{request_id}-{i}" for i in range(call.n)]
         streams: list[AsyncIterator[GenerationChunk]] = []
         try:

@@ -1,14 +1,14 @@
 """/v1/chat/completions over the shared ChatService: OpenAI messages in, OpenAI shapes out.
 
-Everything that can fail deterministically fails in :func:`start_chat`, before the 200.
+Everything that can fail deterministically fails in :func:`start_chat`, before the 200,
+grammar compilation included.
 
-``response_format: {"type": "json_object"}`` is best effort without constrained decoding: a
-system instruction asks for one JSON object, and (when no tools are offered) the answer is
-prefilled with ``{``, which small models follow far more reliably than an instruction alone.
-An answer that still does not parse as JSON is an error (400 ``invalid_json_output``: not
-a 5xx, which SDKs would retry for ever), unless ``max_tokens`` cut it (``length``), as OpenAI
-documents. ``tool_choice: "required"`` or a named function cannot be forced either: the named
-function is the only one offered, and an answer without a tool call is the same kind of error.
+``response_format`` (``json_object``, ``json_schema``) and the ``structured_outputs`` extra are
+enforced by constrained decoding (:mod:`glm_api.serving.structured`): the answer parses and
+validates unless ``max_tokens`` cut it (``finish_reason: "length"``, as OpenAI documents).
+``tool_choice: "required"`` or a named function constrains the answer to a call of the offered
+tools, returned as ``tool_calls``, on every model; ``"auto"`` leaves it to the family's own
+tool syntax.
 """
 
 from __future__ import annotations
@@ -43,8 +43,15 @@ from glm_api.protocol.openai import (
 )
 from glm_api.serving.chat import ChatCall, ChatRun, ChatService
 from glm_api.serving.messages import check_content
+from glm_api.serving.structured import (
+    native_tool_call_constraint,
+    output_constraint,
+    parse_tool_call,
+    tool_call_constraint,
+    with_json_instruction,
+    with_tool_instruction,
+)
 
-JSON_INSTRUCTION = "Answer with one JSON object only."
 #: OpenAI's default, where the seed route keeps the seed's 1.1.
 OPENAI_REPETITION_PENALTY = 1.0
 
@@ -90,13 +97,6 @@ def openai_messages(messages: list[ChatMessageIn]) -> list[dict[str, Any]]:
     return out
 
 
-def _with_json_instruction(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    if messages and messages[0]["role"] == "system":
-        first = {**messages[0], "content": f"{messages[0]['content']}\n\n{JSON_INSTRUCTION}".lstrip()}
-        return [first, *messages[1:]]
-    return [{"role": "system", "content": JSON_INSTRUCTION}, *messages]
-
-
 def _offered_tools(req: ChatCompletionRequest) -> list[dict[str, Any]] | None:
     """The tools the model is shown, after ``tool_choice``."""
     if not req.tools or req.tool_choice == "none":
@@ -126,9 +126,15 @@ def sampling_fields(req: SamplingRequest) -> dict[str, Any]:
     }
 
 
-def chat_call(req: ChatCompletionRequest, messages: list[dict[str, Any]], tools: list[dict] | None) -> ChatCall:
+def chat_call(
+    req: ChatCompletionRequest, messages: list[dict[str, Any]], tools: list[dict] | None, constraint=None
+) -> ChatCall:
     return ChatCall(
-        messages=messages, tools=tools, max_tokens=req.max_completion_tokens or req.max_tokens, **sampling_fields(req)
+        messages=messages,
+        tools=tools,
+        max_tokens=req.max_completion_tokens or req.max_tokens,
+        constraint=constraint,
+        **sampling_fields(req),
     )
 
 
@@ -142,30 +148,38 @@ class ChatPlan:
     created: int
     fingerprint: str
     include_usage: bool
-    prefix: str = ""  # text prefilled into the answer, shown to the client as its start
-    json_mode: bool = False
-    tool_required: bool = False
+    forced_tool: bool = False  # the answer is a constrained tool call, returned as tool_calls
     tool_ids: dict[tuple[int, int], str] = field(default_factory=dict)
 
 
 async def start_chat(service: ChatService, req: ChatCompletionRequest, request_id: str) -> ChatPlan:
     engine = service.registry.chat_engine(req.model)  # 404 before anything else
-    tools = _offered_tools(req)
-    if tools and not engine.template.supports_tools:
-        raise BadRequestError(
-            f"model {engine.model_name!r} has a chat format without tools; send no tools "
-            '(or tool_choice "none") to chat with it',
-            param="tools",
-        )
-    json_mode = req.response_format is not None and req.response_format.type == "json_object"
     messages = openai_messages(req.messages)
-    if json_mode:
-        messages = _with_json_instruction(messages)
-    call = chat_call(req, messages, tools)
+    forced = bool(req.tools) and (req.tool_choice == "required" or isinstance(req.tool_choice, NamedToolChoice))
+    if forced:
+        if req.response_format is not None and req.response_format.type != "text" or req.structured_outputs:
+            raise BadRequestError("a forced tool call cannot also follow response_format", param="tool_choice")
+        offered = _offered_tools(req) or []
+        native = native_tool_call_constraint(engine.template.tool_call_syntax, offered)
+        if native is not None:  # the family's own syntax, read by its own parser
+            call = chat_call(req, messages, offered, native)
+            forced = False
+        else:
+            call = chat_call(req, with_tool_instruction(messages, offered), None, tool_call_constraint(offered))
+    else:
+        tools = _offered_tools(req)
+        if tools and not engine.template.supports_tools:
+            raise BadRequestError(
+                f"model {engine.model_name!r} has a chat format without tools; send no tools, "
+                '(or tool_choice "none"), or force one with tool_choice "required" or a named function',
+                param="tools",
+            )
+        constraint = output_constraint(req, req.response_format)
+        if constraint is not None and constraint.kind in ("json_object", "json_schema"):
+            messages = with_json_instruction(messages)
+        call = chat_call(req, messages, tools, constraint)
     prompt = await service.prepare(call)
-    prefix = "{" if json_mode and not tools else ""
-    ids = prompt.ids + (prompt.engine.template.encode(prefix) if prefix else [])
-    run = await service.start_prompt(prompt.engine, ids, call, request_id, tools_enabled=prompt.tools_enabled)
+    run = await service.start_prompt(prompt.engine, prompt.ids, call, request_id, tools_enabled=prompt.tools_enabled)
     return ChatPlan(
         run=run,
         n=call.n,
@@ -173,32 +187,17 @@ async def start_chat(service: ChatService, req: ChatCompletionRequest, request_i
         created=int(time.time()),
         fingerprint=system_fingerprint(prompt.engine),
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
-        prefix=prefix,
-        json_mode=json_mode,
-        tool_required=bool(tools) and (req.tool_choice == "required" or isinstance(req.tool_choice, NamedToolChoice)),
+        forced_tool=forced,
     )
 
 
-def _check_answer(plan: ChatPlan, content: str, finish_reason: str, tool_calls: list[ToolCall]) -> None:
-    """The promises json_object and a required tool call make, kept or refused clearly."""
-    if finish_reason == "length":
-        return  # cut off by max_tokens: the client sees "length" and knows it is partial
-    if plan.tool_required and not tool_calls:
-        raise BadRequestError(
-            "tool_choice required a tool call but the model answered in text; retry, or rephrase the request",
-            param="tool_choice",
-            code="tool_call_missing",
-        )
-    if plan.json_mode and not tool_calls:
-        try:
-            json.loads(content)
-        except json.JSONDecodeError:
-            raise BadRequestError(
-                "response_format json_object: the model's answer is not valid JSON (this server cannot "
-                "constrain decoding); ask for JSON more explicitly, or retry with another seed",
-                param="response_format",
-                code="invalid_json_output",
-            ) from None
+def _answer(plan: ChatPlan, content: str, finish_reason: str, tool_calls: list[ToolCall]):
+    """A forced tool call's constrained JSON becomes ``tool_calls`` (unless max_tokens cut it)."""
+    if plan.forced_tool and finish_reason != "length":
+        calls = parse_tool_call(content)
+        if calls:
+            return "", "tool_calls", calls
+    return content, finish_reason, tool_calls
 
 
 def _tool_calls_out(plan: ChatPlan, index: int, calls: list[ToolCall]) -> list[ToolCallOut]:
@@ -213,12 +212,11 @@ async def chat_response(plan: ChatPlan) -> ChatCompletion:
     choices = await plan.run.collect()
     out = []
     for choice in choices:
-        content = plan.prefix + choice.content
-        _check_answer(plan, content, choice.finish_reason, choice.tool_calls)
-        calls = _tool_calls_out(plan, choice.index, choice.tool_calls)
+        content, finish_reason, tool_calls = _answer(plan, choice.content, choice.finish_reason, choice.tool_calls)
+        calls = _tool_calls_out(plan, choice.index, tool_calls)
         # OpenAI sends content null on a message that only calls tools.
         message = ChatMessageOut(content=(content or None) if calls else content, tool_calls=calls or None)
-        out.append(ChatChoiceOut(index=choice.index, message=message, finish_reason=choice.finish_reason))
+        out.append(ChatChoiceOut(index=choice.index, message=message, finish_reason=finish_reason))
     completion = sum(c.completion_tokens for c in choices)
     return ChatCompletion(
         id=plan.id,
@@ -252,27 +250,31 @@ def _chunk(plan: ChatPlan, choices: list[ChatChunkChoice], usage: OpenAIUsage | 
 
 
 async def chat_stream(plan: ChatPlan) -> AsyncIterator[dict]:
-    """OpenAI chunks as the engine produces them: the role (and any prefill) first, then
-    content deltas, tool calls whole at the end of a choice, then its finish_reason; with
-    ``include_usage`` a last chunk with ``choices: []`` and the usage."""
+    """OpenAI chunks as the engine produces them: the role first, then content deltas, tool
+    calls whole at the end of a choice, then its finish_reason; with ``include_usage`` a last
+    chunk with ``choices: []`` and the usage. A forced tool call's JSON is not shown as content."""
     for i in range(plan.n):
-        yield _chunk(plan, [ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=plan.prefix))])
-    texts: dict[int, list[str]] = {i: [plan.prefix] for i in range(plan.n)}
+        yield _chunk(plan, [ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
+    texts: dict[int, list[str]] = {i: [] for i in range(plan.n)}
     completion_tokens = 0
     async for event in plan.run.events():
         if event.text:
             texts[event.index].append(event.text)
-            yield _chunk(plan, [ChatChunkChoice(index=event.index, delta=ChatDelta(content=event.text))])
+            if not plan.forced_tool:
+                yield _chunk(plan, [ChatChunkChoice(index=event.index, delta=ChatDelta(content=event.text))])
         if event.finish_reason is None:
             continue
-        if event.tool_calls:
+        content, finish_reason, tool_calls = _answer(plan, "".join(texts[event.index]), event.finish_reason,
+                                                     event.tool_calls)
+        if plan.forced_tool and content:  # cut before the call closed: show what was written
+            yield _chunk(plan, [ChatChunkChoice(index=event.index, delta=ChatDelta(content=content))])
+        if tool_calls:
             deltas = [
                 ToolCallDelta(index=j, id=call.id, function=call.function)
-                for j, call in enumerate(_tool_calls_out(plan, event.index, event.tool_calls))
+                for j, call in enumerate(_tool_calls_out(plan, event.index, tool_calls))
             ]
             yield _chunk(plan, [ChatChunkChoice(index=event.index, delta=ChatDelta(tool_calls=deltas))])
-        _check_answer(plan, "".join(texts[event.index]), event.finish_reason, event.tool_calls)
         completion_tokens += event.completion_tokens
-        yield _chunk(plan, [ChatChunkChoice(index=event.index, delta=ChatDelta(), finish_reason=event.finish_reason)])
+        yield _chunk(plan, [ChatChunkChoice(index=event.index, delta=ChatDelta(), finish_reason=finish_reason)])
     if plan.include_usage:
         yield _chunk(plan, [], _usage(plan, completion_tokens))

@@ -16,6 +16,7 @@ from glm_api.protocol.openai import Completion, CompletionChoice, CompletionRequ
 from glm_api.serving.chat import ChatCall, ChatEvent, ChatRun, ChatService
 from glm_api.serving.merge import merge
 from glm_api.serving.openai_chat import sampling_fields, system_fingerprint
+from glm_api.serving.structured import output_constraint
 from glm_api.serving.tokenize import check_token_ids, vocab_limit
 
 #: Prompts per request; each is its own engine request (times n), so this bounds the fan-out.
@@ -67,7 +68,12 @@ async def start_completion(service: ChatService, req: CompletionRequest, request
     if len(prompts) > MAX_PROMPTS:
         raise BadRequestError(f"{len(prompts)} prompts; at most {MAX_PROMPTS} per request", param="prompt")
     ids, echo = await asyncio.to_thread(_encode, engine, prompts, bool(req.echo))
-    call = ChatCall(messages=[], max_tokens=req.max_tokens or DEFAULT_MAX_TOKENS, **sampling_fields(req))
+    call = ChatCall(
+        messages=[],
+        max_tokens=req.max_tokens or DEFAULT_MAX_TOKENS,
+        constraint=output_constraint(req, req.response_format),
+        **sampling_fields(req),
+    )
     runs: list[ChatRun] = []
     try:
         for j, prompt_ids in enumerate(ids):

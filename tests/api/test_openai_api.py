@@ -159,15 +159,17 @@ def test_text_parts_developer_role_and_unknown_fields(client):
     completion_of(body.json())
 
 
-def test_json_object_answer_parses_or_fails_clearly(client):
+def test_json_object_answers_are_json_objects(client):
     asked = [{"role": "user", "content": "Give the name and capital of France as JSON with keys name and capital."}]
     body = completion_of(
         chat(client, messages=asked, temperature=0, max_tokens=40, response_format={"type": "json_object"}).json()
     )
     assert isinstance(json.loads(body.choices[0].message.content), dict)
-    # A question this small model answers in prose even when asked for JSON: a clear 400.
-    response = chat(client, temperature=0, max_tokens=40, response_format={"type": "json_object"})
-    assert_error(response, 400, "response_format", "invalid_json_output")
+    # A question this small model answered in prose even when asked for JSON, before decoding
+    # was constrained: now an object too (or cut by max_tokens, said so).
+    body = completion_of(chat(client, temperature=0, max_tokens=40, response_format={"type": "json_object"}).json())
+    if body.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(body.choices[0].message.content), dict)
 
 
 @pytest.mark.parametrize(

@@ -21,10 +21,10 @@ from glm_api.families.base import ToolCall
 from glm_api.protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from glm_api.protocol.tokenizer import TokenizeRequest
 from glm_api.serving.chat import ChatEvent, ChatRun
+from glm_api.serving.structured import tool_call_constraint, with_json_instruction
 from glm_api.serving.openai_chat import (
     ChatPlan,
     _offered_tools,
-    _with_json_instruction,
     chat_call,
     chat_response,
     chat_stream,
@@ -157,8 +157,8 @@ def test_content_may_be_left_out_where_openai_allows_it():
 
 
 def test_json_instruction_joins_the_system_message_or_leads():
-    assert _with_json_instruction([{"role": "user", "content": "x"}])[0]["role"] == "system"
-    merged = _with_json_instruction([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "x"}])
+    assert with_json_instruction([{"role": "user", "content": "x"}])[0]["role"] == "system"
+    merged = with_json_instruction([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "x"}])
     assert len(merged) == 2 and merged[0]["content"].startswith("Be brief.") and "JSON" in merged[0]["content"]
 
 
@@ -229,29 +229,30 @@ def test_stream_shape_with_two_choices_tool_calls_and_usage():
     assert out[1]["choices"][0]["delta"] == {"role": "assistant", "content": ""}  # only the keys it carries
 
 
-def test_json_mode_failure_after_the_first_byte_is_an_error_event():
-    events = [ChatEvent(0, "not json", None, [], 7, 2), ChatEvent(0, "", "stop", [], 7, 3)]
-    out = asyncio.run(drain(chat_stream(plan(events, prefix="{", json_mode=True))))
-    assert out[-1] == "[DONE]"
-    error = out[-2]["error"]
-    assert error["code"] == "invalid_json_output" and error["param"] == "response_format"
-    assert set(error) == {"message", "type", "param", "code"}
+def test_a_forced_tool_calls_json_comes_back_as_tool_calls():
+    events = [ChatEvent(0, '{"name": "f", "arguments": {"a": 1}}', "stop", [], 7, 9)]
+    body = asyncio.run(chat_response(plan(events, forced_tool=True)))
+    choice = body.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == [("f", {"a": 1})]
+    out = asyncio.run(drain(chat_stream(plan(events, forced_tool=True))))
+    deltas = [e["choices"][0]["delta"] for e in out[:-1] if e["choices"]]
+    assert not any(d.get("content") for d in deltas)
+    assert [d["tool_calls"][0]["function"]["name"] for d in deltas if "tool_calls" in d] == ["f"]
+    # Cut by max_tokens before it closed: what was written, as content, with "length".
+    cut = [ChatEvent(0, '{"name": "f", "argu', "length", [], 7, 3)]
+    body = asyncio.run(chat_response(plan(cut, forced_tool=True)))
+    assert body.choices[0].finish_reason == "length" and body.choices[0].message.content == '{"name": "f", "argu'
 
 
-def test_json_mode_keeps_a_valid_answer_and_the_prefill():
-    events = [ChatEvent(0, '"a": 1}', "stop", [], 7, 3)]
-    body = asyncio.run(chat_response(plan(events, prefix="{", json_mode=True)))
-    assert json.loads(body.choices[0].message.content) == {"a": 1}
-    cut = [ChatEvent(0, '"a": ', "length", [], 7, 3)]  # cut by max_tokens: returned as is
-    assert asyncio.run(chat_response(plan(cut, prefix="{", json_mode=True))).choices[0].finish_reason == "length"
-
-
-def test_required_tool_call_missing_is_refused():
-    from glm_api.errors import BadRequestError
-
-    with pytest.raises(BadRequestError) as info:
-        asyncio.run(chat_response(plan([ChatEvent(0, "hello", "stop", [], 7, 1)], tool_required=True)))
-    assert info.value.code == "tool_call_missing"
+def test_the_forced_tool_schema_is_one_call_of_an_offered_tool():
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}},
+             {"type": "function", "function": {"name": "g"}}]
+    schema = json.loads(tool_call_constraint(tools).spec)
+    assert [s["properties"]["name"]["const"] for s in schema["anyOf"]] == ["f", "g"]
+    assert all(s["required"] == ["name", "arguments"] for s in schema["anyOf"])
+    single = json.loads(tool_call_constraint(tools[:1]).spec)
+    assert single["properties"]["arguments"] == {"type": "object"}
 
 
 def test_base64_is_what_the_sdk_decodes():

@@ -58,6 +58,9 @@ class ChatGLM3Template:
     """Tokenizer, prompt format, stop tokens and output parser of ChatGLM3."""
 
     supports_tools = True
+    # Its calls are Python code (tool_call(a=1)), which no JSON grammar describes: a forced call
+    # uses the family-neutral JSON form (serving/structured.py).
+    tool_call_syntax = None
 
     def __init__(self, tokenizer: ChatGLM3Tokenizer) -> None:
         self.tokenizer = tokenizer
