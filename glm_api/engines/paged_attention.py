@@ -267,6 +267,11 @@ def paged_attention(
 def install(model: torch.nn.Module) -> None:
     """Make ``model``'s attention layers use :func:`paged_attention` in engine steps (and SDPA,
     with SDPA's masks, in any other forward)."""
+    if not model.is_backend_compatible():  # its layers would ignore the pool and attend to one step only
+        raise ValueError(
+            f"{type(model).__name__} does not take its attention function from transformers' attention "
+            "interface, so this server cannot batch it over its KV cache"
+        )
     AttentionInterface.register(ATTENTION_NAME, paged_attention)
     AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
     model.set_attn_implementation(ATTENTION_NAME)

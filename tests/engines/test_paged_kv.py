@@ -216,3 +216,13 @@ def test_rows_after_beginnings_found_in_the_pool_see_what_they_see_alone(kind):
     _assert_alone(reference, rows, lens)
     cached = [r.kv.cached for r in rows]
     assert max(cached) >= len(system) and sum(c >= len(system) for c in cached) >= len(rows) // 2, cached
+
+
+def test_a_model_whose_attention_ignores_the_interface_is_refused():
+    class Custom(LlamaForCausalLM):
+        _supports_attention_backend = False
+
+    model = Custom(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=2))
+    with pytest.raises(ValueError, match="attention interface"):
+        install(model)
