@@ -18,7 +18,7 @@ from glm_api.middleware import RequestContextMiddleware
 from glm_api.openapi import openapi_schema
 from glm_api.security import ApiKeyMiddleware, BodyLimitMiddleware
 from glm_api.registry import ModelRegistry, ModelSources, build_registry
-from glm_api.routers import openai, ops, seed
+from glm_api.routers import openai, ops, playground, seed
 from glm_api.state import AppState, Services
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,11 @@ def create_app(
     # Starlette runs the last added outermost: request id and access log, then CORS (so
     # preflights need no key), then the key check, then the body limit, then the routes.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(ApiKeyMiddleware, keys=settings.all_api_keys())
+    app.add_middleware(
+        ApiKeyMiddleware, keys=settings.all_api_keys(),
+        open_paths=playground.PUBLIC_PATHS if settings.playground else (),
+        open_prefixes=playground.PUBLIC_PREFIXES if settings.playground else (),
+    )
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -74,6 +78,8 @@ def create_app(
     app.include_router(seed.router)
     app.include_router(openai.router)
     app.include_router(ops.router)
+    if settings.playground:
+        playground.install(app)  # the page at / and its files; a client of /v1 like any other
     app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
     return app
 

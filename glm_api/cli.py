@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, help="larger request bodies get 413 (default 4 MiB)")
     p.add_argument("--shutdown-grace-seconds", type=float,
                    help="on SIGTERM, time running requests get to finish (default 30)")
+    p.add_argument("--no-playground", action="store_false", default=None, dest="playground",
+                   help="do not serve the web playground at / (GLM_API_PLAYGROUND=false does the same)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     return p
 

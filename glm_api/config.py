@@ -93,6 +93,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
     shutdown_grace_seconds: float = Field(30.0, ge=0, description="time running streams get to finish on SIGTERM")
 
+    # The web playground at / (glm_api/static): a browser client of the /v1 API.
+    playground: bool = True
+
     @field_validator("api_keys", "cors_origins", "trust_remote_code", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> list[str]:

@@ -30,12 +30,21 @@ async def send_error(send: Send, error: APIError) -> None:
 
 
 class ApiKeyMiddleware:
-    def __init__(self, app: ASGIApp, keys: Iterable[str]) -> None:
+    def __init__(
+        self, app: ASGIApp, keys: Iterable[str], open_paths: Iterable[str] = (), open_prefixes: Iterable[str] = ()
+    ) -> None:
+        """``open_paths`` / ``open_prefixes``: more public paths beside the probes (the playground's
+        page and static files, which hold no secrets)."""
         self.app = app
         self._keys = [k.encode() for k in keys if k]
+        self._open_paths = OPEN_PATHS | frozenset(open_paths)
+        self._open_prefixes = tuple(open_prefixes)
+
+    def _is_open(self, path: str) -> bool:
+        return path in self._open_paths or (bool(self._open_prefixes) and path.startswith(self._open_prefixes))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self._keys or scope.get("path") in OPEN_PATHS or scope.get("method") == "OPTIONS":
+        if scope["type"] != "http" or not self._keys or self._is_open(scope.get("path", "")) or scope.get("method") == "OPTIONS":
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
