@@ -39,7 +39,8 @@ def pins(lock: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize(("source", "lock"), [("requirements.in", "requirements.txt"),
-                                              ("requirements-dev.in", "requirements-dev.txt")])
+                                              ("requirements-dev.in", "requirements-dev.txt"),
+                                              ("requirements-ray.in", "requirements-ray.txt")])
 def test_every_direct_requirement_is_locked_at_a_version_it_allows(source, lock):
     locked = pins(REPO / lock)
     for req in requirements(REPO / source):
@@ -51,6 +52,16 @@ def test_every_direct_requirement_is_locked_at_a_version_it_allows(source, lock)
 def test_the_dev_lock_pins_the_server_exactly_as_its_lock_does():
     server, dev = pins(REPO / "requirements.txt"), pins(REPO / "requirements-dev.txt")
     assert {name: dev.get(name) for name in server} == server
+
+
+def test_the_ray_lock_moves_no_pin_of_the_server_or_dev_locks():
+    # CI installs requirements-ray.txt on top of requirements-dev.txt: a shared package at
+    # another version would silently replace the one the other locks were tested with.
+    ray = pins(REPO / "requirements-ray.txt")
+    for lock in ("requirements.txt", "requirements-dev.txt"):
+        other = pins(REPO / lock)
+        assert {n: v for n, v in other.items() if n in ray and ray[n] != v} == {}, lock
+    assert set(pins(REPO / "requirements.txt")) <= set(ray)
 
 
 def test_torch_is_locked_without_a_build_tag():
