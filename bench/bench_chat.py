@@ -4,6 +4,7 @@
     python bench/bench_chat.py --url http://host:8100
     python bench/bench_chat.py --transformers-serve # also `transformers serve --continuous-batching`
     python bench/bench_chat.py --generate-batch     # also transformers' in-process generate_batch
+    python bench/bench_chat.py --device cpu,cpu     # the server with one chat replica per device
 
 For each concurrency N (default 1, 8, 32) it sends N streaming greedy requests of
 ``--max-tokens`` tokens at once and measures aggregate completion tokens/s and time to first
@@ -18,6 +19,11 @@ first: it is what that server runs with its default ``--dtype auto`` on SmolLM2 
 (bfloat16 weights; DESIGN.md's 260 MB folder), the set-up behind the anchor the speed goal was
 set against. float32 is the precision glm-api chooses on a CPU, for the comparison at equal
 precision.
+
+``--device`` is passed to the server: a list (``cuda:0,cuda:1``, ``all``, ``cpu,cpu``) runs one
+chat replica per device behind the router, with ``--max-running`` per replica. The in-process
+limit stays one model on the first listed device, so with N replicas on N GPUs the ratio can
+reach N; on this 2-core CPU two replicas share the same cores (see docs/performance.md).
 """
 
 from __future__ import annotations
@@ -110,6 +116,20 @@ async def server_load(url: str, api: str, model: str | None, conversations: list
     return LoadResult(tokens / wall, [r[0] for r in results], tokens, sum(r[2] for r in results))
 
 
+def prompt_counters(url: str) -> tuple[float, float]:
+    """(prompt tokens, of which taken from the prefix cache) so far, from the server's /metrics."""
+    values = {"glm_api_chat_prompt_tokens_total": 0.0, "glm_api_chat_cached_prompt_tokens_total": 0.0}
+    try:
+        text = httpx.get(url + "/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return float("nan"), float("nan")
+    for line in text.splitlines():
+        name = line.split("{")[0].split(" ")[0]
+        if name in values:
+            values[name] += float(line.rsplit(" ", 1)[1])
+    return values["glm_api_chat_prompt_tokens_total"], values["glm_api_chat_cached_prompt_tokens_total"]
+
+
 def static_generate(model, prompt_ids: list[list[int]], max_tokens: int, pad_id: int) -> float:
     """Tokens/s of one ``generate`` over the whole left-padded batch, exactly max_tokens each."""
     import torch
@@ -143,16 +163,16 @@ def load_model(args):
     import torch
 
     from glm_api.config import Settings
-    from glm_api.devices import resolve_device, resolve_dtype
+    from glm_api.devices import resolve_devices, resolve_dtype
     from glm_api.families.detect import load_chat_model
     from glm_api.registry import resolve_model_sources
 
-    overrides = {"cache_dir": args.cache_dir, "dtype": args.dtype, "device": "cpu"}
+    overrides = {"cache_dir": args.cache_dir, "dtype": args.dtype, "device": args.device or "cpu"}
     if args.chat_model:
         overrides["chat_model"] = args.chat_model
     settings = Settings(**overrides)
     source = resolve_model_sources(settings).chat
-    device = resolve_device(settings.device)
+    device = resolve_devices(settings.device)[0]  # the limit: one model on the first device
     loaded = load_chat_model(source.path, device, resolve_dtype(settings.dtype, device), settings.cache_dir)
     torch.set_grad_enabled(False)
     return loaded, source
@@ -166,6 +186,8 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2, help="runs per figure; the best is kept")
     p.add_argument("--dtype", default="float32", help="for both the server and the in-process limit")
+    p.add_argument("--device", help="the server's --device (default: cpu); a list runs one chat replica per device; "
+                                    "the in-process limit runs on the first")
     p.add_argument("--chat-model", help="model path (default: what the server picks, the packaged SmolLM2)")
     p.add_argument("--cache-dir", default=str(Path(".cache/glm-api").resolve()))
     p.add_argument("--transformers-serve", action="store_true",
@@ -185,7 +207,8 @@ def main() -> int:
     conversations = prompts(max(levels))
     prompt_ids = [template.encode_messages(c) for c in conversations]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(template.stop_token_ids)
-    print(f"model {source.name} ({source.path}), {args.dtype}; {machine_line()}", flush=True)
+    print(f"model {source.name} ({source.path}), {args.dtype}, server --device {args.device or 'cpu'}; "
+          f"{machine_line()}", flush=True)
 
     static_generate(loaded.model, prompt_ids[:2], 4, pad_id)  # warm up
     rows = []
@@ -193,7 +216,11 @@ def main() -> int:
                    "--log-level", "warning"]
     if args.chat_model:
         server_args += ["--chat-model", args.chat_model]
+    if args.device:
+        server_args += ["--device", args.device]
     peers: dict[str, dict[int, LoadResult]] = {}
+
+    cached_share: dict[int, float] = {}  # of glm-api's prompt tokens, taken from its prefix cache
 
     def run_levels(url: str, api: str, model: str | None, label: str, limits: bool = True) -> dict[int, tuple[LoadResult, float]]:
         asyncio.run(server_load(url, api, model, conversations[:2], 4, count_tokens))  # warm up
@@ -201,6 +228,7 @@ def main() -> int:
         for n in levels:
             best: LoadResult | None = None
             limit = float("nan")
+            prompt_before, cached_before = prompt_counters(url)
             for _ in range(args.repeats):
                 if limits:
                     limit = max(0.0 if limit != limit else limit,
@@ -209,6 +237,9 @@ def main() -> int:
                 if best is None or result.tokens_per_s > best.tokens_per_s:
                     best = result
             out[n] = (best, limit)
+            prompt_after, cached_after = prompt_counters(url)
+            if label == "glm-api" and prompt_after > prompt_before:
+                cached_share[n] = (cached_after - cached_before) / (prompt_after - prompt_before)
             print(f"  {label} N={n}: {best.tokens_per_s:.1f} tok/s, limit {limit:.1f} "
                   f"({best.stopped_early} stopped before max_tokens)", flush=True)
         return out
@@ -235,14 +266,15 @@ def main() -> int:
     for n in levels:
         result, limit = ours[n]
         row = [n, result.tokens_per_s, limit, result.tokens_per_s / limit,
-               percentile(result.ttft, 50), percentile(result.ttft, 95)]
+               percentile(result.ttft, 50), percentile(result.ttft, 95), cached_share.get(n, float("nan"))]
         for runs in peers.values():
             peer = runs[n]
             row += [peer.tokens_per_s, percentile(peer.ttft, 50), result.tokens_per_s / peer.tokens_per_s]
         if batch_api:
             row += [batch_api[n], batch_api[n] / limit]
         rows.append(row)
-    headers = ["streams", "glm-api tok/s", "static generate tok/s", "ratio", "TTFT p50 s", "TTFT p95 s"]
+    headers = ["streams", "glm-api tok/s", "static generate tok/s", "ratio", "TTFT p50 s", "TTFT p95 s",
+               "prompt tokens cached"]
     for dtype in peers:
         headers += [f"serve --cb {dtype} tok/s", "its TTFT p50 s", "glm-api / it"]
     if batch_api:

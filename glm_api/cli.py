@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an embedding model folder, repeatable (default ./model/text2vec-*, else the packaged all-MiniLM-L6-v2)")
     p.add_argument("--model-dir", metavar="DIR", help="where the seed's model folders are looked for (default ./model)")
     p.add_argument("--disable-chat", action="store_true", default=None, help="serve embeddings only")
-    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto); a comma-separated list (cuda:0,cuda:1) "
+                   "or all (every visible GPU) runs one chat replica per device")
+    p.add_argument("--embedding-device", help="device of the embedding models (default: the first --device)")
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], help="default auto: bf16/fp16 on GPU, fp32 on CPU")
     p.add_argument("--cache-dir", metavar="DIR", help="where converted GGUF models are cached (default .cache/glm-api)")
     p.add_argument("--max-running", type=int, help="chat sequences decoded together (default 32)")

@@ -51,7 +51,9 @@ class Settings(BaseSettings):
     embedding_models: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     disable_chat: bool = False
     cache_dir: Path = Path(".cache/glm-api")
+    # One device, or a comma-separated list (one chat replica per entry), or "all" GPUs.
     device: str = "auto"
+    embedding_device: str | None = Field(None, description="where embedding models load (default: the first --device)")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     embedding_max_seq_length: int | None = Field(None, ge=1)
 

@@ -5,6 +5,8 @@ so tests and several apps in one process never share counters. HTTP requests are
 the middleware, by route template (``/v1/models/{model_id:path}``, not the raw path) so label
 values stay few. Engine figures are not pushed: a collector reads the engines' own counters
 (:mod:`glm_api.engines.stats`) at scrape time, so the engine threads never touch this module.
+Chat engine series carry a ``replica`` label (its index in ``--device``; ``"0"`` for one
+engine), and ``glm_api_chat_replica_up{replica, device}`` says which replicas serve.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from glm_api.engines.router import replicas_of
 from glm_api.engines.stats import ChatEngineStats, EmbeddingEngineStats
 from glm_api.engines.stats import Histogram as StatHistogram
 from glm_api.registry import ModelRegistry
@@ -58,22 +61,13 @@ class EngineCollector(Collector):
         registry = self._registry()
         if registry is None:
             return
-        running = GaugeMetricFamily(f"{PREFIX}_chat_running_sequences", "Sequences in the running decode batch", labels=["model"])
-        waiting = GaugeMetricFamily(f"{PREFIX}_chat_waiting_requests", "Chat requests queued for a batch slot", labels=["model"])
         rejected = CounterMetricFamily(
             f"{PREFIX}_queue_rejections", "Requests refused with 429 because the engine's queue was full", labels=["engine", "model"]
         )
-        chat = registry.chat
-        chat_stats = getattr(chat, "stats", None)
-        families: list[Metric] = [running, waiting, rejected]
-        if chat is not None:
-            running.add_metric([chat.model_name], chat.num_running)
-            waiting.add_metric([chat.model_name], chat.num_waiting)
-        if chat is not None and isinstance(chat_stats, ChatEngineStats):
-            families += list(_chat_families(chat.model_name, chat_stats))
-        if chat is not None and hasattr(chat, "kv_blocks"):
-            families.append(_kv_blocks(chat.model_name, chat.kv_blocks))
-            rejected.add_metric(["chat", chat.model_name], chat_stats.rejected)
+        families: list[Metric] = []
+        if registry.chat is not None:
+            families += list(_chat_replica_families(registry.chat, rejected))
+        families.append(rejected)
         emb_waiting = GaugeMetricFamily(f"{PREFIX}_embedding_waiting_texts", "Texts queued for an embedding batch", labels=["model"])
         emb_texts = CounterMetricFamily(f"{PREFIX}_embedding_texts", "Texts embedded", labels=["model"])
         emb_batches = CounterMetricFamily(f"{PREFIX}_embedding_batches", "Embedding forward passes", labels=["model"])
@@ -90,40 +84,63 @@ class EngineCollector(Collector):
         yield from families
 
 
-def _kv_blocks(model: str, blocks: tuple[int, int, int]) -> Metric:
-    family = GaugeMetricFamily(
-        f"{PREFIX}_chat_kv_blocks", "KV cache blocks: used by rows, free, and free but still cached (a subset of free)",
-        labels=["model", "state"],
+def _chat_replica_families(chat, rejected: CounterMetricFamily) -> Iterator[Metric]:
+    """The chat engine's figures, one series per replica (``replica="0"`` for a single engine),
+    so a dashboard's queries stay the same when a device is added."""
+    model = chat.model_name
+    labels = ["model", "replica"]
+    replicas = replicas_of(chat)
+    up = GaugeMetricFamily(
+        f"{PREFIX}_chat_replica_up", "1 while the chat replica serves, 0 once it is out of rotation", labels=[*labels, "device"]
     )
-    for state, count in zip(("used", "free", "cached"), blocks):
-        family.add_metric([model, state], count)
-    return family
+    running = GaugeMetricFamily(f"{PREFIX}_chat_running_sequences", "Sequences in the running decode batch", labels=labels)
+    waiting = GaugeMetricFamily(f"{PREFIX}_chat_waiting_requests", "Chat requests queued for a batch slot", labels=labels)
+    kv = GaugeMetricFamily(
+        f"{PREFIX}_chat_kv_blocks", "KV cache blocks: used by rows, free, and free but still cached (a subset of free)",
+        labels=[*labels, "state"],
+    )
+    stats = [(str(r.index), r.engine.stats) for r in replicas if isinstance(getattr(r.engine, "stats", None), ChatEngineStats)]
+    # 429s: a router's own refusals (every replica full) plus any replica's.
+    rejected.add_metric(["chat", model], getattr(chat, "rejected", 0) + sum(s.rejected for _, s in stats))
+    for replica in replicas:
+        values = [model, str(replica.index)]
+        up.add_metric([*values, replica.device], 1 if replica.down is None else 0)
+        running.add_metric(values, replica.engine.num_running)
+        waiting.add_metric(values, replica.engine.num_waiting)
+        if hasattr(replica.engine, "kv_blocks"):
+            for state, count in zip(("used", "free", "cached"), replica.engine.kv_blocks):
+                kv.add_metric([*values, state], count)
+    yield from (up, running, waiting, kv)
+    if stats:
+        yield from _chat_families(model, stats)
 
 
-def _chat_families(model: str, stats: ChatEngineStats) -> Iterator[Metric]:
-    def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-        family = CounterMetricFamily(f"{PREFIX}_chat_{name}", doc, labels=["model"])
-        family.add_metric([model], value)
+def _chat_families(model: str, replicas: list[tuple[str, ChatEngineStats]]) -> Iterator[Metric]:
+    labels = ["model", "replica"]
+
+    def counter(name: str, doc: str, value: Callable[[ChatEngineStats], float]) -> CounterMetricFamily:
+        family = CounterMetricFamily(f"{PREFIX}_chat_{name}", doc, labels=labels)
+        for replica, stats in replicas:
+            family.add_metric([model, replica], value(stats))
         return family
 
-    yield counter("generated_tokens", "Completion tokens generated", stats.tokens_generated)
-    yield counter("prompt_tokens", "Prompt tokens of admitted requests (those taken from the prefix cache included)", stats.prompt_tokens)
-    yield counter("cached_prompt_tokens", "Prompt tokens taken from the prefix cache instead of prefilled", stats.cached_prompt_tokens)
-    yield counter("decode_steps", "Engine steps (one forward over the decode tokens and prompt chunks scheduled)", stats.steps)
-    yield counter("prefills", "Steps that carried prompt tokens (chunked prefill)", stats.prefills)
-    yield counter("preemptions", "Rows whose KV blocks were taken back when the pool ran short, recomputed later", stats.preemptions)
-    finished = CounterMetricFamily(f"{PREFIX}_chat_requests_finished", "Finished generations by reason", labels=["model", "reason"])
-    for reason, count in sorted(stats.finished.items()):
-        finished.add_metric([model, reason], count)
-    yield finished
-    batch = HistogramMetricFamily(f"{PREFIX}_chat_batch_size", "Sequences per decode step", labels=["model"])
-    _add_histogram(batch, [model], stats.batch_size)
-    yield batch
+    yield counter("generated_tokens", "Completion tokens generated", lambda s: s.tokens_generated)
+    yield counter("prompt_tokens", "Prompt tokens of admitted requests (those taken from the prefix cache included)", lambda s: s.prompt_tokens)
+    yield counter("cached_prompt_tokens", "Prompt tokens taken from the prefix cache instead of prefilled", lambda s: s.cached_prompt_tokens)
+    yield counter("decode_steps", "Engine steps (one forward over the decode tokens and prompt chunks scheduled)", lambda s: s.steps)
+    yield counter("prefills", "Steps that carried prompt tokens (chunked prefill)", lambda s: s.prefills)
+    yield counter("preemptions", "Rows whose KV blocks were taken back when the pool ran short, recomputed later", lambda s: s.preemptions)
+    finished = CounterMetricFamily(f"{PREFIX}_chat_requests_finished", "Finished generations by reason", labels=[*labels, "reason"])
+    batch = HistogramMetricFamily(f"{PREFIX}_chat_batch_size", "Sequences per decode step", labels=labels)
     ttft = HistogramMetricFamily(
-        f"{PREFIX}_chat_time_to_first_token_seconds", "From admission request to the first generated token", labels=["model"]
+        f"{PREFIX}_chat_time_to_first_token_seconds", "From admission request to the first generated token", labels=labels
     )
-    _add_histogram(ttft, [model], stats.ttft_seconds)
-    yield ttft
+    for replica, stats in replicas:
+        for reason, count in sorted(stats.finished.items()):
+            finished.add_metric([model, replica, reason], count)
+        _add_histogram(batch, [model, replica], stats.batch_size)
+        _add_histogram(ttft, [model, replica], stats.ttft_seconds)
+    yield from (finished, batch, ttft)
 
 
 def _add_histogram(family: HistogramMetricFamily, labels: list[str], histogram: StatHistogram) -> None:

@@ -10,11 +10,15 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from glm_api.config import SEED_CHAT_MODEL, SEED_EMBEDDING_MODELS, Settings
-from glm_api.devices import resolve_device, resolve_dtype
+from glm_api.devices import resolve_device, resolve_devices, resolve_dtype
 from glm_api.engines.base import ChatEngine, EmbeddingEngine
 from glm_api.errors import BadRequestError, NotFoundError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,13 @@ def resolve_model_sources(settings: Settings) -> ModelSources:
     """Configured paths, else the seed's ./model/<name> folders, else the packaged models."""
     from glm_api.families.embedding import packaged_embedding_path
     from glm_api.families.transformers_lm import packaged_chat_gguf
+
+    try:  # the devices too, so that a typo fails before the server starts
+        resolve_devices(settings.device)
+        if settings.embedding_device:
+            resolve_device(settings.embedding_device)
+    except (ValueError, RuntimeError) as exc:  # torch.device("nope") raises RuntimeError
+        raise StartupError(f"--device / --embedding-device: {exc}") from None
 
     chat: ModelSource | None = None
     if not settings.disable_chat:
@@ -181,41 +192,28 @@ class ModelRegistry:
 
 
 def build_registry(settings: Settings, sources: ModelSources | None = None) -> ModelRegistry:
-    """Load every model (blocking: seconds to minutes) and wrap each in its engine."""
+    """Load every model (blocking: seconds to minutes) and wrap each in its engine. With several
+    devices in ``--device`` the chat model is loaded once per device, one engine each, behind a
+    :class:`~glm_api.engines.router.ReplicaRouter`; embedding models load on the first device
+    (or ``--embedding-device``)."""
     from glm_api.engines.embedding_engine import BatchingEmbeddingEngine
-    from glm_api.engines.transformers_engine import TransformersChatEngine
-    from glm_api.families.detect import load_chat_model
+    from glm_api.engines.router import ReplicaRouter
     from glm_api.families.embedding import load_embedding_model
 
     sources = sources or resolve_model_sources(settings)
-    device = resolve_device(settings.device)
-    dtype = resolve_dtype(settings.dtype, device)
-    chat = None
+    devices = resolve_devices(settings.device)
+    chat: ChatEngine | None = None
     if sources.chat is not None:
-        started = time.monotonic()
-        log.info("loading chat model %s from %s on %s (%s)", sources.chat.name, sources.chat.path, device, dtype)
-        if sources.chat.trust_remote_code:
-            log.warning(
-                "trust_remote_code is ON for %s: Python code from %s may run in this process",
-                sources.chat.name, sources.chat.path,
-            )
-        loaded = load_chat_model(
-            sources.chat.path, device, dtype, settings.cache_dir, trust_remote_code=sources.chat.trust_remote_code
-        )
-        log.info(
-            "chat model %s ready: %s family, context %d, %.1f s",
-            sources.chat.name, loaded.family, loaded.context_length, time.monotonic() - started,
-        )
-        chat = TransformersChatEngine(
-            loaded, sources.chat.name, max_running=settings.max_running, max_waiting=settings.max_waiting,
-            prefix_cache_tokens=settings.prefix_cache_tokens, kv_cache_tokens=settings.kv_cache_tokens,
-            kv_block_size=settings.kv_block_size, prefill_chunk_tokens=settings.prefill_chunk_tokens,
-            gpu_memory_utilization=settings.gpu_memory_utilization,
-        )
+        engines = [
+            _load_chat_replica(settings, sources.chat, device, i, len(devices)) for i, device in enumerate(devices)
+        ]
+        chat = engines[0] if len(engines) == 1 else ReplicaRouter(engines, [str(d) for d in devices])
+    device = resolve_device(settings.embedding_device) if settings.embedding_device else devices[0]
+    dtype = resolve_dtype(settings.dtype, device)
     embeddings: dict[str, EmbeddingEngine] = {}
     for source in sources.embeddings:
         started = time.monotonic()
-        log.info("loading embedding model %s from %s", source.name, source.path)
+        log.info("loading embedding model %s from %s on %s (%s)", source.name, source.path, device, dtype)
         loaded_emb = load_embedding_model(source.path, device, dtype, settings.embedding_max_seq_length)
         log.info(
             "embedding model %s ready: %s, %d dimensions, max %d tokens, %.1f s",
@@ -229,3 +227,29 @@ def build_registry(settings: Settings, sources: ModelSources | None = None) -> M
             max_queued_texts=settings.max_embedding_queue,
         )
     return ModelRegistry(chat, embeddings)
+
+
+def _load_chat_replica(settings: Settings, source: ModelSource, device: torch.device, index: int, count: int) -> ChatEngine:
+    """The chat model loaded on one device, in its own engine (own KV pool and prefix cache)."""
+    from glm_api.engines.transformers_engine import TransformersChatEngine
+    from glm_api.families.detect import load_chat_model
+
+    dtype = resolve_dtype(settings.dtype, device)
+    started = time.monotonic()
+    replica = f" (replica {index} of {count})" if count > 1 else ""
+    log.info("loading chat model %s from %s on %s (%s)%s", source.name, source.path, device, dtype, replica)
+    if source.trust_remote_code and index == 0:
+        log.warning(
+            "trust_remote_code is ON for %s: Python code from %s may run in this process", source.name, source.path
+        )
+    loaded = load_chat_model(source.path, device, dtype, settings.cache_dir, trust_remote_code=source.trust_remote_code)
+    log.info(
+        "chat model %s ready%s: %s family, context %d, %.1f s",
+        source.name, replica, loaded.family, loaded.context_length, time.monotonic() - started,
+    )
+    return TransformersChatEngine(
+        loaded, source.name, max_running=settings.max_running, max_waiting=settings.max_waiting,
+        prefix_cache_tokens=settings.prefix_cache_tokens, kv_cache_tokens=settings.kv_cache_tokens,
+        kv_block_size=settings.kv_block_size, prefill_chunk_tokens=settings.prefill_chunk_tokens,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+    )

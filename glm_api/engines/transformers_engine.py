@@ -131,6 +131,36 @@ class TransformersChatEngine(WorkerThread):
         """Blocks in use, free, and (of the free ones) still holding cached prompt beginnings."""
         return self.blocks.num_used, self.blocks.num_free, self.blocks.num_cached
 
+    # -- for a router over replicas (engines/router.py); estimates, read from the event loop ---
+
+    @property
+    def queue_full(self) -> bool:
+        """Whether :meth:`generate` would refuse a request now (429)."""
+        with self._cv:
+            return self._queue_full()
+
+    def _queue_full(self) -> bool:
+        """Caller holds the lock."""
+        free = self.max_running - len(self._running)
+        return len(self._waiting) - max(free, 0) >= self.max_waiting
+
+    def outstanding_tokens(self) -> int:
+        """Work this engine holds, in tokens: prompt tokens not yet computed plus tokens still
+        allowed to be generated (each request's max_tokens left), running and waiting."""
+        with self._cv:
+            rows = [*self._running, *self._waiting]
+        return sum(
+            max(0, len(r.kv.ids) - r.kv.computed) + max(0, r.params.max_tokens - len(r.output_ids)) for r in rows
+        )
+
+    def cached_prefix_tokens(self, prompt_ids: list[int]) -> int:
+        """Tokens at the start of ``prompt_ids`` that this engine's KV pool holds now."""
+        with self._cv:
+            try:
+                return self.blocks.lookup(prompt_ids).tokens(self.blocks.block_size)
+            except RuntimeError:  # the worker registered a block mid-lookup: no hint this time
+                return 0
+
     # -- client side (event loop) ------------------------------------------------------------
 
     def compile_constraint(self, constraint: Constraint) -> CompiledGrammar:
@@ -163,8 +193,7 @@ class TransformersChatEngine(WorkerThread):
             matcher=params.grammar.matcher() if params.grammar is not None else None,
         )
         with self._cv:
-            free = self.max_running - len(self._running)
-            if len(self._waiting) - max(free, 0) >= self.max_waiting:
+            if self._queue_full():
                 self.stats.rejected += 1
                 raise RateLimitError(
                     f"the server is busy: {len(self._running)} sequences running and "

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from glm_api.deps import AppStateDep
+from glm_api.engines.router import ReplicaRouter, replicas_of
 from glm_api.errors import EngineUnavailableError
 
 router = APIRouter(tags=["operations"])
@@ -13,15 +14,23 @@ router = APIRouter(tags=["operations"])
 
 @router.get("/health")
 async def health(state: AppStateDep) -> JSONResponse:
-    """200 while the process can serve or is still loading; 503 when an engine has died."""
+    """200 while the process can serve or is still loading; 503 when an engine has died. With
+    several chat replicas, each is listed (index, device, state, load); one that died makes the
+    status ``degraded``, still 200, and only none left serving makes it 503."""
     if state.load_error:
         return JSONResponse({"status": "error", "detail": state.load_error}, status_code=503)
+    body: dict = {"status": "ok"}
     if state.services is not None:
+        registry = state.services.registry
+        if isinstance(registry.chat, ReplicaRouter):
+            body["replicas"] = [replica.status() for replica in replicas_of(registry.chat)]
+            if any(replica["state"] != "ok" for replica in body["replicas"]):
+                body["status"] = "degraded"
         try:
-            state.services.registry.check_health()
+            registry.check_health()
         except EngineUnavailableError as exc:
-            return JSONResponse({"status": "error", "detail": exc.message}, status_code=503)
-    return JSONResponse({"status": "ok"})
+            return JSONResponse({**body, "status": "error", "detail": exc.message}, status_code=503)
+    return JSONResponse(body)
 
 
 @router.get("/ready")

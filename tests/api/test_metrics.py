@@ -26,7 +26,10 @@ def scrape(client) -> dict[tuple[str, tuple], float]:
 
 
 def value(samples: dict, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+    """The sum of ``name``'s samples that carry ``labels`` (over the labels not named, such as
+    the chat engine's ``replica``)."""
+    wanted = set(labels.items())
+    return sum(v for (n, have), v in samples.items() if n == name and wanted <= set(have))
 
 
 def test_metrics_parse_and_count_requests_and_tokens(client):
