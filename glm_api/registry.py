@@ -251,5 +251,6 @@ def _load_chat_replica(settings: Settings, source: ModelSource, device: torch.de
         loaded, source.name, max_running=settings.max_running, max_waiting=settings.max_waiting,
         prefix_cache_tokens=settings.prefix_cache_tokens, kv_cache_tokens=settings.kv_cache_tokens,
         kv_block_size=settings.kv_block_size, prefill_chunk_tokens=settings.prefill_chunk_tokens,
-        gpu_memory_utilization=settings.gpu_memory_utilization,
+        gpu_memory_utilization=settings.gpu_memory_utilization, prefill_time_share=settings.prefill_time_share,
+        prefill_step_ms=settings.prefill_step_ms,
     )

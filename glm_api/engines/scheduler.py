@@ -3,8 +3,8 @@
 Every step (vLLM v1's policy, not nano-vllm's prefill-only steps, which stall streams):
 
 1. each running row gets its next token if it is decoding, or its next prompt chunk if it is
-   still prefilling (chunks share ``chunk_tokens`` per step), so streams keep flowing while a
-   long prompt arrives;
+   still prefilling (chunks share ``chunk_tokens`` per step, fewer while rows decode: see
+   :mod:`pacing`), so streams keep flowing while a long prompt arrives;
 2. a decoding row that needs a new block and finds none free preempts the newest running row:
    its blocks are released and it goes back to the front of the queue, to be recomputed later
    from its prompt and the tokens it already sent (its client sees nothing but a pause);
@@ -26,6 +26,7 @@ from typing import Protocol
 
 from glm_api.engines.kv_blocks import BlockManager, common_length
 from glm_api.engines.kv_pool import KVPool
+from glm_api.engines.pacing import PrefillPacer
 
 #: A shared beginning shorter than this is not worth making a prompt wait a step.
 MIN_SHARED_TOKENS = 16
@@ -55,10 +56,14 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, pool: KVPool, *, max_running: int, chunk_tokens: int) -> None:
+    def __init__(
+        self, blocks: BlockManager, pool: KVPool, *, max_running: int, chunk_tokens: int, pacer: PrefillPacer | None = None
+    ) -> None:
         self.blocks, self.pool = blocks, pool
         self.max_running = max_running
         self.chunk_tokens = chunk_tokens
+        # While rows decode, how many prompt tokens a step may carry (None: always a full chunk).
+        self.pacer = pacer
         # Free blocks kept back when admitting, so running rows can grow without preemption.
         self.watermark = max(1, blocks.num_blocks // 100)
         self.preemptions = 0
@@ -70,19 +75,30 @@ class Scheduler:
         """Plan the next step; moves admitted rows into ``running`` and preempted ones back to
         the front of ``waiting``."""
         plan = StepPlan()
-        budget = self.chunk_tokens
+        # Prompt tokens this step may carry: any prompt within ``budget``; a long one (longer than
+        # a chunk) also within ``paced``, what the pacer allows beside decoding rows.
+        budget = paced = self.chunk_tokens
+        if self.pacer is not None:
+            paced = self.pacer.budget(decoding=any(len(r.kv.ids) - r.kv.computed == 1 for r in running))
+
+        def tokens_for(kv: RowKV, left: int) -> int:
+            if left == 1:
+                return 1
+            return min(left, budget if len(kv.ids) <= self.chunk_tokens else min(budget, paced))
+
         for row in list(running):
             if row not in running:  # preempted earlier in this loop
                 continue
             kv = row.kv
             left = len(kv.ids) - kv.computed
-            n = 1 if left == 1 else min(left, budget)
+            n = tokens_for(kv, left)
             if n == 0:
                 continue
             if not self._grow(row, kv.computed + n, running, waiting, plan):
                 continue
             if left > 1:
                 budget -= n
+                paced -= n if len(kv.ids) > self.chunk_tokens else 0
             plan.rows.append((row, n))
         if plan.preempted:  # the pool is short: let the running rows finish first
             return plan
@@ -96,13 +112,18 @@ class Scheduler:
             if any(common_length(kv.ids, ids) - found >= MIN_SHARED_TOKENS for ids in prefilling):
                 skipped += 1  # next step, that beginning is in the pool
                 continue
+            left = len(kv.ids) - found
+            if tokens_for(kv, left) == 0:
+                skipped += 1  # a long prompt waiting for the pacer: shorter ones may go first
+                continue
             need = self.blocks.blocks_for(len(kv.ids)) - len(hit.blocks)
             if not self.blocks.can_allocate(need + self.watermark):
                 break
             del waiting[skipped]
             self._admit(kv, hit, need)
-            n = min(len(kv.ids) - kv.computed, budget)
+            n = tokens_for(kv, left)
             budget -= n
+            paced -= n if len(kv.ids) > self.chunk_tokens else 0
             running.append(row)
             plan.admitted.append(row)
             plan.rows.append((row, n))

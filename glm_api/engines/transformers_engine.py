@@ -33,6 +33,7 @@ from glm_api.engines.grammar import Constraint, CompiledGrammar, GrammarCompiler
 from glm_api.engines.kv_blocks import BlockManager
 from glm_api.engines.kv_pool import KVPool, KVShape, size_pool
 from glm_api.engines.outbox import Outbox
+from glm_api.engines.pacing import PrefillPacer
 from glm_api.engines.paged_attention import PagedStep, ScheduledRow, install
 from glm_api.engines.sampling import apply_penalties, needs_per_row_sampling, sample_token
 from glm_api.engines.scheduler import RowKV, Scheduler, StepPlan
@@ -80,6 +81,8 @@ class TransformersChatEngine(WorkerThread):
         kv_cache_tokens: int | None = None,
         kv_block_size: int = 16,
         gpu_memory_utilization: float = 0.9,
+        prefill_time_share: float = 0.15,
+        prefill_step_ms: float = 500.0,
     ) -> None:
         self.model = loaded.model
         self.template = loaded.template
@@ -106,7 +109,10 @@ class TransformersChatEngine(WorkerThread):
         )
         self.pool = KVPool(shape, num_blocks, kv_block_size, self.device)
         self.blocks = BlockManager(num_blocks, kv_block_size, cached_blocks=-(-prefix_cache_tokens // kv_block_size))
-        self.scheduler = Scheduler(self.blocks, self.pool, max_running=max_running, chunk_tokens=prefill_chunk_tokens)
+        pacer = PrefillPacer(prefill_chunk_tokens, prefill_time_share, prefill_step_ms / 1000)
+        self.scheduler = Scheduler(
+            self.blocks, self.pool, max_running=max_running, chunk_tokens=prefill_chunk_tokens, pacer=pacer
+        )
         self.grammars = GrammarCompiler(self.template, self.model.config.get_text_config().vocab_size)
         # A row alone never outgrows the pool, so growing never has to preempt the last row.
         self.row_limit = min(self.context_length, self.scheduler.capacity_tokens())
@@ -295,6 +301,7 @@ class TransformersChatEngine(WorkerThread):
                 req.generator = torch.Generator(device=self.device).manual_seed(req.params.seed)
 
     def _step(self, plan: StepPlan) -> None:
+        started = time.perf_counter()
         rows = [
             ScheduledRow(req.kv.table, req.kv.computed, req.kv.ids[req.kv.computed : req.kv.computed + n])
             for req, n in plan.rows
@@ -305,11 +312,14 @@ class TransformersChatEngine(WorkerThread):
         keep = torch.tensor([step.last_index[i] for i in sampling], dtype=torch.long, device=self.device)
         out = self.model(**step.model_inputs(), logits_to_keep=keep)
         self.scheduler.computed(plan.rows)
+        prompt_tokens = sum(n for _, n in plan.rows if n > 1)
+        decode_rows = sum(1 for _, n in plan.rows if n == 1)
+        if sampling:
+            self._advance([plan.rows[i][0] for i in sampling], out.logits[0])
+        self.scheduler.pacer.observe(time.perf_counter() - started, prompt_tokens, decode_rows)
         self.stats.steps += 1
         self.stats.prefills += any(n > 1 for _, n in plan.rows)
         self.stats.batch_size.observe(len(plan.rows))
-        if sampling:
-            self._advance([plan.rows[i][0] for i in sampling], out.logits[0])
 
     def _start_penalties(self, req: _Request, vocab: int) -> None:
         if req.params.repetition_penalty != 1.0 and req.seen is None:

@@ -1,0 +1,68 @@
+"""How many prompt tokens a step may carry while other sequences are decoding.
+
+Chunked prefill alone stops a long prompt from freezing the streams, but a step that carries a
+chunk still lasts as long as the chunk costs, and if every step carries one, every token of
+every stream waits for a chunk: measured on 2 CPU cores with SmolLM2, a 6.8k-token prompt in
+512-token chunks beside 8 streams made their median gap 17.6x their gap alone (longest 2.5 s),
+and 16 short streams ran at 0.24 of their speed alone. So, while any sequence is decoding:
+
+- long prompts' chunks may add at most ``time_share`` to the engine's recent time (a decaying
+  average over a few seconds of what steps with prompt tokens took beyond a decode-only step):
+  the streams keep at least ``1 - time_share`` of their speed, and their median gap stays near
+  their gap alone (either most steps are decode-only, or each chunk adds little);
+- a chunk is sized so that its step lasts about ``step_seconds``, from the measured cost of a
+  prompt token beside the decode rows (it grows with the prompt's past, so it is re-measured at
+  every chunk): no stream waits longer than that for its next token.
+
+Only prompts longer than a chunk are paced (the scheduler's rule): a prompt that fits in one
+chunk costs the streams one bounded step, and a burst of short requests must not trickle in.
+With nothing decoding, prompts get full ``chunk_tokens`` chunks every step. The price is a
+later first token for a long prompt that arrives while others stream: it gets ``time_share``
+of the machine until they finish. It belongs to the engine's worker thread.
+"""
+
+from __future__ import annotations
+
+import math
+
+#: The decaying average's time constant: long enough to span several chunks and decode steps.
+WINDOW_SECONDS = 4.0
+#: A chunk beside decoding rows is never smaller than this (progress) nor, before its cost is
+#: measured, larger.
+MIN_CHUNK_TOKENS = 32
+FIRST_CHUNK_TOKENS = 64
+
+
+class PrefillPacer:
+    def __init__(self, chunk_tokens: int, time_share: float = 0.2, step_seconds: float = 0.5) -> None:
+        self.chunk_tokens = chunk_tokens
+        self.time_share = time_share
+        self.step_seconds = step_seconds
+        self._prefill_time = 0.0  # decaying sums of step time: steps with prompt tokens, all steps
+        self._total_time = 0.0
+        self._decode_step: float | None = None  # seconds of a decode-only step
+        self._token_cost: float | None = None  # seconds a prompt token adds to a step with decode rows
+
+    def budget(self, decoding: bool) -> int:
+        """Prompt tokens the next step may carry."""
+        if not decoding or self.time_share >= 1.0:
+            return self.chunk_tokens
+        if self._total_time > 0 and self._prefill_time / self._total_time > self.time_share:
+            return 0
+        if self._token_cost is None:
+            return min(self.chunk_tokens, FIRST_CHUNK_TOKENS)
+        room = self.step_seconds - (self._decode_step or 0.0)
+        return max(MIN_CHUNK_TOKENS, min(self.chunk_tokens, int(room / self._token_cost)))
+
+    def observe(self, seconds: float, prompt_tokens: int, decode_rows: int) -> None:
+        """A step took ``seconds``, carrying ``prompt_tokens`` prompt tokens beside ``decode_rows``."""
+        decay = math.exp(-seconds / WINDOW_SECONDS)
+        # What prompt tokens cost the decoding rows: the step's time beyond a decode-only step.
+        extra = seconds - (self._decode_step or 0.0) if decode_rows else seconds
+        self._prefill_time = self._prefill_time * decay + (max(extra, 0.0) if prompt_tokens else 0.0)
+        self._total_time = self._total_time * decay + seconds
+        if decode_rows and not prompt_tokens:
+            self._decode_step = seconds if self._decode_step is None else 0.7 * self._decode_step + 0.3 * seconds
+        elif decode_rows and prompt_tokens:
+            extra = max(seconds - (self._decode_step or 0.0), 1e-6) / prompt_tokens
+            self._token_cost = extra if self._token_cost is None else 0.5 * self._token_cost + 0.5 * extra
