@@ -183,20 +183,43 @@ def test_bad_request_and_not_found(sdk):
         sdk.models.retrieve("text-embedding-3-small")
 
 
-def test_error_after_the_stream_started_raises_in_the_sdk(sdk):
-    # The small model answers this in prose, not JSON: known only at the end of the stream.
-    stream = sdk.chat.completions.create(
-        model=PACKAGED_CHAT_NAME,
-        messages=QUESTION,
-        temperature=0,
-        max_tokens=40,
-        stream=True,
-        response_format={"type": "json_object"},
-    )
-    with pytest.raises(openai.APIError) as info:
-        for _ in stream:
-            pass
-    assert "JSON" in info.value.message
+class _FailsAfterFirstStep:
+    """The model, except that its second forward raises: a failure after the stream started."""
+
+    def __init__(self, model) -> None:
+        self._model, self.calls = model, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == 2:
+            raise RuntimeError("injected failure")
+        return self._model(*args, **kwargs)
+
+
+def test_error_after_the_stream_started_raises_in_the_sdk(smollm2):
+    """A step that fails after the 200 reaches the client as an error event, which the SDK raises."""
+    from fastapi.testclient import TestClient
+
+    from glm_api.app import create_app
+    from tests.conftest import make_registry, make_settings
+
+    settings = make_settings()
+    registry = make_registry(smollm2, {}, settings)
+    registry.chat.model = _FailsAfterFirstStep(smollm2.model)
+    with TestClient(create_app(settings, registry)) as client:
+        sdk = OpenAI(base_url="http://testserver/v1", api_key="x", max_retries=0, http_client=client)
+        stream = sdk.chat.completions.create(
+            model=registry.chat.model_name, messages=QUESTION, temperature=0, max_tokens=40, stream=True
+        )
+        received = []
+        with pytest.raises(openai.APIError) as info:
+            for chunk in stream:
+                received.append(chunk)
+    assert received and received[0].choices[0].delta.role == "assistant"  # the stream had started
+    assert "generation failed" in info.value.message
 
 
 def test_authentication_and_rate_limit(extra_servers):
