@@ -288,6 +288,11 @@ def test_health_metrics_and_429_per_replica_over_http(smollm2):
         refused = asyncio.run(both_full())
         assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
         assert value(scrape(client), "glm_api_queue_rejections_total", engine="chat", model="smollm2") == 1
+        # The holders' aborts take effect at each worker's next turn: wait for the slots.
+        deadline = time.monotonic() + 30
+        while any(r.engine.num_running or r.engine.num_waiting for r in router.replicas):
+            assert time.monotonic() < deadline, "the aborted holders never left"
+            time.sleep(0.01)
 
         router.replicas[1].engine.stop()
         health = client.get("/health")
