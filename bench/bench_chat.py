@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import time
@@ -43,7 +42,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import httpx  # noqa: E402
 
-from bench.common import glm_api_command, machine_line, percentile, print_table, running_server  # noqa: E402
+from bench.common import glm_api_command, machine_line, percentile, print_table, running_server, sse_events  # noqa: E402
 
 TOPICS = [
     "a lighthouse keeper", "a robot learning to paint", "the first winter in a mountain village", "a lost cat in Paris",
@@ -82,15 +81,7 @@ async def _one_stream(client: httpx.AsyncClient, url: str, api: str, model: str 
     finish = None
     async with client.stream("POST", url + path, json=body) as response:
         response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                break
-            event = json.loads(data)
-            if "error" in event:
-                raise RuntimeError(f"stream error: {event['error']}")
+        async for event in sse_events(response):
             for choice in event.get("choices", []):
                 piece = (choice.get("delta") or {}).get("content") or ""
                 if piece and first is None:

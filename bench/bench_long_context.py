@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import threading
@@ -51,7 +50,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import httpx
 import psutil
 
-from bench.common import glm_api_command, machine_line, percentile, print_table, running_server
+from bench.common import glm_api_command, machine_line, percentile, print_table, running_server, sse_events
 
 #: SmolLM2-135M's KV per token when its config cannot be read: keys and values (2) x 30 layers
 #: x 3 KV heads x head_dim 64 x 4 bytes (float32) = 46080 bytes.
@@ -157,15 +156,7 @@ class Client:
         async with self.http.stream("POST", f"{self.url}/chat", json=body) as response:
             if response.status_code != 200:
                 raise RuntimeError(f"/chat answered {response.status_code}: {(await response.aread())[:300]!r}")
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                event = json.loads(data)
-                if "error" in event:
-                    raise RuntimeError(f"stream error: {event['error']}")
+            async for event in sse_events(response):
                 now = time.perf_counter()
                 for choice in event.get("choices", []):
                     piece = (choice.get("delta") or {}).get("content") or ""

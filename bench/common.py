@@ -7,13 +7,14 @@ the neighbours' load, a ratio measured minutes apart much less.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +126,21 @@ class RawHTTPConnection:
 
 def glm_api_command(extra: Sequence[str] = ()) -> list[str]:
     return [sys.executable, "api.py", "--host", "127.0.0.1", "--port", "{port}", *extra]
+
+
+async def sse_events(response) -> AsyncIterator[dict]:
+    """The JSON events of a streamed chat response as they arrive, up to ``[DONE]``; an in-band
+    error event raises."""
+    async for line in response.aiter_lines():
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        event = json.loads(data)
+        if "error" in event:
+            raise RuntimeError(f"stream error: {event['error']}")
+        yield event
 
 
 def percentile(values: Sequence[float], q: float) -> float:
