@@ -22,19 +22,18 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from glm_api.engines.base import GenerationChunk, SamplingParams
 from glm_api.engines.detokenizer import IncrementalDetokenizer
-from glm_api.engines.grammar import Constraint, CompiledGrammar, GrammarCompiler, mask_logits
+from glm_api.engines.grammar import CompiledGrammar, Constraint, GrammarCompiler, mask_logits
 from glm_api.engines.kv_blocks import BlockManager
 from glm_api.engines.kv_pool import KVPool, KVShape, size_pool
 from glm_api.engines.outbox import Outbox
 from glm_api.engines.pacing import PrefillPacer
 from glm_api.engines.paged_attention import PagedStep, ScheduledRow, install
+from glm_api.engines.request_state import EngineRequest, stream_output
 from glm_api.engines.sampling import apply_penalties, needs_per_row_sampling, sample_token
 from glm_api.engines.scheduler import RowKV, Scheduler, StepPlan
 from glm_api.engines.stats import ChatEngineStats
@@ -43,27 +42,6 @@ from glm_api.errors import ContextLengthError, EngineUnavailableError, InternalE
 from glm_api.families.base import LoadedChatModel
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(eq=False)  # identity: requests are found in lists by object, never by value
-class _Request:
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
-    detok: IncrementalDetokenizer
-    kv: RowKV
-    generator: torch.Generator | None = None
-    output_ids: list[int] = field(default_factory=list)
-    seen: torch.Tensor | None = None  # [V] bool: ids in prompt or output (repetition penalty)
-    counts: torch.Tensor | None = None  # [V] output id counts (presence/frequency penalty)
-    stop_ids: frozenset[int] = frozenset()
-    per_row: bool = False  # penalties or sampling: not covered by the batch-wide argmax
-    matcher: Any = None  # llguidance matcher of the request's grammar (structured outputs)
-    started: bool = False  # admitted once (a preempted request is not counted again)
-    arrived: float = field(default_factory=time.monotonic)
-    first_token_at: float | None = None
 
 
 class TransformersChatEngine(WorkerThread):
@@ -117,8 +95,8 @@ class TransformersChatEngine(WorkerThread):
         # A row alone never outgrows the pool, so growing never has to preempt the last row.
         self.row_limit = min(self.context_length, self.scheduler.capacity_tokens())
 
-        self._waiting: deque[_Request] = deque()
-        self._running: list[_Request] = []  # admission order (the newest is preempted first)
+        self._waiting: deque[EngineRequest] = deque()
+        self._running: list[EngineRequest] = []  # admission order (the newest is preempted first)
         self._aborts: set[str] = set()
         self._outbox = Outbox()
 
@@ -186,7 +164,7 @@ class TransformersChatEngine(WorkerThread):
             )
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
-        request = _Request(
+        request = EngineRequest(
             request_id=request_id,
             prompt_ids=list(prompt_ids),
             params=params,
@@ -208,33 +186,7 @@ class TransformersChatEngine(WorkerThread):
                 )
             self._waiting.append(request)
             self._cv.notify()
-        return self._stream(request_id, queue)
-
-    async def _stream(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[GenerationChunk]:
-        finished = False
-        try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                # A consumer that fell behind gets what piled up as one chunk: under load this
-                # cuts the per-event work (SSE framing, JSON) on the event loop.
-                while item.finish_reason is None and not queue.empty():
-                    nxt = queue.get_nowait()
-                    if isinstance(nxt, BaseException):
-                        finished = True
-                        yield item
-                        raise nxt
-                    item = _merge(item, nxt)
-                if item.finish_reason is not None:
-                    finished = True
-                yield item
-                if finished:
-                    return
-        finally:
-            if not finished:  # the client went away or the consumer was cancelled
-                self.abort(request_id)
+        return stream_output(queue, lambda: self.abort(request_id))
 
     def abort(self, request_id: str) -> None:
         with self._cv:
@@ -321,7 +273,7 @@ class TransformersChatEngine(WorkerThread):
         self.stats.prefills += any(n > 1 for _, n in plan.rows)
         self.stats.batch_size.observe(len(plan.rows))
 
-    def _start_penalties(self, req: _Request, vocab: int) -> None:
+    def _start_penalties(self, req: EngineRequest, vocab: int) -> None:
         if req.params.repetition_penalty != 1.0 and req.seen is None:
             req.seen = torch.zeros(vocab, dtype=torch.bool, device=self.device)
             ids = [i for i in req.prompt_ids if i < vocab]
@@ -329,7 +281,7 @@ class TransformersChatEngine(WorkerThread):
         if (req.params.presence_penalty or req.params.frequency_penalty) and req.counts is None:
             req.counts = torch.zeros(vocab, dtype=torch.int32, device=self.device)
 
-    def _advance(self, rows: list[_Request], logits: torch.Tensor) -> None:
+    def _advance(self, rows: list[EngineRequest], logits: torch.Tensor) -> None:
         """Sample one token for each row, stream it, and retire rows that are done."""
         # Constrained rows first lose every token their grammar does not allow next. Then one
         # argmax and one device sync for the rows; rows with penalties or sampling replace their
@@ -338,7 +290,7 @@ class TransformersChatEngine(WorkerThread):
         if constrained:
             mask_logits(logits, constrained, [rows[i].matcher for i in constrained])
         tokens = logits.argmax(dim=-1).tolist()
-        finished: list[_Request] = []
+        finished: list[EngineRequest] = []
         for i, req in enumerate(rows):
             if req.per_row:
                 self._start_penalties(req, logits.shape[-1])
@@ -369,11 +321,11 @@ class TransformersChatEngine(WorkerThread):
                     self._running.remove(req)
                     self.scheduler.free(req.kv)
 
-    def _finish(self, req: _Request, reason: str) -> None:
+    def _finish(self, req: EngineRequest, reason: str) -> None:
         self.stats.finished[reason] += 1
         self._outbox.put(req, self._chunk(req, "", [], reason))
 
-    def _finish_reason(self, req: _Request, token: int) -> str | None:
+    def _finish_reason(self, req: EngineRequest, token: int) -> str | None:
         if token in req.stop_ids:  # counted as generated, never decoded into the text
             return "stop"
         if req.matcher is not None and req.matcher.is_stopped():  # the grammar is complete
@@ -388,7 +340,7 @@ class TransformersChatEngine(WorkerThread):
         return None
 
     @staticmethod
-    def _chunk(req: _Request, text: str, ids: list[int], reason: str | None) -> GenerationChunk:
+    def _chunk(req: EngineRequest, text: str, ids: list[int], reason: str | None) -> GenerationChunk:
         return GenerationChunk(
             text=text,
             token_ids=ids,
@@ -428,14 +380,3 @@ class TransformersChatEngine(WorkerThread):
         for req in waiting + running:
             self._outbox.put(req, error)
         self._outbox.flush()
-
-
-def _merge(a: GenerationChunk, b: GenerationChunk) -> GenerationChunk:
-    return GenerationChunk(
-        text=a.text + b.text,
-        token_ids=a.token_ids + b.token_ids,
-        finish_reason=b.finish_reason,
-        prompt_tokens=b.prompt_tokens,
-        completion_tokens=b.completion_tokens,
-        cached_tokens=b.cached_tokens,
-    )
