@@ -107,6 +107,14 @@ def _tiny(kind: str):
     return GlmForCausalLM(GlmConfig(**shape, head_dim=8, pad_token_id=0)).eval()
 
 
+def _stock_and_paged(kind: str):
+    """The same tiny model twice: with transformers' stock attention, and installed for paging."""
+    reference = _tiny(kind)
+    model = copy.deepcopy(reference)
+    install(model)
+    return reference, model
+
+
 class _Row:
     def __init__(self, ids: list[int], prompt_len: int, join: int) -> None:
         self.full, self.join = ids, join
@@ -181,9 +189,7 @@ def _random_rows(rng: random.Random, count: int, *, shared: list[int] | None = N
 
 @pytest.mark.parametrize("kind", ["llama", "glm"])
 def test_rows_joining_chunked_and_leaving_see_what_they_see_alone(kind):
-    reference = _tiny(kind)
-    model = copy.deepcopy(reference)
-    install(model)
+    reference, model = _stock_and_paged(kind)
     rows, lens = _random_rows(random.Random(1), 12)
     harness = _Harness(model, blocks=200, block_size=4, chunk=7)
     harness.run(rows)
@@ -193,9 +199,7 @@ def test_rows_joining_chunked_and_leaving_see_what_they_see_alone(kind):
 
 @pytest.mark.parametrize("kind", ["llama", "glm"])
 def test_preempted_rows_are_recomputed_to_the_same_logits(kind):
-    reference = _tiny(kind)
-    model = copy.deepcopy(reference)
-    install(model)
+    reference, model = _stock_and_paged(kind)
     rows, lens = _random_rows(random.Random(2), 10)
     harness = _Harness(model, blocks=24, block_size=4, chunk=16)  # 92 tokens for ~10 rows of up to 52
     harness.run(rows)
@@ -205,9 +209,7 @@ def test_preempted_rows_are_recomputed_to_the_same_logits(kind):
 
 @pytest.mark.parametrize("kind", ["llama", "glm"])
 def test_rows_after_beginnings_found_in_the_pool_see_what_they_see_alone(kind):
-    reference = _tiny(kind)
-    model = copy.deepcopy(reference)
-    install(model)
+    reference, model = _stock_and_paged(kind)
     rng = random.Random(3)
     system = [rng.randrange(97) for _ in range(23)]  # ends 3 tokens into a block: copied, not shared
     rows, lens = _random_rows(rng, 12, shared=system)
