@@ -5,7 +5,8 @@
     python bench/bench_long_context.py --prefill-chunk-tokens 256   # unknown flags go to the server
     python bench/bench_long_context.py --url http://127.0.0.1:8100 --pid 1234
 
-Phases, all against the same server, each baseline measured in this run:
+Phases, all against the same server, each baseline measured in this run (in the order (a),
+(c0), (b), (c), (c1)):
 
 (a) ``--short-streams`` (16) short greedy streams alone (prompts of ~64 tokens, ``--short-max-tokens``
     each): aggregate tokens/s and per-stream inter-token gaps;
@@ -15,8 +16,29 @@ Phases, all against the same server, each baseline measured in this run:
 (c) ``--paused-streams`` (8) streams decoding; once each has its first tokens, a second
     ~6800-token conversation (different from the first from its first block, so no prefix-cache
     hit) arrives. Every inter-token gap that overlaps the window from its send to its first
-    token counts: the longest, and the median against the median of the same 8 streams
-    decoding alone over a window of ``--alone-seconds`` (measured first, same way);
+    token counts: the longest (goal: at most 1 s), and the median against (c1). The streams'
+    ``--paused-max-tokens`` (4096) must outlast the window (a warning says when one did not);
+(c1) the same 8 streams (the same prompts, greedy, the same ``max_tokens``) decoding again
+    after (c), without the long conversation, until each has passed the text position where
+    (c)'s window closed for it. The baseline is the median of their gaps at the positions that
+    overlapped (c)'s window: the same tokens of the same streams, so the same context lengths
+    and the same streams decoding beside them, with only the long prefill missing (their prompts
+    may now come from the prefix cache: that shortens their own prefill, before any compared
+    gap). It adds about the length of (c)'s window to the run. The window is long
+    (~115 s for 6800 tokens with paced prefill), and over it each stream grows from ~70 to ~1000
+    tokens of context, so each decode step attends over more: a baseline taken at the start of
+    the streams would count that growth as the prefill's doing. A position is an offset in the
+    stream's text (characters up to the end of an event), not an event count: an event can
+    carry two tokens (the detokenizer holds back part of a character; the server merges chunks
+    a slow reader left queued), so event counts can drift between runs, whereas the same
+    greedy text puts a token boundary at the same offset. The run says how many streams'
+    texts agree with (c)'s over the compared positions (float sums differ between batch
+    shapes, so a near tie can turn greedy decoding another way); where one does not, an
+    offset is still nearly the same context length;
+(c0) for information, as the goal was first measured: 8 other streams (new prompts of the same
+    length) decoding alone over a window of ``--alone-seconds``, starting after the same
+    ``--settle-tokens``, so at ~70 tokens of context; (c) / (c0) mixes the prefill's cost with
+    the streams' own context growth, and has no goal;
 (d) the server's RSS (psutil, the process and its children, sampled every 0.1 s): growth from
     just before (b) to the peak during (b), against the long conversation's own KV bytes plus
     0.5 GB (10^9 bytes).
@@ -35,7 +57,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
+import statistics
 import sys
 import threading
 import time
@@ -102,6 +126,29 @@ class StreamResult:
 
     def gaps_overlapping(self, start: float, end: float) -> list[float]:
         return [b - a for a, b in zip(self.times, self.times[1:]) if b > start and a < end]
+
+    @property
+    def offsets(self) -> list[int]:
+        """Each event's position in the stream: characters of text up to its end. Gap ``i`` (from
+        event ``i`` to ``i + 1``) lies between ``offsets[i]`` and ``offsets[i + 1]``."""
+        return list(itertools.accumulate(len(piece) for piece in self.text))
+
+    def events_overlapping(self, start: float, end: float) -> tuple[int, int] | None:
+        """Indices of the first and last event that bound the gaps overlapping ``start``..``end``."""
+        inside = [i for i, (a, b) in enumerate(zip(self.times, self.times[1:])) if b > start and a < end]
+        return (inside[0], inside[-1] + 1) if inside else None
+
+    def gaps_between(self, low: int, high: int) -> list[float]:
+        """Gaps whose two events lie at text positions ``low``..``high`` (both included)."""
+        at = self.offsets
+        return [self.times[i + 1] - self.times[i] for i in range(len(self.times) - 1)
+                if at[i] >= low and at[i + 1] <= high]
+
+    def time_between(self, low: int, high: int) -> float:
+        """Seconds from the first event at text position ``low`` or later to the last at ``high`` or
+        earlier (NaN if none)."""
+        at = [t for t, offset in zip(self.times, self.offsets) if low <= offset <= high]
+        return at[-1] - at[0] if at else float("nan")
 
 
 @dataclass
@@ -428,6 +475,36 @@ async def paused_phase(client: Client, name: str, prompts: list[list[dict]], max
     return Phase(name, started, time.perf_counter(), results, tokens, long, (opened, window_end[0]))
 
 
+async def again_phase(client: Client, name: str, prompts: list[list[dict]], max_tokens: int,
+                      until: list[int]) -> Phase:
+    """``prompts`` decoding with nothing else sent, until stream ``i``'s text is ``until[i]``
+    characters long (or it has ended); then every stream leaves at its next token, as in (c)."""
+    results = [StreamResult() for _ in prompts]
+    chars = {id(r): 0 for r in results}
+    stop, stop_after = asyncio.Event(), [float("inf")]
+
+    def check(_: object = None) -> None:
+        if not stop.is_set() and all(r.finish is not None or chars[id(r)] >= u for r, u in zip(results, until)):
+            stop_after[0] = time.perf_counter()
+            stop.set()
+
+    def on_token(result: StreamResult) -> None:
+        chars[id(result)] += len(result.text[-1])
+        check()
+
+    started = time.perf_counter()
+    tasks = [asyncio.create_task(client.stream(m, max_tokens, r, stop, stop_after, on_token))
+             for m, r in zip(prompts, results)]
+    for task in tasks:
+        task.add_done_callback(check)  # a stream that ends short of its position must not hold the others
+    await asyncio.gather(*tasks)
+    short = [r for r, u in zip(results, until) if chars[id(r)] < u]
+    if short:
+        print(f"  warning: {len(short)} of {len(results)} streams ended ({short[0].finish}) before the position "
+              f"where (c)'s window closed; their later positions have no baseline", flush=True)
+    return Phase(name, started, time.perf_counter(), results, sum(len(r.times) for r in results))
+
+
 async def _until(event: asyncio.Event, tasks: list[asyncio.Task]) -> None:
     """Wait for ``event``; raise if one of ``tasks`` ends first (a failed stream must not hang us)."""
     waiter = asyncio.create_task(event.wait())
@@ -444,6 +521,28 @@ async def _until(event: asyncio.Event, tasks: list[asyncio.Task]) -> None:
 def window_gaps(phase: Phase) -> list[float]:
     start, end = phase.window
     return [g for r in phase.streams for g in r.gaps_overlapping(start, end)]
+
+
+def window_events(phase: Phase) -> list[tuple[int, int] | None]:
+    """Per stream: the first and last event bounding its gaps that overlap the window."""
+    return [r.events_overlapping(*phase.window) for r in phase.streams]
+
+
+def window_positions(phase: Phase) -> list[tuple[int, int] | None]:
+    """Per stream: the text positions of :func:`window_events`."""
+    out = []
+    for r, events in zip(phase.streams, window_events(phase)):
+        out.append(None if events is None else (r.offsets[events[0]], r.offsets[events[1]]))
+    return out
+
+
+def context_range(phase: Phase, prompt_tokens: list[int]) -> tuple[int, int]:
+    """Median context (prompt + events so far, an event being about a token) at the window's
+    first and last event."""
+    spans = [(p + e[0] + 1, p + e[1] + 1) for e, p in zip(window_events(phase), prompt_tokens) if e]
+    if not spans:
+        return 0, 0
+    return round(statistics.median(a for a, _ in spans)), round(statistics.median(b for _, b in spans))
 
 
 # --- the run -------------------------------------------------------------------------------
@@ -466,6 +565,7 @@ async def _measure(client: Client, url: str, pid: int | None, args) -> int:
     long_c, long_c_tokens = await long_conversation(client, "C", args.long_tokens)
     warm_long, _ = await long_conversation(client, "W", min(args.long_tokens, 700))
     prompt_sizes = [await client.prompt_tokens(m) for m in short_a]
+    paused_sizes = [[await client.prompt_tokens(m) for m in group] for group in paused]
     print(f"short prompts: {min(prompt_sizes)}-{max(prompt_sizes)} tokens; long conversations: {long_b_tokens} "
           f"and {long_c_tokens} prompt tokens ({len(long_b)} messages); KV {bpt} bytes/token ({bpt_source})",
           flush=True)
@@ -503,6 +603,15 @@ async def _measure(client: Client, url: str, pid: int | None, args) -> int:
         print(f"  {c.name}: window {c.window[1] - c.window[0]:.1f} s, longest gap {max(window_gaps(c)):.2f} s"
               f"{_busy(c)}", flush=True)
         await asyncio.sleep(0.5)
+        positions = window_positions(c)  # per (c) stream: the text positions its window's gaps lie between
+        since = meter.snapshot()
+        same = await again_phase(client, "(c1) same streams alone", paused[1], args.paused_max_tokens,
+                                 [p[1] if p else 0 for p in positions])
+        same.others_cpu = meter.others_share(since)
+        gaps_same = [g for r, p in zip(same.streams, positions) if p for g in r.gaps_between(*p)]
+        print(f"  {same.name}: median gap at (c)'s window's positions {percentile(gaps_same, 50) * 1000:.0f} ms"
+              f"{_busy(same)}", flush=True)
+        await asyncio.sleep(0.5)
         rss_end = sampler.rss_now()
     with httpx.Client(timeout=10) as http:
         metrics_end = kv_metrics(http, url)
@@ -512,15 +621,22 @@ async def _measure(client: Client, url: str, pid: int | None, args) -> int:
     ratio_b = b.tokens_per_s / a.tokens_per_s
     gaps_alone, gaps_c = window_gaps(alone), window_gaps(c)
     longest = max(gaps_c) if gaps_c else float("nan")
-    median_ratio = percentile(gaps_c, 50) / percentile(gaps_alone, 50)
+    median_ratio = percentile(gaps_c, 50) / percentile(gaps_same, 50)
+    start_ratio = percentile(gaps_c, 50) / percentile(gaps_alone, 50)
+    context_c, context_alone = context_range(c, paused_sizes[1]), context_range(alone, paused_sizes[0])
     rows = [
         ["(a) short streams alone, tok/s", a.tokens_per_s, "baseline", ""],
         ["(b) short streams beside the long conversation, tok/s", b.tokens_per_s, "", ""],
         ["(b) / (a)", ratio_b, ">= 0.80", _verdict(ratio_b >= 0.8)],
         ["(c) longest gap during the long prefill, s", longest, "<= 1.00", _verdict(longest <= 1.0)],
         ["(c) median gap during the prefill, ms", percentile(gaps_c, 50) * 1000, "", ""],
-        ["(c0) median gap, same streams alone, ms", percentile(gaps_alone, 50) * 1000, "baseline", ""],
-        ["(c) / (c0) median gap", median_ratio, "<= 1.30", _verdict(median_ratio <= 1.3)],
+        ["(c1) median gap, same streams alone at the same positions, ms", percentile(gaps_same, 50) * 1000,
+         "baseline", ""],
+        [f"(c) / (c1) median gap, at equal context (~{context_c[0]}-{context_c[1]} tokens)", median_ratio,
+         "<= 1.30", _verdict(median_ratio <= 1.3)],
+        [f"(c0) median gap, other streams alone at the start (~{context_alone[0]}-{context_alone[1]} tokens), ms",
+         percentile(gaps_alone, 50) * 1000, "info", ""],
+        ["(c) / (c0) median gap, vs alone at the start (context growth included)", start_ratio, "info", ""],
     ]
     long_kv = long_b_tokens * bpt
     if sampler.rss:
@@ -532,14 +648,20 @@ async def _measure(client: Client, url: str, pid: int | None, args) -> int:
         ]
     table_goals = rows
 
+    # (c1)'s counterpart of a window: the longest time a stream took over its compared positions.
+    same_span = max((r.time_between(*p) for r, p in zip(same.streams, positions) if p), default=float("nan"))
     details = []
-    for phase in (a, b, alone, c):
-        gaps = window_gaps(phase) if phase.window else [g for r in phase.streams for g in r.gaps]
+    for phase, gaps, span in ((a, None, None), (b, None, None), (alone, gaps_alone, None), (c, gaps_c, None),
+                              (same, gaps_same, same_span)):
+        if gaps is None:
+            gaps = [g for r in phase.streams for g in r.gaps]
+        if span is None and phase.window:
+            span = phase.window[1] - phase.window[0]
         ttft = [r.times[0] - r.sent for r in phase.streams if r.times]
         details.append([
             phase.name, len(phase.streams), phase.tokens,
-            phase.wall if not phase.window else phase.window[1] - phase.window[0],
-            phase.tokens_per_s if not phase.window else float("nan"),
+            phase.wall if span is None else span,
+            phase.tokens_per_s if span is None else float("nan"),
             percentile(ttft, 50), percentile(gaps, 50) * 1000, percentile(gaps, 95) * 1000, max(gaps, default=float("nan")),
             (phase.long.times[0] - phase.long.sent) if phase.long else float("nan"),
             (phase.long.ended - phase.long.sent) if phase.long else float("nan"),
@@ -554,15 +676,27 @@ async def _measure(client: Client, url: str, pid: int | None, args) -> int:
     print()
     print_table(["figure", "value", "goal", "result"], table_goals)
     print()
-    print("Phases (for (c0) and (c): the window; gaps overlapping it):")
+    print("Phases (for (c0) and (c): the window and the gaps overlapping it; for (c1): the gaps at the text positions "
+          "of (c)'s, and the longest time a stream took over them):")
     print_table(["phase", "streams", "tokens", "wall / window s", "tok/s", "TTFT p50 s", "gap p50 ms", "gap p95 ms",
                  "max gap s", "long TTFT s", "long total s", "others' CPU"], details)
-    busy = [p.others_cpu for p in (a, b, alone, c) if p.others_cpu == p.others_cpu]
+    busy = [p.others_cpu for p in (a, b, alone, c, same) if p.others_cpu == p.others_cpu]
     if busy and max(busy) > 0.1:
         print(f"warning: other processes used up to {max(busy):.0%} of the machine's CPU during a phase: "
               "the figures above are not the server's alone")
     print()
-    info = []
+    events_c = [e for e in window_events(c) if e]
+    same_text = sum(1 for x, y, p in zip(c.streams, same.streams, positions)
+                    if p and "".join(y.text)[:p[1]] == "".join(x.text)[:p[1]])
+    covered = sum(1 for y, p in zip(same.streams, positions) if p and sum(map(len, y.text)) >= p[1])
+    info = [
+        ["(c) events in the window per stream (first-last, median)",
+         f"{statistics.median(e[0] for e in events_c):.0f}-{statistics.median(e[1] for e in events_c):.0f}"
+         if events_c else "-"],
+        ["(c1) streams past (c)'s window's last position / text as in (c) up to it",
+         f"{covered}/{len(positions)} / {same_text}/{len(positions)}"],
+        ["gaps compared: (c) / (c1)", f"{len(gaps_c)} / {len(gaps_same)}"],
+    ]
     if sampler.rss:
         def mb(value: float | None) -> float:
             return float("nan") if value is None else value / 1e6
