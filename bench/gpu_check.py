@@ -15,7 +15,10 @@ unless ``--device cpu`` asks for it. On a GPU host it runs, on ``cuda:0`` unless
 3. prefix cache: a repeated prompt takes its beginning from the pool and answers the same;
 4. replicas: with two or more GPUs, ``--device all`` gives a router whose 16 concurrent
    answers equal one engine's and that used every replica (skipped with one GPU);
-5. layer split: skipped until ``--device-map`` exists;
+5. layer split: with two or more GPUs, ``--device all --device-map balanced`` spreads the tiny
+   ChatGLM3 over them (our streaming loader, each layer's KV cache on its GPU): its 16
+   concurrent answers must equal one GPU's, and at least two GPUs must hold layers (skipped
+   with one GPU);
 6. chat throughput: a ~1B-parameter random GLM-shaped model (GlmForCausalLM, SmolLM2's
    tokenizer) in bfloat16, the engine in this process at 1, 8, 32 and 128 streams of
    ``--bench-tokens`` greedy tokens, against ``model.generate`` on a static batch of the same
@@ -236,6 +239,38 @@ def check_replicas(folder: Path, device_spec: str, cache: Path) -> list[Row]:
                 f"16 streams: {same}/16 answers as one engine; requests per replica {per_replica}")]
 
 
+def check_layer_split(folder: Path, device_spec: str, cache: Path) -> list[Row]:
+    from glm_api.config import Settings
+    from glm_api.devices import resolve_devices
+    from glm_api.families.detect import load_chat_model
+    from glm_api.registry import ModelSource, ModelSources, build_registry
+
+    devices = resolve_devices(device_spec)
+    if len(devices) < 2:
+        return [Row("layer split", device_spec, "SKIP", f"{len(devices)} device: a split needs two (--device all on 2+ GPUs)")]
+    settings = Settings(_env_file=None, device=device_spec, device_map="balanced", dtype="float32", max_running=16,
+                        kv_cache_tokens=16384, cache_dir=cache)
+    registry = build_registry(settings, ModelSources(ModelSource("check", folder), ()))
+    split = registry.chat
+    held = {str(d): split.pool.layer_devices.count(d) for d in dict.fromkeys(split.pool.layer_devices)}
+    one = load_chat_model(folder, devices[0], torch.float32, cache)
+    prompts = (prompts_of(one) * 3)[:16]
+    single = engine_for(one, max_running=16)
+    registry.start()
+    single.start()
+    try:
+        expected = greedy(single, prompts)
+        served = greedy(split, prompts)
+    finally:
+        single.stop()
+        registry.stop()
+    same = sum(a == b for a, b in zip(served, expected))
+    spread = len(held) >= 2 or devices[0].type == "cpu"  # the CPUs of cpu,cpu all read as "cpu"
+    ok = same == len(prompts) and spread and hasattr(split.model, "_hf_hook")
+    return [Row("layer split", device_spec, "PASS" if ok else "FAIL",
+                f"16 streams: {same}/16 answers as one device; layers per device {held}")]
+
+
 def bench_model(device: torch.device, size: str):
     """A random-weight GLM-shaped model with SmolLM2's tokenizer and chat template, as the
     server would hold it (~1B parameters for ``1b``)."""
@@ -391,7 +426,7 @@ def main() -> int:
             run(f"precision {family}", check_precision, family, folder, device, root / "cache")
         run("batching and prefix cache", check_batching_and_prefix, folders["llama"], device, root / "cache")
         run("replicas", check_replicas, folders["llama"], replica_spec, root / "cache")
-        rows.append(Row("layer split", str(device), "SKIP", "--device-map is not built yet (issue 14, item 2)"))
+        run("layer split", check_layer_split, folders["chatglm3"], replica_spec, root / "cache")
         run("chat throughput", check_throughput, device, size, levels, args.bench_tokens, deadline)
 
     print()

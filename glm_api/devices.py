@@ -1,7 +1,8 @@
 """Turning the configured device and dtype strings into torch objects.
 
 ``--device`` names one device or a comma-separated list: one chat replica per entry
-(``cuda:0,cuda:1``; ``all`` for every visible GPU; ``cpu,cpu`` for two CPU replicas).
+(``cuda:0,cuda:1``; ``all`` for every visible GPU; ``cpu,cpu`` for two CPU replicas), or with
+``--device-map`` one chat model split by layers over them (:mod:`glm_api.device_map`).
 """
 
 from __future__ import annotations

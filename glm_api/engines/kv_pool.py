@@ -10,12 +10,14 @@ page with memory only when a block on it is first used, so the server's memory g
 tokens held, not with the budget. A block is zeroed on its first use (masked slots of a gathered
 block must hold finite numbers: a masked NaN still poisons the weighted sum); later uses find
 finite keys/values of an earlier row. On a GPU the whole pool is reserved at start-up, as in
-vLLM, and zeroed once.
+vLLM, and zeroed once. A model split over devices (``--device-map``) keeps each layer's
+tensors on that layer's device.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,19 +42,53 @@ class KVShape:
         return cls(text.num_hidden_layers, kv_heads, head_dim, dtype)
 
     @property
+    def bytes_per_layer_token(self) -> int:
+        """Keys and values of one token in one layer."""
+        return 2 * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+
+    @property
     def bytes_per_token(self) -> int:
         """Keys and values of one token in every layer."""
-        return 2 * self.layers * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+        return self.layers * self.bytes_per_layer_token
+
+
+def per_layer(device: torch.device | Sequence[torch.device], layers: int) -> list[torch.device]:
+    """One device for every layer, or the list of each layer's device (a model split by layers)."""
+    if isinstance(device, torch.device):
+        return [device] * layers
+    devices = list(device)
+    if len(devices) != layers:
+        raise ValueError(f"{len(devices)} layer devices for {layers} layers")
+    return devices
+
+
+def layer_devices(model: torch.nn.Module, layers: int) -> list[torch.device]:
+    """Where each attention layer (found by its ``layer_idx``) of ``model`` runs: there go its
+    keys and values. All one device unless the model is split over devices."""
+    found: dict[int, torch.device] = {}
+    for module in model.modules():
+        index = getattr(module, "layer_idx", None)
+        param = next(module.parameters(), None)
+        if isinstance(index, int) and param is not None:
+            found.setdefault(index, param.device)
+    default = next(model.parameters()).device
+    return [found.get(i, default) for i in range(layers)]
 
 
 class KVPool:
-    def __init__(self, shape: KVShape, num_blocks: int, block_size: int, device: torch.device) -> None:
-        self.shape, self.num_blocks, self.block_size, self.device = shape, num_blocks, block_size, device
-        make = torch.zeros if device.type != "cpu" else torch.empty
+    """``device``: one for all layers, or one per layer (each layer's keys and values beside it)."""
+
+    def __init__(
+        self, shape: KVShape, num_blocks: int, block_size: int, device: torch.device | Sequence[torch.device]
+    ) -> None:
+        self.shape, self.num_blocks, self.block_size = shape, num_blocks, block_size
+        self.layer_devices = per_layer(device, shape.layers)
+        self.device = self.layer_devices[0]  # where a step's index tensors are built
+        make = torch.zeros if self.device.type != "cpu" else torch.empty
         size = (shape.kv_heads, num_blocks, block_size, shape.head_dim)
-        self.keys = [make(size, dtype=shape.dtype, device=device) for _ in range(shape.layers)]
-        self.values = [make(size, dtype=shape.dtype, device=device) for _ in range(shape.layers)]
-        self._fresh = device.type == "cpu"  # blocks may hold anything until first use
+        self.keys = [make(size, dtype=shape.dtype, device=d) for d in self.layer_devices]
+        self.values = [make(size, dtype=shape.dtype, device=d) for d in self.layer_devices]
+        self._fresh = self.device.type == "cpu"  # blocks may hold anything until first use
         self.zero([0])  # the padding block
 
     @property
@@ -67,10 +103,13 @@ class KVPool:
     def zero(self, blocks: Sequence[int]) -> None:
         if not self._fresh or not blocks:
             return
-        index = torch.tensor(list(blocks), dtype=torch.long, device=self.device)
+        ids = list(blocks)
+        index: dict[torch.device, torch.Tensor] = {}  # one copy per device, not per layer
         for k, v in zip(self.keys, self.values):
-            k.index_fill_(1, index, 0)
-            v.index_fill_(1, index, 0)
+            if k.device not in index:
+                index[k.device] = torch.tensor(ids, dtype=torch.long, device=k.device)
+            k.index_fill_(1, index[k.device], 0)
+            v.index_fill_(1, index[k.device], 0)
 
     def copy_block(self, src: int, dst: int) -> None:
         for k, v in zip(self.keys, self.values):
@@ -96,12 +135,16 @@ def step_reserve_bytes(step_tokens: int, hidden_size: int, dtype: torch.dtype) -
     return step_tokens * hidden_size * torch.finfo(dtype).bits // 8 * 32 + 512 * 2**20
 
 
-def gpu_kv_tokens(shape: KVShape, device: torch.device, utilization: float, reserve_bytes: int) -> int:
+def gpu_kv_tokens(
+    shape: KVShape, device: torch.device, utilization: float, reserve_bytes: int, layers: int | None = None
+) -> int:
+    """KV tokens the memory left on ``device`` holds for ``layers`` of the model's layers (all)."""
     free, total = torch.cuda.mem_get_info(device)
-    tokens = kv_tokens_for_memory(total, total - free, utilization, reserve_bytes, shape.bytes_per_token)
+    per_token = shape.bytes_per_layer_token * (shape.layers if layers is None else layers)
+    tokens = kv_tokens_for_memory(total, total - free, utilization, reserve_bytes, per_token)
     if tokens <= 0:
         raise MemoryError(
-            f"no GPU memory left for the KV cache: {(total - free) / 2**30:.1f} GiB used of {total / 2**30:.1f} GiB "
+            f"no memory left on {device} for the KV cache: {(total - free) / 2**30:.1f} GiB used of {total / 2**30:.1f} GiB "
             f"at utilization {utilization}; use a smaller dtype or raise --gpu-memory-utilization"
         )
     return tokens
@@ -114,7 +157,7 @@ DEFAULT_CPU_KV_TOKENS = 65536
 
 def size_pool(
     shape: KVShape,
-    device: torch.device,
+    device: torch.device | Sequence[torch.device],
     *,
     block_size: int,
     kv_cache_tokens: int | None,
@@ -125,12 +168,15 @@ def size_pool(
     model_name: str,
 ) -> int:
     """Blocks for the pool, from the configured budget or (GPU) the memory left after the
-    weights; logged with the arithmetic, so an operator sees what fits."""
+    weights; logged with the arithmetic, so an operator sees what fits. ``device``: one, or each
+    layer's (a split model: every token needs room on every device, so the device with the least
+    room per layer it holds sets the size)."""
+    held = Counter(per_layer(device, shape.layers))
     if kv_cache_tokens is not None:
         tokens = kv_cache_tokens
-    elif device.type == "cuda":
+    elif next(iter(held)).type == "cuda":
         reserve = step_reserve_bytes(step_tokens, hidden_size, shape.dtype)
-        tokens = gpu_kv_tokens(shape, device, gpu_memory_utilization, reserve)
+        tokens = min(gpu_kv_tokens(shape, d, gpu_memory_utilization, reserve, layers) for d, layers in held.items())
     else:
         tokens = max(DEFAULT_CPU_KV_TOKENS, context_length)
     blocks = blocks_for_budget(tokens, block_size)
@@ -147,4 +193,7 @@ def size_pool(
         usable / context_length,
         context_length,
     )
+    if len(held) > 1:
+        for d, layers in held.items():
+            log.info("  KV cache on %s: %d layers, %.2f GiB", d, layers, usable * shape.bytes_per_layer_token * layers / 2**30)
     return blocks

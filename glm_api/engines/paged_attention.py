@@ -20,7 +20,8 @@ ChatGLM3 shape (``../shared/PAGED_KV.md``): a per-row gather plus SDPA cost ~5 m
 the padded window cost 24-93 ms, and flex attention or transformers' paged SDPA (which loses
 grouped-query attention to its mask) were slower.
 
-Masks and tables are built once per step (:class:`PagedStep`) and reused by every layer.
+Masks and tables are built once per step (:class:`PagedStep`) and reused by every layer (in a
+model split over devices, copied once per device and step).
 Called without a step (``model.generate``, a reference forward in a test), the same model runs
 transformers' own SDPA attention, with its own masks: installing the engine changes nothing
 for other users of the model.
@@ -28,7 +29,7 @@ for other users of the model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -80,6 +81,10 @@ class _Group:
             self._windowed[window] = (keys <= q) & (keys > q - window)
         return self._windowed[window]
 
+    def moved_to(self, device: torch.device) -> _Group:
+        mask = None if self.mask is None else self.mask.to(device)
+        return replace(self, index=self.index.to(device), q_pos=self.q_pos.to(device), mask=mask, _windowed={})
+
 
 @dataclass
 class PagedStep:
@@ -92,6 +97,18 @@ class PagedStep:
     slots: torch.Tensor  # [T]
     groups: list[_Group]
     last_index: list[int]  # per scheduled row (in the order given): its last token in [0, T)
+    _copies: dict[torch.device, PagedStep] = field(default_factory=dict, repr=False)
+
+    def on(self, device: torch.device) -> PagedStep:
+        """The step with its slots and groups on ``device``: itself on the device it was built
+        on; elsewhere (a model split over devices) a copy the first layer there makes and the
+        device's other layers reuse, so index tensors cross once per device and step."""
+        if device == self.slots.device:
+            return self
+        if device not in self._copies:
+            groups = [g.moved_to(device) for g in self.groups]
+            self._copies[device] = replace(self, slots=self.slots.to(device), groups=groups, _copies={})
+        return self._copies[device]
 
     def model_inputs(self) -> dict[str, Any]:
         """Keyword arguments for the model's forward. The 4D placeholder mask makes transformers
@@ -206,8 +223,9 @@ class PagedCache:
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
         keys, values = self.step.pool.flat(layer_idx)
-        keys.index_copy_(1, self.step.slots, key_states[0].to(keys.dtype))
-        values.index_copy_(1, self.step.slots, value_states[0].to(values.dtype))
+        slots = self.step.on(keys.device).slots
+        keys.index_copy_(1, slots, key_states[0].to(keys.dtype))
+        values.index_copy_(1, slots, value_states[0].to(values.dtype))
         return key_states, value_states
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -244,7 +262,7 @@ def paged_attention(
     kv_heads, heads, d = k_pool.shape[0], query.shape[1], query.shape[3]
     out = query.new_empty((1, query.shape[2], heads, d))
     window = sliding_window if sliding_window is not None else getattr(module, "sliding_window", None)
-    for g in paged_step.groups:
+    for g in paged_step.on(k_pool.device).groups:
         width = g.n_blocks * pool.block_size
         k = k_pool.index_select(1, g.index).view(kv_heads, g.rows, width, d)[:, :, : g.kv_len].transpose(0, 1)
         v = v_pool.index_select(1, g.index).view(kv_heads, g.rows, width, d)[:, :, : g.kv_len].transpose(0, 1)

@@ -29,7 +29,7 @@ from glm_api.engines.base import GenerationChunk, SamplingParams
 from glm_api.engines.detokenizer import IncrementalDetokenizer
 from glm_api.engines.grammar import CompiledGrammar, Constraint, GrammarCompiler, mask_logits
 from glm_api.engines.kv_blocks import BlockManager
-from glm_api.engines.kv_pool import KVPool, KVShape, size_pool
+from glm_api.engines.kv_pool import KVPool, KVShape, layer_devices, size_pool
 from glm_api.engines.outbox import Outbox
 from glm_api.engines.pacing import PrefillPacer
 from glm_api.engines.paged_attention import PagedStep, ScheduledRow, install
@@ -74,9 +74,11 @@ class TransformersChatEngine(WorkerThread):
         self.stats = ChatEngineStats()
         install(self.model)
         shape = KVShape.of(self.model.config, next(self.model.parameters()).dtype)
+        # Each layer's keys and values beside it: all on one device, unless the model is split.
+        devices = layer_devices(self.model, shape.layers)
         num_blocks = size_pool(
             shape,
-            self.device,
+            devices,
             block_size=kv_block_size,
             kv_cache_tokens=kv_cache_tokens,
             context_length=self.context_length,
@@ -85,7 +87,13 @@ class TransformersChatEngine(WorkerThread):
             hidden_size=self.model.config.get_text_config().hidden_size,
             model_name=model_name,
         )
-        self.pool = KVPool(shape, num_blocks, kv_block_size, self.device)
+        self.pool = KVPool(shape, num_blocks, kv_block_size, devices)
+        self._keep_device = self.device
+        if hasattr(self.model, "_hf_hook"):  # split over devices (glm_api/device_map.py)
+            # Steps are built on the first layer's device and the hooks bring the logits back
+            # there; the last hidden states stay on the last device, so the rows to keep are
+            # picked with an index on the CPU (one that any device's tensor accepts).
+            self.device, self._keep_device = self.pool.device, torch.device("cpu")
         self.blocks = BlockManager(num_blocks, kv_block_size, cached_blocks=-(-prefix_cache_tokens // kv_block_size))
         pacer = PrefillPacer(prefill_chunk_tokens, prefill_time_share, prefill_step_ms / 1000)
         self.scheduler = Scheduler(
@@ -196,7 +204,8 @@ class TransformersChatEngine(WorkerThread):
     # -- worker thread -----------------------------------------------------------------------
 
     def _loop(self) -> None:
-        log.info("chat engine %s started on %s (max_running=%d)", self.model_name, self.device, self.max_running)
+        devices = ", ".join(map(str, dict.fromkeys(self.pool.layer_devices)))
+        log.info("chat engine %s started on %s (max_running=%d)", self.model_name, devices, self.max_running)
         try:
             with torch.inference_mode():
                 while True:
@@ -261,7 +270,7 @@ class TransformersChatEngine(WorkerThread):
         step = PagedStep.build(self.pool, rows)
         # Logits only where a row's last known token is computed: decode rows and finished prompts.
         sampling = [i for i, (req, n) in enumerate(plan.rows) if req.kv.computed + n == len(req.kv.ids)]
-        keep = torch.tensor([step.last_index[i] for i in sampling], dtype=torch.long, device=self.device)
+        keep = torch.tensor([step.last_index[i] for i in sampling], dtype=torch.long, device=self._keep_device)
         out = self.model(**step.model_inputs(), logits_to_keep=keep)
         self.scheduler.computed(plan.rows)
         prompt_tokens = sum(n for _, n in plan.rows if n > 1)

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
@@ -23,6 +23,9 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from glm_api.families.base import LoadedChatModel
 from glm_api.families.hf_template import HFChatTemplate, template_text
+
+if TYPE_CHECKING:
+    from glm_api.device_map import LayerSplit
 
 logger = logging.getLogger(__name__)
 
@@ -128,9 +131,10 @@ def _wrap(model: Any, tokenizer: PreTrainedTokenizerBase, family: str, source: P
 
 
 def load_transformers_lm(
-    path: Path, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False
+    path: Path, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False, split: LayerSplit | None = None
 ) -> LoadedChatModel:
-    """A transformers causal LM folder with a chat template, on ``device`` in ``dtype``.
+    """A transformers causal LM folder with a chat template, on ``device`` in ``dtype`` (or, with
+    ``split``, its layers spread over the split's devices, each tensor loaded on its own).
 
     ``trust_remote_code`` runs the folder's own Python code; only for a model the operator
     trusted by name (``--trust-remote-code NAME``)."""
@@ -141,11 +145,15 @@ def load_transformers_lm(
     tokenizer = _load_tokenizer(path, trust_remote_code=trust_remote_code)
     if not template_text(tokenizer):  # refuse before paying for the weights
         raise ValueError(f"{path} has no chat template: it is a base model, not a chat model")
+    placement = split.place_folder(path, dtype, trust_remote_code) if split is not None else None
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code
+        path, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code,
+        device_map=placement.device_map if placement else None,
     )
+    if placement is not None:
+        placement.dispatch(model)
     family = "transformers (remote code)" if trust_remote_code and "auto_map" in read_config(path) else "transformers"
-    return _wrap(model.to(device), tokenizer, family, path)
+    return _wrap(model if placement else model.to(device), tokenizer, family, path)
 
 
 def packaged_chat_gguf() -> Path | None:
