@@ -32,8 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disable-chat", action="store_true", default=None, help="serve embeddings only")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto); a comma-separated list (cuda:0,cuda:1) "
                    "or all (every visible GPU) runs one chat replica per device")
+    p.add_argument("--device-map", choices=["none", "auto", "balanced"],
+                   help="auto: split one chat model by layers over the --device list, filling the devices in order; "
+                   "balanced: about evenly; saves memory, not time (default none: one replica per device)")
     p.add_argument("--embedding-device", help="device of the embedding models (default: the first --device)")
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], help="default auto: bf16/fp16 on GPU, fp32 on CPU")
+    p.add_argument("--quantize", choices=["none", "int8", "w8a8", "int4"],
+                   help="chat model decoder weights in int8 (weight-only), w8a8 (int8 activations on wide steps) or int4, quantised while loading (default none)")
     p.add_argument("--cache-dir", metavar="DIR", help="where converted GGUF models are cached (default .cache/glm-api)")
     p.add_argument("--max-running", type=int, help="chat sequences decoded together (default 32)")
     p.add_argument("--max-waiting", type=int, help="chat requests queued beyond those; more get 429 (default 256)")

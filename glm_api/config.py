@@ -53,8 +53,14 @@ class Settings(BaseSettings):
     cache_dir: Path = Path(".cache/glm-api")
     # One device, or a comma-separated list (one chat replica per entry), or "all" GPUs.
     device: str = "auto"
+    device_map: Literal["none", "auto", "balanced"] = Field(
+        "none", description="split one chat model by layers over the --device list instead of one replica each"
+    )
     embedding_device: str | None = Field(None, description="where embedding models load (default: the first --device)")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    quantize: Literal["none", "int8", "w8a8", "int4"] = Field(
+        "none", description="chat model decoder weights: int8 (weight-only), w8a8 (int8 activations too on wide steps), int4"
+    )
     embedding_max_seq_length: int | None = Field(None, ge=1)
 
     # Chat scheduling and limits.
@@ -113,7 +119,7 @@ class Settings(BaseSettings):
         return [str(item).strip() for item in items if str(item).strip()]
 
     @model_validator(mode="after")
-    def _no_wildcard_with_credentials(self) -> "Settings":
+    def _no_wildcard_with_credentials(self) -> Settings:
         if self.cors_allow_credentials and "*" in self.cors_origins:
             raise ValueError("CORS: origin '*' together with credentials would let any site act as the user; list the origins")
         return self

@@ -20,6 +20,8 @@ from glm_api.errors import BadRequestError, NotFoundError
 if TYPE_CHECKING:
     import torch
 
+    from glm_api.device_map import LayerSplit
+
 log = logging.getLogger(__name__)
 
 PACKAGED_CHAT_NAME = "SmolLM2-135M-Instruct"
@@ -51,11 +53,15 @@ def resolve_model_sources(settings: Settings) -> ModelSources:
     from glm_api.families.transformers_lm import packaged_chat_gguf
 
     try:  # the devices too, so that a typo fails before the server starts
-        resolve_devices(settings.device)
+        devices = resolve_devices(settings.device)
         if settings.embedding_device:
             resolve_device(settings.embedding_device)
     except (ValueError, RuntimeError) as exc:  # torch.device("nope") raises RuntimeError
         raise StartupError(f"--device / --embedding-device: {exc}") from None
+    try:
+        layer_split(settings, devices)
+    except ValueError as exc:
+        raise StartupError(f"--device-map: {exc}") from None
 
     chat: ModelSource | None = None
     if not settings.disable_chat:
@@ -194,16 +200,22 @@ class ModelRegistry:
 def build_registry(settings: Settings, sources: ModelSources | None = None) -> ModelRegistry:
     """Load every model (blocking: seconds to minutes) and wrap each in its engine. With several
     devices in ``--device`` the chat model is loaded once per device, one engine each, behind a
-    :class:`~glm_api.engines.router.ReplicaRouter`; embedding models load on the first device
-    (or ``--embedding-device``)."""
+    :class:`~glm_api.engines.router.ReplicaRouter`, or with ``--device-map`` once, split by layers
+    over them, in one engine; embedding models load on the first device (or
+    ``--embedding-device``)."""
     from glm_api.engines.embedding_engine import BatchingEmbeddingEngine
     from glm_api.engines.router import ReplicaRouter
     from glm_api.families.embedding import load_embedding_model
 
     sources = sources or resolve_model_sources(settings)
     devices = resolve_devices(settings.device)
+    split = layer_split(settings, devices)
+    if split is None and settings.device_map != "none":
+        log.info("--device-map %s with one device (%s): the chat model loads whole", settings.device_map, devices[0])
     chat: ChatEngine | None = None
-    if sources.chat is not None:
+    if sources.chat is not None and split is not None:  # one model over all the devices: one engine
+        chat = _load_chat_replica(settings, sources.chat, devices[0], 0, 1, split)
+    elif sources.chat is not None:
         engines = [
             _load_chat_replica(settings, sources.chat, device, i, len(devices)) for i, device in enumerate(devices)
         ]
@@ -229,20 +241,43 @@ def build_registry(settings: Settings, sources: ModelSources | None = None) -> M
     return ModelRegistry(chat, embeddings)
 
 
-def _load_chat_replica(settings: Settings, source: ModelSource, device: torch.device, index: int, count: int) -> ChatEngine:
-    """The chat model loaded on one device, in its own engine (own KV pool and prefix cache)."""
+def layer_split(settings: Settings, devices: list[torch.device]) -> LayerSplit | None:
+    """``--device-map`` over the ``--device`` list, or None when nothing is split (no map, or
+    one device); ValueError for a list that cannot be split."""
+    from glm_api.device_map import LayerSplit, check_split_devices
+
+    if not check_split_devices(settings.device_map, devices):
+        return None
+    if settings.quantize != "none":
+        raise ValueError("a model split over devices cannot be quantised yet (--quantize); use one of the two")
+    return LayerSplit(
+        tuple(devices), settings.device_map, kv_cache_tokens=settings.kv_cache_tokens,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        step_tokens=settings.prefill_chunk_tokens + settings.max_running,
+    )
+
+
+def _load_chat_replica(
+    settings: Settings, source: ModelSource, device: torch.device, index: int, count: int, split: LayerSplit | None = None
+) -> ChatEngine:
+    """The chat model loaded on one device (or split over ``split``'s devices), in its own
+    engine (own KV pool and prefix cache)."""
     from glm_api.engines.transformers_engine import TransformersChatEngine
     from glm_api.families.detect import load_chat_model
 
     dtype = resolve_dtype(settings.dtype, device)
     started = time.monotonic()
     replica = f" (replica {index} of {count})" if count > 1 else ""
-    log.info("loading chat model %s from %s on %s (%s)%s", source.name, source.path, device, dtype, replica)
+    where = ", ".join(map(str, split.devices)) + f" (--device-map {split.mode})" if split else str(device)
+    log.info("loading chat model %s from %s on %s (%s)%s", source.name, source.path, where, dtype, replica)
     if source.trust_remote_code and index == 0:
         log.warning(
             "trust_remote_code is ON for %s: Python code from %s may run in this process", source.name, source.path
         )
-    loaded = load_chat_model(source.path, device, dtype, settings.cache_dir, trust_remote_code=source.trust_remote_code)
+    loaded = load_chat_model(
+        source.path, device, dtype, settings.cache_dir, trust_remote_code=source.trust_remote_code,
+        quantize=settings.quantize, split=split,
+    )
     log.info(
         "chat model %s ready%s: %s family, context %d, %.1f s",
         source.name, replica, loaded.family, loaded.context_length, time.monotonic() - started,

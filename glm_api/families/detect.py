@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from glm_api.families.base import LoadedChatModel
+from glm_api.families.quantize import QuantMode, quantize_model
+from glm_api.families.quantize import check_supported as check_quantize_supported
+from glm_api.families.quantize import report as quantization_report
 from glm_api.families.transformers_lm import check_causal_lm_config, load_gguf, load_transformers_lm, read_config
 from glm_api.families.weight_layout import store_linear_weights_input_major
+
+if TYPE_CHECKING:
+    from glm_api.device_map import LayerSplit
 
 logger = logging.getLogger(__name__)
 
@@ -70,26 +77,46 @@ def detect_chat_family(path: Path, trust_remote_code: bool = False) -> str:
 
 
 def load_chat_model(
-    path: Path, device: torch.device, dtype: torch.dtype, cache_dir: Path, trust_remote_code: bool = False
+    path: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    cache_dir: Path,
+    trust_remote_code: bool = False,
+    quantize: QuantMode = "none",
+    split: LayerSplit | None = None,
 ) -> LoadedChatModel:
     """Load the chat model at ``path`` with the family :func:`detect_chat_family` picks.
 
-    On CPU the linear weights are then stored input-major (same values, faster decode steps;
-    see :mod:`glm_api.families.weight_layout`).
+    ``split`` spreads its layers over several devices (``--device-map``; ``device`` is then the
+    first of them): ChatGLM3 and transformers folders load each tensor on its layer's device; a
+    GGUF model is dequantised on the CPU first, then moved.
+
+    ``quantize`` (int8, int4) replaces the decoder's linear layers by quantised ones: ChatGLM3
+    quantises each tensor as it streams in; the transformers families quantise layer by layer
+    right after loading (see :mod:`glm_api.families.quantize`). On CPU the remaining linear
+    weights are then stored input-major (same values, faster decode steps; see
+    :mod:`glm_api.families.weight_layout`).
     """
     path = Path(path)
+    check_quantize_supported(quantize, device)  # before minutes of loading
     family = detect_chat_family(path, trust_remote_code)
     logger.info("chat model %s: loading as %s on %s in %s", path, family, device, dtype)
     if family == "gguf":
         gguf = _gguf_file(path)
         assert gguf is not None  # detect_chat_family said so
-        loaded = load_gguf(gguf, device, dtype, cache_dir)
+        loaded = load_gguf(gguf, device if split is None else torch.device("cpu"), dtype, cache_dir)
+        if split is not None:
+            split.place(loaded.model, dtype).dispatch(loaded.model)
     elif family == "chatglm3":
         from glm_api.families.chatglm3 import load_chatglm3
 
-        loaded = load_chatglm3(path, device, dtype)
+        loaded = load_chatglm3(path, device, dtype, quantize, split=split)
     else:
-        loaded = load_transformers_lm(path, device, dtype, trust_remote_code)
+        loaded = load_transformers_lm(path, device, dtype, trust_remote_code, split=split)
+    if quantize != "none":
+        if family != "chatglm3":
+            quantize_model(loaded.model, quantize)
+        logger.info("chat model %s: %s", path, quantization_report(loaded.model, quantize, dtype).line())
     if device.type == "cpu":
         store_linear_weights_input_major(loaded.model)
     return loaded

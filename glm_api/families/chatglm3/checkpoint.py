@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 import pickle
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -23,6 +23,11 @@ from torch import nn
 from glm_api.families.base import LoadedChatModel
 from glm_api.families.chatglm3.template import ChatGLM3Template
 from glm_api.families.chatglm3.tokenizer import ChatGLM3Tokenizer
+from glm_api.families.mapped_pages import MappedFile
+from glm_api.families.quantize import QUANTIZED, QuantMode, replace_modules
+
+if TYPE_CHECKING:
+    from glm_api.device_map import LayerSplit
 
 _LAYER_KEY = re.compile(r"encoder\.layers\.(\d+)\.(.+)")
 # Per-layer ChatGLM names -> GlmForCausalLM names (the fused qkv is handled apart).
@@ -47,6 +52,8 @@ _REQUIRED_FLAGS = {
     "apply_residual_connection_post_layernorm": False,
     "original_rope": True,
 }
+_COPY_ROWS = 4096  # rows copied (or quantised) at a time while loading
+Release = Callable[[torch.Tensor], None]
 _UNEXPECTED = "unexpected weights (not ChatGLM3, or more layers than config.json says)"
 _WEIGHT_LAYOUTS = (
     ("model.safetensors.index.json", "model.safetensors"),
@@ -262,16 +269,23 @@ def _torch_load(file: Path) -> Any:
     return torch.load(file, map_location="cpu", weights_only=True)
 
 
-def iter_checkpoint(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(key, tensor) for each tensor of one shard. Both formats are memory-mapped: the
-    tensors are views of the file (safetensors' ``get_tensor`` too), valid while it is open."""
+def iter_checkpoint(file: Path) -> Iterator[tuple[str, torch.Tensor, Release]]:
+    """(key, tensor, release) for each tensor of one shard. Both formats are memory-mapped: the
+    tensors are views of the file (safetensors' ``get_tensor`` too), valid while it is open.
+    ``release(view)`` drops the pages under a consumed part of the tensor from this process's
+    resident memory, and the whole tensor's go when the caller asks for the next
+    (:mod:`~glm_api.families.mapped_pages`): a shard never sits there whole."""
     if file.suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open
 
         try:
             with safe_open(str(file), framework="pt", device="cpu") as handle:
+                pages = None
                 for key in handle.keys():
-                    yield key, handle.get_tensor(key)
+                    tensor = handle.get_tensor(key)
+                    pages = pages or MappedFile(file)  # the file is mapped by now
+                    yield key, tensor, pages.release
+                    pages.release(tensor)  # the caller has copied it: its pages can go
         except (OSError, RuntimeError, SafetensorError) as exc:
             raise ValueError(f"{file}: cannot read safetensors ({exc})") from exc
         return
@@ -281,17 +295,27 @@ def iter_checkpoint(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
         raise ValueError(f"{file}: cannot read checkpoint ({exc})") from exc
     if not isinstance(state, dict):
         raise ValueError(f"{file}: not a state dict")
+    pages = MappedFile(file)  # no ranges when the legacy format was read whole
     try:
         while state:
             key, tensor = state.popitem()  # drop our reference as we go
-            yield key, tensor
+            yield key, tensor, pages.release
+            pages.release(tensor)  # the caller has copied it: its pages can go
     finally:
         del state
 
 
-def _assign(model: nn.Module, name: str, tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> None:
+def _assign(
+    model: nn.Module, name: str, tensor: torch.Tensor, device: torch.device, dtype: torch.dtype, release: Release
+) -> None:
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name)
+    if leaf == "weight" and isinstance(module, QUANTIZED):
+        shape = tuple(module.qweight.shape if hasattr(module, "qweight") else (module.out_features, module.in_features))
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} does not match {shape} from config.json")
+        module.load_weight(tensor, device, release)  # quantised as it streams: never whole in memory
+        return
     current = module._parameters.get(leaf)
     if current is None:
         raise ValueError(f"{name}: not a parameter of GlmForCausalLM")
@@ -301,7 +325,15 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor, device: torch.dev
         )
     # Always a copy: a view would keep the file mapped, and writing over the weights file in
     # place would change the served model under it (measured with safetensors 0.8).
-    value = tensor.to(device=device, dtype=dtype, copy=True)
+    # Row block by row block, giving back the file's pages behind: a 65024 x 4096 embedding's
+    # source never sits in memory whole beside its copy.
+    value = torch.empty(tensor.shape, dtype=dtype, device=device)
+    if tensor.dim() == 0:
+        value.copy_(tensor)
+    for start in range(0, len(tensor) if tensor.dim() else 0, _COPY_ROWS):
+        part = tensor[start : start + _COPY_ROWS]
+        value[start : start + _COPY_ROWS] = part
+        release(part)
     module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
 
 
@@ -311,18 +343,23 @@ def _listing(names: set[str], limit: int = 10) -> str:
     return ", ".join(shown) + more
 
 
-def load_weights(model: nn.Module, folder: Path, cfg: ChatGLM3Config, device: torch.device, dtype: torch.dtype) -> None:
-    """Fill the meta-device ``model`` from the folder's shards, one tensor at a time."""
+def load_weights(
+    model: nn.Module, folder: Path, cfg: ChatGLM3Config, device: torch.device | Callable[[str], torch.device], dtype: torch.dtype
+) -> None:
+    """Fill the meta-device ``model`` from the folder's shards, one tensor at a time, each on
+    ``device`` (or ``device(name)``: a model split over devices, see :mod:`glm_api.device_map`)."""
     files, indexed_keys = weight_files(folder)
     if indexed_keys is not None:  # fail before reading gigabytes when the index already tells
         unknown = {key for key in indexed_keys if target_names(key, cfg) is None}
         if unknown:
             raise ValueError(f"{folder}: {_UNEXPECTED}: {_listing(unknown)}")
-    expected = {name for name, _ in model.named_parameters()}
+    expected = {name for name, _ in model.named_parameters()} | {
+        f"{name}.weight" for name, module in model.named_modules() if isinstance(module, QUANTIZED)
+    }
     filled: set[str] = set()
     unexpected: set[str] = set()
     for file in files:
-        for key, tensor in iter_checkpoint(file):
+        for key, tensor, release in iter_checkpoint(file):
             converted = convert_key(key, tensor, cfg)
             if converted is None:
                 unexpected.add(key)
@@ -330,7 +367,7 @@ def load_weights(model: nn.Module, folder: Path, cfg: ChatGLM3Config, device: to
             for name, part in converted:
                 if name in filled:
                     raise ValueError(f"{file}: {key} appears twice in the checkpoint")
-                _assign(model, name, part, device, dtype)
+                _assign(model, name, part, device(name) if callable(device) else device, dtype, release)
                 filled.add(name)
             del tensor, converted
     if unexpected:
@@ -340,9 +377,18 @@ def load_weights(model: nn.Module, folder: Path, cfg: ChatGLM3Config, device: to
         raise ValueError(f"{folder}: weights missing from the checkpoint: {_listing(missing)}")
 
 
-def load_chatglm3(path: str | Path, device: torch.device, dtype: torch.dtype) -> LoadedChatModel:
+def load_chatglm3(
+    path: str | Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    quantize: QuantMode = "none",
+    split: LayerSplit | None = None,
+) -> LoadedChatModel:
     """A ChatGLM3 folder (config.json, tokenizer.model, .bin or safetensors weights) as a
-    ``GlmForCausalLM`` in eval mode on ``device`` in ``dtype``, with its template."""
+    ``GlmForCausalLM`` in eval mode on ``device`` in ``dtype``, with its template; with
+    ``quantize`` its decoder's linear layers hold int8 or int4 weights, quantised as they load.
+    With ``split`` its layers spread over the split's devices instead, each tensor streamed to
+    its layer's device."""
     from transformers import GlmForCausalLM
     from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
 
@@ -360,12 +406,18 @@ def load_chatglm3(path: str | Path, device: torch.device, dtype: torch.dtype) ->
     config = glm_config(cfg, template, dtype)
     with torch.device("meta"):
         model = GlmForCausalLM(config)
-    load_weights(model, folder, cfg, device, dtype)
+    if quantize != "none":
+        replace_modules(model, quantize, device, dtype)
+    placement = split.place(model, dtype) if split is not None else None
+    load_weights(model, folder, cfg, placement.device_of if placement else device, dtype)
     # Its buffers are not in the checkpoint: build the rotary embedding for real on the device.
-    model.model.rotary_emb = GlmRotaryEmbedding(config=config).to(device)
+    rotary_device = placement.device_of("model.rotary_emb") if placement else device
+    model.model.rotary_emb = GlmRotaryEmbedding(config=config).to(rotary_device)
     left = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if left:
         raise ValueError(f"{folder}: tensors left unloaded: {_listing(set(left))}")
+    if placement is not None:
+        placement.dispatch(model)
     model.eval()
     model.generation_config.eos_token_id = _stop_ids(template)
     model.generation_config.pad_token_id = tokenizer.pad_id

@@ -1,0 +1,373 @@
+"""Weight quantisation of chat models (``--quantize int8|w8a8|int4``) on torch's own kernels.
+
+The decoder layers' linear projections are replaced by modules that hold int8 or int4
+weights, and the embedding table by int8 rows; the output layer stays in the compute dtype
+except under int4 (see :func:`_quantized_twin` for what each choice was measured to cost). The
+matmuls are torch's kernels, none hand-written: ``_weight_int8pack_mm`` (int8 weights,
+16-bit activations), ``_int_mm`` (int8 x int8 -> int32) and tinygemm's ``_weight_int4pack_mm``.
+torchao wraps the same ops, but its eager int8 path dequantises the whole weight on every call
+(SmolLM2 ran at 0.45x fp32), and computing a scale needs no dependency.
+
+Kernels are picked by the rows a call carries, from measurements on the 2-core dev CPU at
+ChatGLM3's MLP shape, 4096 -> 27392 (``python bench/bench_quantize.py --kernels-only``):
+
+- ``int8``, weight-only: ``_weight_int8pack_mm`` reads the weight once per row (bf16
+  activations 3.5 ms for 1 row, 7.6 for 8, 29 for 32; dense bf16 7.2 / 7.9 / 13); past
+  ``DEQUANT_ROWS`` (prompt chunks) the weight is dequantised once for the call (~120 ms,
+  then a dense matmul). Only the weights are rounded, so the model's answers stay those of
+  the full-precision model (SmolLM2 over 700 tokens of text: perplexity 41.166 against
+  41.174, top-1 agreement 0.967).
+- ``w8a8``: each activation row is rounded to int8 too (its own scale) and ``_int_mm``
+  multiplies: 2 ms for 1 row, ~10-14 ms from 2 to 32 rows and 143 at 512 (bf16 dense 125),
+  so batched decoding and prompts run at bf16 speed on half the memory, at a measured cost in
+  accuracy (same text: perplexity 42.1, top-1 agreement 0.867). The int32 sums are exact, so
+  a row's product does not depend on its neighbours; but rounding activations makes a small
+  difference elsewhere (a bf16 attention over another batch) cross a step more easily.
+- ``int4``: asymmetric per group of 128 inputs (or the largest of 64/32 that divides the
+  input size), weight-only, tinygemm at every width. It is for memory (~4x smaller than bf16),
+  not speed past a few rows (21 ms at 32 rows); accuracy drops more (SmolLM2: perplexity 60.8).
+
+Each row is computed on its own in every kernel, so a row's result does not depend on the values
+of the rows beside it; int8 and int4 calls of different widths may differ by float rounding, as
+dense batched matmuls already do.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+QuantMode = Literal["none", "int8", "w8a8", "int4"]
+QUANT_MODES: tuple[str, ...] = ("none", "int8", "w8a8", "int4")
+Release = Callable[[torch.Tensor], None]
+
+#: int8: past this many rows (prompt chunks) dequantising once beats _weight_int8pack_mm, whose
+#: cost grows ~1 ms a row at ChatGLM3's MLP shape (measured crossover ~200).
+DEQUANT_ROWS = 192
+#: Names of output layers (kept dense, or int8 under int4: see _quantized_twin).
+_OUTPUT_LAYERS = ("lm_head", "output_layer", "embed_out")
+_INT4_GROUPS = (128, 64, 32)
+# Weight elements quantised together while loading: a 64 MB float32 block is the only copy.
+_LOAD_ELEMENTS = 1 << 24
+
+
+def _block_rows(columns: int) -> int:
+    """Rows of a weight quantised at a time: a multiple of 16 (int4 packs 16-row tiles)."""
+    return max(16, _LOAD_ELEMENTS // columns // 16 * 16)
+
+
+def check_supported(mode: str, device: torch.device) -> None:
+    """ValueError saying why ``mode`` cannot run on ``device`` (checked before loading)."""
+    if mode not in QUANT_MODES:
+        raise ValueError(f"quantize {mode!r} is not one of {', '.join(QUANT_MODES)}")
+    if mode == "none":
+        return
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--quantize {mode} runs on cpu or cuda devices, not {device.type}")
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if mode == "int4" and major < 8:
+            raise ValueError(
+                f"--quantize int4 needs a GPU of compute capability 8.0 or newer (tinygemm's int4 kernel); "
+                f"{torch.cuda.get_device_name(device)} is {major}.{minor}: use --quantize int8"
+            )
+    # int8 without _weight_int8pack_mm on the device still runs, dequantising per call (slow).
+    op = {"int8": "mm", "w8a8": "_int_mm", "int4": "_weight_int4pack_mm"}[mode]
+    if device.type == "cpu" and mode == "int4":
+        op = "_weight_int4pack_mm_for_cpu"
+    key = "CUDA" if device.type == "cuda" else "CPU"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{op}", key):
+        raise ValueError(f"--quantize {mode}: this torch build ({torch.__version__}) has no {key} kernel for {op}")
+
+
+def _narrow_dtype(compute: torch.dtype) -> torch.dtype:
+    # _weight_int8pack_mm with float32 activations ran 10x slower than with bfloat16 here.
+    return torch.bfloat16 if compute == torch.float32 else compute
+
+
+class Int8Linear(nn.Module):
+    """``y = x W^T + b`` with W stored as int8 per output channel (symmetric, scale = max/127)."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, device: torch.device, dtype: torch.dtype,
+        int8_activations: bool = False,
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.int8_activations = int8_activations  # w8a8: activations rounded to int8 too
+        self.target_device = device  # placeholders live on meta until load_weight fills them there
+        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device="meta"))
+        self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32, device="meta"))
+        self.register_buffer("narrow_scale", torch.empty(out_features, dtype=_narrow_dtype(dtype), device="meta"))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device="meta"), requires_grad=False) if bias else None
+
+    @torch.no_grad()
+    def load_weight(
+        self, weight: torch.Tensor, device: torch.device | None = None, release: Release | None = None
+    ) -> None:
+        """Quantise a float ``[out, in]`` weight into this module on ``device`` (default: the one
+        it was made for), in row blocks: bounded memory. ``release`` is called with each block
+        of ``weight`` once consumed (a memory-mapped checkpoint gives its pages back)."""
+        device = self.target_device = device or self.target_device
+        qweight = torch.empty(self.out_features, self.in_features, dtype=torch.int8, device=device)
+        scale = torch.empty(self.out_features, dtype=torch.float32, device=device)
+        step = _block_rows(self.in_features)
+        for start in range(0, self.out_features, step):
+            block = weight[start : start + step].to(device=device, dtype=torch.float32, copy=True)
+            block_scale = torch.linalg.vector_norm(block, ord=float("inf"), dim=1).clamp(min=1e-12) / 127
+            # In place: one float32 block is the only temporary (bounded load-time memory).
+            qweight[start : start + step] = block.div_(block_scale[:, None]).round_().clamp_(-127, 127)
+            scale[start : start + step] = block_scale
+            if release is not None:
+                release(weight[start : start + step])
+        self.qweight, self.scale = qweight, scale
+        self.narrow_scale = scale.to(self.narrow_scale.dtype)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.qweight.float() * self.scale[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        count = rows.shape[0]
+        if self.int8_activations:
+            out = self._int8_activations(rows)
+        elif count <= DEQUANT_ROWS and _has_int8pack(rows.device):
+            narrow = self.narrow_scale.dtype
+            out = torch._weight_int8pack_mm(rows.to(narrow), self.qweight, self.narrow_scale).to(x.dtype)
+        else:
+            weight = self.qweight.to(x.dtype) * self.scale[:, None].to(x.dtype)
+            out = torch.nn.functional.linear(rows, weight)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _int8_activations(self, rows: torch.Tensor) -> torch.Tensor:
+        """int8 x int8 on activations quantised per row (each row its own scale)."""
+        count = rows.shape[0]
+        if rows.device.type == "cuda" and count <= 16:  # cuBLASLt's int8 GEMM wants more than 16 rows
+            rows = torch.nn.functional.pad(rows, (0, 0, 0, 17 - count))
+        x = rows.float()
+        x_scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
+        xq = torch.round(x / x_scale).clamp(-127, 127).to(torch.int8)
+        acc = torch._int_mm(xq, self.qweight.t())
+        return (acc.float() * x_scale * self.scale)[:count].to(rows.dtype)
+
+    def extra_repr(self) -> str:
+        kind = "w8a8" if self.int8_activations else "int8"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {kind}, bias={self.bias is not None}"
+
+
+def _has_int8pack(device: torch.device) -> bool:
+    key = "CUDA" if device.type == "cuda" else "CPU"
+    return torch._C._dispatch_has_kernel_for_dispatch_key("aten::_weight_int8pack_mm", key)
+
+
+def int4_group_size(in_features: int) -> int | None:
+    return next((g for g in _INT4_GROUPS if in_features % g == 0), None)
+
+
+class Int4Linear(nn.Module):
+    """``y = x W^T + b`` with W as 4-bit codes per group of inputs: ``w = (q - 8) * scale + zero``,
+    tinygemm's convention, packed for the device's kernel."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, device: torch.device, dtype: torch.dtype):
+        super().__init__()
+        group = int4_group_size(in_features)
+        if group is None or out_features % 16:
+            raise ValueError(f"int4 needs in_features divisible by 32 and out_features by 16, got {in_features}x{out_features}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group
+        # tinygemm on CUDA takes bf16 only; on CPU float32 activations are exact and as fast.
+        self.act_dtype = torch.bfloat16 if device.type == "cuda" else dtype
+        self.target_device = device
+        self.register_buffer("packed", None)
+        self.register_buffer("scales_and_zeros", torch.empty(in_features // group, out_features, 2, dtype=self.act_dtype, device="meta"))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device="meta"), requires_grad=False) if bias else None
+
+    @torch.no_grad()
+    def load_weight(
+        self, weight: torch.Tensor, device: torch.device | None = None, release: Release | None = None
+    ) -> None:
+        """As :meth:`Int8Linear.load_weight`."""
+        device, g = device or self.target_device, self.group_size
+        if device.type != self.target_device.type:
+            raise ValueError(f"int4 weights packed for {self.target_device.type} cannot load on {device.type}")
+        sz = torch.empty(self.out_features, self.in_features // g, 2, dtype=torch.float32, device=device)
+        codes, packed = [], []
+        step = _block_rows(self.in_features)
+        for start in range(0, self.out_features, step):
+            block = weight[start : start + step].to(device=device, dtype=torch.float32, copy=True)
+            groups = block.reshape(block.shape[0], -1, g)
+            low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+            scale = ((high - low) / 15).clamp(min=1e-12)
+            q = groups.sub_(low[..., None]).div_(scale[..., None]).round_().clamp_(0, 15).reshape(block.shape).to(torch.int32)
+            sz[start : start + step, :, 0] = scale
+            sz[start : start + step, :, 1] = low + 8 * scale
+            if release is not None:
+                release(weight[start : start + step])
+            if device.type == "cuda":
+                codes.append(q)
+            else:  # the CPU packing is row-local (checked in the tests): pack block by block,
+                packed.append(torch._convert_weight_to_int4pack_for_cpu(q, 1))  # int32 codes stay small
+        self.scales_and_zeros = sz.transpose(0, 1).contiguous().to(self.act_dtype)
+        if device.type == "cuda":  # two codes a byte, high nibble first, as tinygemm packs them
+            whole = torch.cat(codes)
+            tiles = 8 if self.in_features % 128 == 0 else 4 if self.in_features % 64 == 0 else 2  # K % (tiles * 16)
+            self.packed = torch._convert_weight_to_int4pack((whole[:, ::2] << 4 | whole[:, 1::2]).to(torch.uint8), tiles)
+        else:
+            self.packed = torch.cat(packed) if len(packed) > 1 else packed[0]
+
+    def dequantized(self) -> torch.Tensor:
+        """The float weight the codes stand for (for tests and error measurements)."""
+        eye = torch.eye(self.in_features, dtype=self.act_dtype, device=self.scales_and_zeros.device)
+        return self._matmul(eye).float().t()
+
+    def _matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        if rows.device.type == "cuda":
+            return torch._weight_int4pack_mm(rows, self.packed, self.group_size, self.scales_and_zeros)
+        return torch._weight_int4pack_mm_for_cpu(rows, self.packed, self.group_size, self.scales_and_zeros)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        out = self._matmul(rows.to(self.act_dtype)).to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 group {self.group_size}, bias={self.bias is not None}"
+
+
+class Int8Embedding(nn.Module):
+    """An embedding table stored as int8 rows (one scale each); a lookup dequantises the rows it
+    reads. Measured on SmolLM2 (700 tokens): top-1 agreement 0.996, perplexity 41.185 against
+    41.174, for half the table's bf16 memory (ChatGLM3-6B: 266 MB saved)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, device: torch.device, dtype: torch.dtype):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.dtype = num_embeddings, embedding_dim, dtype
+        self.target_device = device
+        self.register_buffer("qweight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device="meta"))
+        self.register_buffer("scale", torch.empty(num_embeddings, 1, dtype=dtype, device="meta"))
+
+    @torch.no_grad()
+    def load_weight(
+        self, weight: torch.Tensor, device: torch.device | None = None, release: Release | None = None
+    ) -> None:
+        linear = Int8Linear(self.embedding_dim, self.num_embeddings, False, device or self.target_device, self.dtype)
+        linear.load_weight(weight, device, release)  # the same per-row quantisation
+        self.qweight, self.scale = linear.qweight, linear.scale[:, None].to(self.dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.qweight[ids].to(self.dtype) * self.scale[ids]
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8"
+
+
+QUANTIZED = (Int8Linear, Int4Linear, Int8Embedding)
+
+
+def _quantized_twin(name: str, module: nn.Module, mode: str, tied: set[int], device: torch.device, dtype: torch.dtype):
+    """The empty quantised module that replaces ``module``, or None where it stays as it is.
+
+    Decoder projections take ``mode``. Embeddings go to int8 rows (measured lossless) unless
+    tied to the output layer. The output layer stays dense for int8 and w8a8 (int8 there cut
+    SmolLM2's top-1 agreement from 0.967 to 0.940) and goes to int8 for int4, where that costs
+    next to nothing beside int4 itself (0.649 -> 0.639) and saves a quarter of what is left."""
+    if isinstance(module, nn.Embedding):
+        if id(module.weight) in tied:
+            return None
+        return Int8Embedding(module.num_embeddings, module.embedding_dim, device, dtype)
+    if not isinstance(module, nn.Linear):
+        return None
+    bias = module.bias is not None
+    if any(part in _OUTPUT_LAYERS for part in name.split(".")):
+        if mode != "int4" or id(module.weight) in tied:
+            return None
+        return Int8Linear(module.in_features, module.out_features, bias, device, dtype)
+    if mode == "int4":
+        if int4_group_size(module.in_features) is None or module.out_features % 16:
+            return None  # a shape tinygemm cannot pack stays dense (none in the supported families)
+        return Int4Linear(module.in_features, module.out_features, bias, device, dtype)
+    return Int8Linear(module.in_features, module.out_features, bias, device, dtype, int8_activations=mode == "w8a8")
+
+
+def _twins(model: nn.Module, mode: str, device_of, dtype: torch.dtype) -> list[tuple[str, nn.Module, nn.Module]]:
+    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    tied = linear_weights & embedding_weights
+    found = []
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, (nn.Linear, nn.Embedding)):
+            continue
+        twin = _quantized_twin(name, module, mode, tied, device_of(module), dtype)
+        if twin is not None:
+            found.append((name, module, twin))
+    return found
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
+
+
+def replace_modules(model: nn.Module, mode: str, device: torch.device, dtype: torch.dtype) -> list[str]:
+    """Swap the modules ``mode`` quantises for empty quantised ones that ``load_weight`` fills
+    on ``device``; returns their names. For a meta-device model, before its weights stream in."""
+    found = _twins(model, mode, lambda _: device, dtype)
+    for name, _, twin in found:
+        _swap(model, name, twin)
+    return [name for name, _, _ in found]
+
+
+def quantize_model(model: nn.Module, mode: str) -> QuantReport:
+    """Quantise a loaded model in place, module by module (each dense weight is freed as its
+    quantised twin is made: the peak is the dense model, not twice it)."""
+    found = _twins(model, mode, lambda m: m.weight.device, next(model.parameters()).dtype)
+    for name, module, twin in found:
+        twin.load_weight(module.weight)
+        if getattr(module, "bias", None) is not None:
+            twin.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
+        _swap(model, name, twin)
+    return report(model, mode, next(model.parameters()).dtype)
+
+
+@dataclass(frozen=True)
+class QuantReport:
+    mode: str
+    modules: int
+    dense_bytes: int  # what the quantised modules' weights take in the compute dtype
+    quantized_bytes: int
+
+    def line(self) -> str:
+        size = _size
+        return (
+            f"quantised {self.modules} modules ({self.mode}): {size(self.dense_bytes)} -> "
+            f"{size(self.quantized_bytes)} of weights (saved {size(self.dense_bytes - self.quantized_bytes)})"
+        )
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def quantized_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.buffers(recurse=False) if t is not None)
+
+
+def report(model: nn.Module, mode: str, dtype: torch.dtype) -> QuantReport:
+    """What the quantised modules of ``model`` hold against the same weights in ``dtype``."""
+    mods = [m for m in model.modules() if isinstance(m, QUANTIZED)]
+    elements = sum(
+        m.num_embeddings * m.embedding_dim if isinstance(m, Int8Embedding) else m.in_features * m.out_features
+        for m in mods
+    )
+    dense = elements * torch.tensor([], dtype=dtype).element_size()
+    return QuantReport(mode, len(mods), dense, sum(quantized_bytes(m) for m in mods))
