@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from glm_api.families.base import LoadedChatModel
-from glm_api.families.quantize import QuantMode, quantize_model
+from glm_api.families.quantize import QuantMode
 from glm_api.families.quantize import check_supported as check_quantize_supported
 from glm_api.families.quantize import report as quantization_report
 from glm_api.families.transformers_lm import check_causal_lm_config, load_gguf, load_transformers_lm, read_config
@@ -91,9 +91,10 @@ def load_chat_model(
     first of them): ChatGLM3 and transformers folders load each tensor on its layer's device; a
     GGUF model is dequantised on the CPU first, then moved.
 
-    ``quantize`` (int8, int4) replaces the decoder's linear layers by quantised ones: ChatGLM3
-    quantises each tensor as it streams in; the transformers families quantise layer by layer
-    right after loading (see :mod:`glm_api.families.quantize`). On CPU the remaining linear
+    ``quantize`` (int8, w8a8, int4) loads the weights into quantised modules, each tensor
+    quantised as it streams in (:mod:`glm_api.families.quantize`, :mod:`~glm_api.families.
+    quantized_load`; a transformers checkpoint whose names the model does not share is loaded
+    whole and quantised module by module after). On CPU the remaining linear
     weights are then stored input-major (same values, faster decode steps; see
     :mod:`glm_api.families.weight_layout`).
     """
@@ -104,7 +105,7 @@ def load_chat_model(
     if family == "gguf":
         gguf = _gguf_file(path)
         assert gguf is not None  # detect_chat_family said so
-        loaded = load_gguf(gguf, device if split is None else torch.device("cpu"), dtype, cache_dir)
+        loaded = load_gguf(gguf, device if split is None else torch.device("cpu"), dtype, cache_dir, quantize)
         if split is not None:
             split.place(loaded.model, dtype).dispatch(loaded.model)
     elif family == "chatglm3":
@@ -112,10 +113,8 @@ def load_chat_model(
 
         loaded = load_chatglm3(path, device, dtype, quantize, split=split)
     else:
-        loaded = load_transformers_lm(path, device, dtype, trust_remote_code, split=split)
+        loaded = load_transformers_lm(path, device, dtype, trust_remote_code, split=split, quantize=quantize)
     if quantize != "none":
-        if family != "chatglm3":
-            quantize_model(loaded.model, quantize)
         logger.info("chat model %s: %s", path, quantization_report(loaded.model, quantize, dtype).line())
     if device.type == "cpu":
         store_linear_weights_input_major(loaded.model)

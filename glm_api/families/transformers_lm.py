@@ -23,6 +23,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from glm_api.families.base import LoadedChatModel
 from glm_api.families.hf_template import HFChatTemplate, template_text
+from glm_api.families.quantize import QuantMode, quantize_model
+from glm_api.families.quantized_load import stream_quantized
 
 if TYPE_CHECKING:
     from glm_api.device_map import LayerSplit
@@ -131,7 +133,12 @@ def _wrap(model: Any, tokenizer: PreTrainedTokenizerBase, family: str, source: P
 
 
 def load_transformers_lm(
-    path: Path, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False, split: LayerSplit | None = None
+    path: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    trust_remote_code: bool = False,
+    split: LayerSplit | None = None,
+    quantize: QuantMode = "none",
 ) -> LoadedChatModel:
     """A transformers causal LM folder with a chat template, on ``device`` in ``dtype`` (or, with
     ``split``, its layers spread over the split's devices, each tensor loaded on its own).
@@ -145,6 +152,9 @@ def load_transformers_lm(
     tokenizer = _load_tokenizer(path, trust_remote_code=trust_remote_code)
     if not template_text(tokenizer):  # refuse before paying for the weights
         raise ValueError(f"{path} has no chat template: it is a base model, not a chat model")
+    family = "transformers (remote code)" if trust_remote_code and "auto_map" in read_config(path) else "transformers"
+    if quantize != "none" and split is None:
+        return _wrap(_quantized(path, device, dtype, quantize, trust_remote_code), tokenizer, family, path)
     placement = split.place_folder(path, dtype, trust_remote_code) if split is not None else None
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code,
@@ -152,8 +162,20 @@ def load_transformers_lm(
     )
     if placement is not None:
         placement.dispatch(model)
-    family = "transformers (remote code)" if trust_remote_code and "auto_map" in read_config(path) else "transformers"
     return _wrap(model if placement else model.to(device), tokenizer, family, path)
+
+
+def _quantized(path: Path, device: torch.device, dtype: torch.dtype, mode: QuantMode, trust_remote_code: bool) -> Any:
+    """Streamed into quantised modules where the checkpoint allows (never for remote code, whose
+    classes only its own loading knows); else loaded whole, then quantised module by module."""
+    model = None if trust_remote_code else stream_quantized(path, device, dtype, mode)
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code
+        )
+        quantize_model(model, mode)
+        model = model.to(device)
+    return model
 
 
 def packaged_chat_gguf() -> Path | None:
@@ -223,8 +245,11 @@ def _convert_gguf(file: Path, target: Path) -> tuple[Any, PreTrainedTokenizerBas
     return model, tokenizer
 
 
-def load_gguf(file: Path, device: torch.device, dtype: torch.dtype, cache_dir: Path) -> LoadedChatModel:
-    """A GGUF chat model, converted on first use and loaded from ``cache_dir`` after that."""
+def load_gguf(
+    file: Path, device: torch.device, dtype: torch.dtype, cache_dir: Path, quantize: QuantMode = "none"
+) -> LoadedChatModel:
+    """A GGUF chat model, converted on first use and loaded from ``cache_dir`` after that
+    (with ``quantize``, streamed from the cached folder into quantised modules)."""
     file = Path(file)
     if not file.is_file():
         raise ValueError(f"GGUF file {file} does not exist")
@@ -232,11 +257,16 @@ def load_gguf(file: Path, device: torch.device, dtype: torch.dtype, cache_dir: P
     if target.is_dir():
         start = time.monotonic()
         tokenizer = _load_tokenizer(target)
-        model = AutoModelForCausalLM.from_pretrained(
-            target, dtype=dtype, local_files_only=True, trust_remote_code=False
-        )
+        if quantize != "none":
+            model = _quantized(target, device, dtype, quantize, trust_remote_code=False)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                target, dtype=dtype, local_files_only=True, trust_remote_code=False
+            )
         logger.info("loaded %s from cache %s in %.1f s", file.name, target, time.monotonic() - start)
     else:
         model, tokenizer = _convert_gguf(file, target)
         model = model.to(dtype)
+        if quantize != "none":
+            quantize_model(model, quantize)
     return _wrap(model.to(device), tokenizer, "gguf", file)

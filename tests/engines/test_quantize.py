@@ -20,7 +20,7 @@ from glm_api.engines.base import SamplingParams
 from glm_api.engines.grammar import Constraint
 from glm_api.engines.transformers_engine import TransformersChatEngine
 from glm_api.families import quantize as q
-from glm_api.families.chatglm3.checkpoint import iter_checkpoint
+from glm_api.families.tensor_stream import iter_checkpoint
 from glm_api.families.detect import load_chat_model
 from glm_api.families.mapped_pages import MappedFile
 from glm_api.registry import ModelSource, ModelSources, build_registry
@@ -228,3 +228,45 @@ def test_each_replica_is_quantised_and_what_cannot_run_is_refused_at_start(chatg
         q.check_supported("int4", torch.device("meta"))
     with pytest.raises(ValueError, match="quantize"):
         build_registry(make_settings(device="cpu,cpu", device_map="balanced", quantize="int4"), sources)
+
+
+@pytest.mark.parametrize("family", ["llama", "glm4"])
+def test_a_transformers_folder_streams_into_the_same_quantised_model(family, tiny_llama_dir, tiny_glm4_dir, caplog):
+    """Streamed tensor by tensor into quantised modules, the model is the one that
+    from_pretrained + quantize_model makes (the same codes, the same logits), tied output layer
+    included (the tiny Llama ties it to its embedding table)."""
+    from transformers import AutoModelForCausalLM
+
+    from glm_api.families.quantized_load import stream_quantized
+
+    folder = tiny_llama_dir if family == "llama" else tiny_glm4_dir
+    caplog.set_level("INFO", logger="glm_api")
+    streamed = stream_quantized(folder, CPU, torch.float32, "int8")
+    assert streamed is not None, caplog.text
+    whole = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+    q.quantize_model(whole, "int8")
+    assert [type(m) for m in streamed.modules()] == [type(m) for m in whole.modules()]
+    if family == "llama":  # still tied after the table was reloaded
+        assert streamed.get_output_embeddings().weight is streamed.get_input_embeddings().weight
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
+    with torch.inference_mode():
+        assert torch.equal(streamed(input_ids=ids).logits, whole(input_ids=ids).logits)
+
+
+def test_a_checkpoint_named_otherwise_is_loaded_whole_then_quantised(tiny_llama_dir, tmp_path, caplog):
+    """Names the model does not have (here a stray extra tensor) cannot be streamed by name: the
+    folder still loads, through from_pretrained, and is quantised after, as logged."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "renamed"
+    shutil.copytree(tiny_llama_dir, folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["model.extra_scale"] = torch.ones(4)
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    caplog.set_level("INFO", logger="glm_api")
+    loaded = load_chat_model(folder, CPU, torch.float32, tmp_path / "cache", quantize="int8")
+    assert "checkpoint names differ from the model's (model.extra_scale)" in caplog.text
+    assert _decoder_linears(loaded.model) == []
+    assert "quantised 14 modules (int8)" in caplog.text  # 2 layers x 7 projections

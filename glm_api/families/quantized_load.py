@@ -1,0 +1,73 @@
+"""A transformers folder loaded straight into quantised modules (``--quantize``), tensor by tensor.
+
+``from_pretrained`` would first build the whole model in ``--dtype`` (ChatGLM3-6B: 12 GiB in
+bf16) and only then could it be quantised. Here the model is built with empty (meta) weights
+and real buffers (accelerate's ``init_empty_weights``), its linear layers and embedding table
+are swapped for quantised ones, and each checkpoint tensor is quantised or copied as it streams
+in (:mod:`~glm_api.families.tensor_stream`): the peak is the quantised model plus a block.
+
+This needs the checkpoint's names to be the model's. transformers renames some checkpoints as
+it loads them (legacy prefixes, fused experts); for those, :func:`stream_quantized` says why
+and returns None, and the caller loads with ``from_pretrained`` and quantises after.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from glm_api.families.quantize import QuantMode, replace_modules
+from glm_api.families.tensor_stream import assign, iter_checkpoint, weight_files
+
+logger = logging.getLogger(__name__)
+
+
+def _checkpoint_keys(files: list[Path], indexed: set[str] | None) -> set[str] | None:
+    if indexed is not None:
+        return indexed
+    if all(f.suffix == ".safetensors" for f in files):
+        from safetensors import safe_open
+
+        keys: set[str] = set()
+        for file in files:
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                keys.update(handle.keys())  # the header only
+        return keys
+    return None  # a lone .bin: its names are known only by reading it
+
+
+def stream_quantized(path: Path, device: torch.device, dtype: torch.dtype, mode: QuantMode) -> nn.Module | None:
+    """The causal LM in ``path`` with its weights quantised as they load, or None (logged) when
+    its checkpoint does not name the model's parameters one to one."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    with init_empty_weights(include_buffers=False):  # rotary tables and the like are computed for real
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    tied = bool(getattr(config.get_text_config(), "tie_word_embeddings", False))
+    if tied:  # the output layer is the embedding table: one parameter, one checkpoint name
+        model.tie_weights()
+    files, indexed = weight_files(path)
+    keys = _checkpoint_keys(files, indexed)
+    expected = {name for name, _ in model.named_parameters()}  # a tied output layer is not listed twice
+    if keys != expected:
+        odd = sorted((keys or set()) ^ expected)[:3] if keys is not None else ["(unindexed .bin)"]
+        logger.info("%s: checkpoint names differ from the model's (%s): loading whole, quantising after", path, ", ".join(odd))
+        return None
+    replace_modules(model, mode, device, dtype)
+    for file in files:
+        for key, tensor, release in iter_checkpoint(file):
+            assign(model, key, tensor, device, dtype, release)
+            del tensor
+    if tied:  # the table was replaced as it loaded: the output layer follows it
+        model.tie_weights()
+    left = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        raise ValueError(f"{path}: tensors left unloaded: {', '.join(left[:5])}")
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path, local_files_only=True)
+    return model.to(device).eval()
