@@ -260,30 +260,35 @@ def check_replicas(folder: Path, device_spec: str, cache: Path) -> list[Row]:
     registry = build_registry(settings, ModelSources(ModelSource("check", folder), ()))
     router = registry.chat
     assert isinstance(router, ReplicaRouter)
+    same = _same_answers_as_one_engine(registry, folder, devices[0], cache)
+    per_replica = [r.engine.stats.finished["length"] + r.engine.stats.finished["stop"] for r in router.replicas]
+    ok = same == 16 and all(n > 0 for n in per_replica)
+    return [Row("replicas", ",".join(router.devices), "PASS" if ok else "FAIL",
+                f"16 streams: {same}/16 answers as one engine; requests per replica {per_replica}")]
+
+
+def _same_answers_as_one_engine(registry, folder: Path, device: torch.device, cache: Path) -> int:
+    """Of 16 concurrent greedy requests, how many the registry's chat engine answers as one
+    engine of the same model on ``device`` does."""
     from glm_api.families.detect import load_chat_model
 
-    one = load_chat_model(folder, devices[0], torch.float32, cache)
+    one = load_chat_model(folder, device, torch.float32, cache)
     prompts = (prompts_of(one) * 3)[:16]
     single = engine_for(one, max_running=16)
     registry.start()
     single.start()
     try:
         expected = greedy(single, prompts)
-        served = greedy(router, prompts)
+        served = greedy(registry.chat, prompts)
     finally:
         single.stop()
         registry.stop()
-    same = sum(a == b for a, b in zip(served, expected))
-    per_replica = [r.engine.stats.finished["length"] + r.engine.stats.finished["stop"] for r in router.replicas]
-    ok = same == len(prompts) and all(n > 0 for n in per_replica)
-    return [Row("replicas", ",".join(router.devices), "PASS" if ok else "FAIL",
-                f"16 streams: {same}/16 answers as one engine; requests per replica {per_replica}")]
+    return sum(a == b for a, b in zip(served, expected))
 
 
 def check_layer_split(folder: Path, device_spec: str, cache: Path) -> list[Row]:
     from glm_api.config import Settings
     from glm_api.devices import resolve_devices
-    from glm_api.families.detect import load_chat_model
     from glm_api.registry import ModelSource, ModelSources, build_registry
 
     devices = resolve_devices(device_spec)
@@ -294,20 +299,9 @@ def check_layer_split(folder: Path, device_spec: str, cache: Path) -> list[Row]:
     registry = build_registry(settings, ModelSources(ModelSource("check", folder), ()))
     split = registry.chat
     held = {str(d): split.pool.layer_devices.count(d) for d in dict.fromkeys(split.pool.layer_devices)}
-    one = load_chat_model(folder, devices[0], torch.float32, cache)
-    prompts = (prompts_of(one) * 3)[:16]
-    single = engine_for(one, max_running=16)
-    registry.start()
-    single.start()
-    try:
-        expected = greedy(single, prompts)
-        served = greedy(split, prompts)
-    finally:
-        single.stop()
-        registry.stop()
-    same = sum(a == b for a, b in zip(served, expected))
+    same = _same_answers_as_one_engine(registry, folder, devices[0], cache)
     spread = len(held) >= 2 or devices[0].type == "cpu"  # the CPUs of cpu,cpu all read as "cpu"
-    ok = same == len(prompts) and spread and hasattr(split.model, "_hf_hook")
+    ok = same == 16 and spread and hasattr(split.model, "_hf_hook")
     return [Row("layer split", device_spec, "PASS" if ok else "FAIL",
                 f"16 streams: {same}/16 answers as one device; layers per device {held}")]
 
