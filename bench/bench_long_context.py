@@ -327,7 +327,8 @@ class Sampler:
 
 
 def kv_metrics(http: httpx.Client, url: str) -> dict[str, float]:
-    """glm_api_chat_kv_blocks by state, plus "preemptions" (glm_api_chat_preemptions_total)."""
+    """glm_api_chat_kv_blocks by state, "preemptions" (glm_api_chat_preemptions_total), and the
+    engine's step count: "steps", "steps<=0.75", "steps<=1.0" (glm_api_chat_step_seconds)."""
     try:
         text = http.get(f"{url}/metrics").text
     except httpx.HTTPError:
@@ -339,7 +340,21 @@ def kv_metrics(http: httpx.Client, url: str) -> dict[str, float]:
             out[state] = float(line.rsplit(" ", 1)[1])
         elif line.startswith("glm_api_chat_preemptions_total"):
             out["preemptions"] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("glm_api_chat_step_seconds_count"):
+            out["steps"] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("glm_api_chat_step_seconds_bucket") and ('le="0.75"' in line or 'le="1.0"' in line):
+            out["steps<=" + line.split('le="', 1)[1].split('"', 1)[0]] = float(line.rsplit(" ", 1)[1])
     return out
+
+
+def long_steps(before: dict[str, float], after: dict[str, float]) -> str:
+    """Engine steps between two scrapes that took over 0.75 s and over 1 s (a client's long gap
+    is one of these, or time spent outside the engine)."""
+    if "steps" not in after:
+        return "engine step times not in /metrics"
+    moved = {key: after.get(key, 0.0) - before.get(key, 0.0) for key in ("steps", "steps<=0.75", "steps<=1.0")}
+    return (f"engine steps over 0.75 s: {moved['steps'] - moved['steps<=0.75']:.0f}, over 1 s: "
+            f"{moved['steps'] - moved['steps<=1.0']:.0f} of {moved['steps']:.0f}")
 
 
 class CpuMeter:
@@ -597,11 +612,15 @@ async def _measure(client: Client, url: str, pid: int | None, args) -> int:
         await asyncio.sleep(0.5)
         rss_before_c = sampler.rss_now()
         since = meter.snapshot()
+        with httpx.Client(timeout=10) as http:
+            steps_before_c = kv_metrics(http, url)
         c = await paused_phase(client, "(c) streams + long", paused[1], args.paused_max_tokens, args.settle_tokens,
                                long_c, args.long_max_tokens, 0)
         c.others_cpu = meter.others_share(since)
-        print(f"  {c.name}: window {c.window[1] - c.window[0]:.1f} s, longest gap {max(window_gaps(c)):.2f} s"
-              f"{_busy(c)}", flush=True)
+        with httpx.Client(timeout=10) as http:
+            steps_c = long_steps(steps_before_c, kv_metrics(http, url))
+        print(f"  {c.name}: window {c.window[1] - c.window[0]:.1f} s, longest gap {max(window_gaps(c)):.2f} s; "
+              f"{steps_c}{_busy(c)}", flush=True)
         await asyncio.sleep(0.5)
         positions = window_positions(c)  # per (c) stream: the text positions its window's gaps lie between
         since = meter.snapshot()

@@ -135,12 +135,16 @@ def _chat_families(model: str, replicas: list[tuple[str, ChatEngineStats]]) -> I
     ttft = HistogramMetricFamily(
         f"{PREFIX}_chat_time_to_first_token_seconds", "From admission request to the first generated token", labels=labels
     )
+    steps = HistogramMetricFamily(
+        f"{PREFIX}_chat_step_seconds", "Engine step time: a pause every running stream waits through", labels=labels
+    )
     for replica, stats in replicas:
         for reason, count in sorted(stats.finished.items()):
             finished.add_metric([model, replica, reason], count)
         _add_histogram(batch, [model, replica], stats.batch_size)
         _add_histogram(ttft, [model, replica], stats.ttft_seconds)
-    yield from (finished, batch, ttft)
+        _add_histogram(steps, [model, replica], stats.step_seconds)
+    yield from (finished, batch, ttft, steps)
 
 
 def _add_histogram(family: HistogramMetricFamily, labels: list[str], histogram: StatHistogram) -> None:

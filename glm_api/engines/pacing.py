@@ -12,7 +12,10 @@ and 16 short streams ran at 0.24 of their speed alone. So, while any sequence is
   their gap alone (either most steps are decode-only, or each chunk adds little);
 - a chunk is sized so that its step lasts about ``step_seconds``, from the measured cost of a
   prompt token beside the decode rows (it grows with the prompt's past, so it is re-measured at
-  every chunk): no stream waits longer than that for its next token.
+  every chunk; a dearer reading is taken at once, a cheaper one only slowly, because a step
+  that comes out cheap by chance must not size the next chunk twice too long: one of three
+  quiet bench runs had a 1.15 s pause with an even average): no stream waits much longer than
+  that for its next token.
 
 Only prompts longer than a chunk are paced (the scheduler's rule): a prompt that fits in one
 chunk costs the streams one bounded step, and a burst of short requests must not trickle in.
@@ -65,4 +68,7 @@ class PrefillPacer:
             self._decode_step = seconds if self._decode_step is None else 0.7 * self._decode_step + 0.3 * seconds
         elif decode_rows and prompt_tokens:
             extra = max(seconds - (self._decode_step or 0.0), 1e-6) / prompt_tokens
-            self._token_cost = extra if self._token_cost is None else 0.5 * self._token_cost + 0.5 * extra
+            if self._token_cost is None or extra >= self._token_cost:
+                self._token_cost = extra  # dearer tokens (a longer past) count at once
+            else:  # a cheap step moves it slowly: one low reading would size the next chunk long
+                self._token_cost = 0.8 * self._token_cost + 0.2 * extra

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256)
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# A step is a pause every running stream waits through: the paced prefill aims at 0.5 s.
+STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0)
 
 
 class Histogram:
@@ -51,6 +53,7 @@ class ChatEngineStats:
     finished: Counter = field(default_factory=Counter)  # by finish reason
     batch_size: Histogram = field(default_factory=lambda: Histogram(BATCH_SIZE_BUCKETS))  # rows per decode step
     ttft_seconds: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))  # arrival to first token
+    step_seconds: Histogram = field(default_factory=lambda: Histogram(STEP_BUCKETS))  # one forward + sampling
 
 
 @dataclass

@@ -277,7 +277,9 @@ class TransformersChatEngine(WorkerThread):
         decode_rows = sum(1 for _, n in plan.rows if n == 1)
         if sampling:
             self._advance([plan.rows[i][0] for i in sampling], out.logits[0])
-        self.scheduler.pacer.observe(time.perf_counter() - started, prompt_tokens, decode_rows)
+        seconds = time.perf_counter() - started
+        self.scheduler.pacer.observe(seconds, prompt_tokens, decode_rows)
+        self.stats.step_seconds.observe(seconds)
         self.stats.steps += 1
         self.stats.prefills += any(n > 1 for _, n in plan.rows)
         self.stats.batch_size.observe(len(plan.rows))

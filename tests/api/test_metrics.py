@@ -57,6 +57,8 @@ def test_metrics_parse_and_count_requests_and_tokens(client):
     assert moved("glm_api_chat_prompt_tokens_total", **model) > 0
     assert moved("glm_api_chat_time_to_first_token_seconds_count", **model) == 1
     assert moved("glm_api_chat_batch_size_count", **model) >= 2  # decode steps after the prefill
+    assert moved("glm_api_chat_step_seconds_count", **model) >= 2  # every step timed
+    assert moved("glm_api_chat_step_seconds_sum", **model) > 0
     assert moved("glm_api_chat_requests_finished_total", reason="length", **model) == 1
     assert value(after, "glm_api_chat_running_sequences", **model) == 0
     assert value(after, "glm_api_chat_waiting_requests", **model) == 0

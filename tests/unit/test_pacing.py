@@ -33,3 +33,17 @@ def test_share_one_turns_pacing_off():
     pacer = PrefillPacer(512, time_share=1.0)
     pacer.observe(5.0, 512, 8)
     assert pacer.budget(decoding=True) == 512
+
+
+def test_one_cheap_step_does_not_size_the_next_chunk_long():
+    """The bound on the streams' pause rests on the cost estimate: a step that came out cheap by
+    chance (a quarter of the usual cost per token) may stretch the next chunk's step a little,
+    never double it."""
+    pacer = PrefillPacer(512, time_share=1.0 - 1e-9, step_seconds=0.5)
+    pacer.observe(0.1, 0, 8)
+    pacer.observe(0.1 + 64 * 0.004, 64, 8)  # 4 ms a prompt token
+    steady = pacer.budget(decoding=True)
+    pacer.observe(0.1 + steady * 0.001, steady, 8)  # the same chunk, by chance at 1 ms a token
+    stretched = pacer.budget(decoding=True)
+    assert steady == int(0.4 / 0.004)
+    assert stretched * 0.004 + 0.1 <= 0.5 * 1.3  # its real cost: within 30% of the target step
