@@ -34,15 +34,13 @@ dense batched matmuls already do.
 
 from __future__ import annotations
 
-import logging
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
-
-logger = logging.getLogger(__name__)
 
 QuantMode = Literal["none", "int8", "w8a8", "int4"]
 QUANT_MODES: tuple[str, ...] = ("none", "int8", "w8a8", "int4")
@@ -130,15 +128,12 @@ class Int8Linear(nn.Module):
         self.qweight, self.scale = qweight, scale
         self.narrow_scale = scale.to(self.narrow_scale.dtype)
 
-    def dequantized(self) -> torch.Tensor:
-        return self.qweight.float() * self.scale[:, None]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         count = rows.shape[0]
         if self.int8_activations:
             out = self._int8_activations(rows)
-        elif count <= DEQUANT_ROWS and _has_int8pack(rows.device):
+        elif count <= DEQUANT_ROWS and _has_int8pack(rows.device.type):
             narrow = self.narrow_scale.dtype
             out = torch._weight_int8pack_mm(rows.to(narrow), self.qweight, self.narrow_scale).to(x.dtype)
         else:
@@ -164,8 +159,9 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {kind}, bias={self.bias is not None}"
 
 
-def _has_int8pack(device: torch.device) -> bool:
-    key = "CUDA" if device.type == "cuda" else "CPU"
+@functools.cache  # a property of the torch build: asked once per device type, not per call
+def _has_int8pack(device_type: str) -> bool:
+    key = "CUDA" if device_type == "cuda" else "CPU"
     return torch._C._dispatch_has_kernel_for_dispatch_key("aten::_weight_int8pack_mm", key)
 
 
@@ -222,11 +218,6 @@ class Int4Linear(nn.Module):
             self.packed = torch._convert_weight_to_int4pack((whole[:, ::2] << 4 | whole[:, 1::2]).to(torch.uint8), tiles)
         else:
             self.packed = torch.cat(packed) if len(packed) > 1 else packed[0]
-
-    def dequantized(self) -> torch.Tensor:
-        """The float weight the codes stand for (for tests and error measurements)."""
-        eye = torch.eye(self.in_features, dtype=self.act_dtype, device=self.scales_and_zeros.device)
-        return self._matmul(eye).float().t()
 
     def _matmul(self, rows: torch.Tensor) -> torch.Tensor:
         if rows.device.type == "cuda":

@@ -172,9 +172,8 @@ def _quantized(path: Path, device: torch.device, dtype: torch.dtype, mode: Quant
     if model is None:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code
-        )
-        quantize_model(model, mode)
-        model = model.to(device)
+        ).to(device)
+        quantize_model(model, mode)  # on the device: int4 is packed for its kernel
     return model
 
 
@@ -266,7 +265,7 @@ def load_gguf(
         logger.info("loaded %s from cache %s in %.1f s", file.name, target, time.monotonic() - start)
     else:
         model, tokenizer = _convert_gguf(file, target)
-        model = model.to(dtype)
+        model = model.to(device=device, dtype=dtype)
         if quantize != "none":
-            quantize_model(model, quantize)
+            quantize_model(model, quantize)  # on the device: int4 is packed for its kernel
     return _wrap(model.to(device), tokenizer, "gguf", file)
