@@ -80,9 +80,28 @@ def check_supported(mode: str, device: torch.device) -> None:
     op = {"int8": "mm", "w8a8": "_int_mm", "int4": "_weight_int4pack_mm"}[mode]
     if device.type == "cpu" and mode == "int4":
         op = "_weight_int4pack_mm_for_cpu"
-    key = "CUDA" if device.type == "cuda" else "CPU"
-    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{op}", key):
-        raise ValueError(f"--quantize {mode}: this torch build ({torch.__version__}) has no {key} kernel for {op}")
+    if not _has_kernel(op, device.type):
+        raise ValueError(f"--quantize {mode}: this torch build ({torch.__version__}) has no {device.type} kernel for {op}")
+
+
+@torch.no_grad()
+def _int8_rows(
+    weight: torch.Tensor, device: torch.device, release: Release | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes and float32 scales (max / 127) of each row of a float ``weight``, on ``device``,
+    in row blocks: one float32 block is the only temporary."""
+    rows, columns = weight.shape
+    qweight = torch.empty(rows, columns, dtype=torch.int8, device=device)
+    scale = torch.empty(rows, dtype=torch.float32, device=device)
+    step = _block_rows(columns)
+    for start in range(0, rows, step):
+        block = weight[start : start + step].to(device=device, dtype=torch.float32, copy=True)
+        block_scale = torch.linalg.vector_norm(block, ord=float("inf"), dim=1).clamp(min=1e-12) / 127
+        qweight[start : start + step] = block.div_(block_scale[:, None]).round_().clamp_(-127, 127)  # in place
+        scale[start : start + step] = block_scale
+        if release is not None:
+            release(weight[start : start + step])
+    return qweight, scale
 
 
 def _narrow_dtype(compute: torch.dtype) -> torch.dtype:
@@ -114,26 +133,15 @@ class Int8Linear(nn.Module):
         it was made for), in row blocks: bounded memory. ``release`` is called with each block
         of ``weight`` once consumed (a memory-mapped checkpoint gives its pages back)."""
         device = self.target_device = device or self.target_device
-        qweight = torch.empty(self.out_features, self.in_features, dtype=torch.int8, device=device)
-        scale = torch.empty(self.out_features, dtype=torch.float32, device=device)
-        step = _block_rows(self.in_features)
-        for start in range(0, self.out_features, step):
-            block = weight[start : start + step].to(device=device, dtype=torch.float32, copy=True)
-            block_scale = torch.linalg.vector_norm(block, ord=float("inf"), dim=1).clamp(min=1e-12) / 127
-            # In place: one float32 block is the only temporary (bounded load-time memory).
-            qweight[start : start + step] = block.div_(block_scale[:, None]).round_().clamp_(-127, 127)
-            scale[start : start + step] = block_scale
-            if release is not None:
-                release(weight[start : start + step])
-        self.qweight, self.scale = qweight, scale
-        self.narrow_scale = scale.to(self.narrow_scale.dtype)
+        self.qweight, self.scale = _int8_rows(weight, device, release)
+        self.narrow_scale = self.scale.to(self.narrow_scale.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         count = rows.shape[0]
         if self.int8_activations:
             out = self._int8_activations(rows)
-        elif count <= DEQUANT_ROWS and _has_int8pack(rows.device.type):
+        elif count <= DEQUANT_ROWS and _has_kernel("_weight_int8pack_mm", rows.device.type):
             narrow = self.narrow_scale.dtype
             out = torch._weight_int8pack_mm(rows.to(narrow), self.qweight, self.narrow_scale).to(x.dtype)
         else:
@@ -154,19 +162,28 @@ class Int8Linear(nn.Module):
         acc = torch._int_mm(xq, self.qweight.t())
         return (acc.float() * x_scale * self.scale)[:count].to(rows.dtype)
 
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
+
     def extra_repr(self) -> str:
         kind = "w8a8" if self.int8_activations else "int8"
         return f"in_features={self.in_features}, out_features={self.out_features}, {kind}, bias={self.bias is not None}"
 
 
-@functools.cache  # a property of the torch build: asked once per device type, not per call
-def _has_int8pack(device_type: str) -> bool:
+@functools.cache  # a property of the torch build: asked once per op and device type, not per call
+def _has_kernel(op: str, device_type: str) -> bool:
     key = "CUDA" if device_type == "cuda" else "CPU"
-    return torch._C._dispatch_has_kernel_for_dispatch_key("aten::_weight_int8pack_mm", key)
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{op}", key)
 
 
 def int4_group_size(in_features: int) -> int | None:
     return next((g for g in _INT4_GROUPS if in_features % g == 0), None)
+
+
+def int4_packable(in_features: int, out_features: int) -> bool:
+    """Whether tinygemm can pack a weight of this shape (inputs in groups, 16-row tiles)."""
+    return int4_group_size(in_features) is not None and out_features % 16 == 0
 
 
 class Int4Linear(nn.Module):
@@ -175,15 +192,14 @@ class Int4Linear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool, device: torch.device, dtype: torch.dtype):
         super().__init__()
-        group = int4_group_size(in_features)
-        if group is None or out_features % 16:
+        if not int4_packable(in_features, out_features):
             raise ValueError(f"int4 needs in_features divisible by 32 and out_features by 16, got {in_features}x{out_features}")
-        self.in_features, self.out_features, self.group_size = in_features, out_features, group
+        self.in_features, self.out_features, self.group_size = in_features, out_features, int4_group_size(in_features)
         # tinygemm on CUDA takes bf16 only; on CPU float32 activations are exact and as fast.
         self.act_dtype = torch.bfloat16 if device.type == "cuda" else dtype
         self.target_device = device
         self.register_buffer("packed", None)
-        self.register_buffer("scales_and_zeros", torch.empty(in_features // group, out_features, 2, dtype=self.act_dtype, device="meta"))
+        self.register_buffer("scales_and_zeros", torch.empty(in_features // self.group_size, out_features, 2, dtype=self.act_dtype, device="meta"))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device="meta"), requires_grad=False) if bias else None
 
     @torch.no_grad()
@@ -231,6 +247,10 @@ class Int4Linear(nn.Module):
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
 
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 group {self.group_size}, bias={self.bias is not None}"
 
@@ -251,12 +271,15 @@ class Int8Embedding(nn.Module):
     def load_weight(
         self, weight: torch.Tensor, device: torch.device | None = None, release: Release | None = None
     ) -> None:
-        linear = Int8Linear(self.embedding_dim, self.num_embeddings, False, device or self.target_device, self.dtype)
-        linear.load_weight(weight, device, release)  # the same per-row quantisation
-        self.qweight, self.scale = linear.qweight, linear.scale[:, None].to(self.dtype)
+        self.qweight, scale = _int8_rows(weight, device or self.target_device, release)
+        self.scale = scale[:, None].to(self.dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.qweight[ids].to(self.dtype) * self.scale[ids]
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        return self.num_embeddings, self.embedding_dim
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, int8"
@@ -284,8 +307,8 @@ def _quantized_twin(name: str, module: nn.Module, mode: str, tied: set[int], dev
             return None
         return Int8Linear(module.in_features, module.out_features, bias, device, dtype)
     if mode == "int4":
-        if int4_group_size(module.in_features) is None or module.out_features % 16:
-            return None  # a shape tinygemm cannot pack stays dense (none in the supported families)
+        if not int4_packable(module.in_features, module.out_features):
+            return None  # stays dense (no such shape in the supported families)
         return Int4Linear(module.in_features, module.out_features, bias, device, dtype)
     return Int8Linear(module.in_features, module.out_features, bias, device, dtype, int8_activations=mode == "w8a8")
 
@@ -321,13 +344,13 @@ def replace_modules(model: nn.Module, mode: str, device: torch.device, dtype: to
 def quantize_model(model: nn.Module, mode: str) -> QuantReport:
     """Quantise a loaded model in place, module by module (each dense weight is freed as its
     quantised twin is made: the peak is the dense model, not twice it)."""
-    found = _twins(model, mode, lambda m: m.weight.device, next(model.parameters()).dtype)
-    for name, module, twin in found:
+    dtype = next(model.parameters()).dtype
+    for name, module, twin in _twins(model, mode, lambda m: m.weight.device, dtype):
         twin.load_weight(module.weight)
         if getattr(module, "bias", None) is not None:
             twin.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
         _swap(model, name, twin)
-    return report(model, mode, next(model.parameters()).dtype)
+    return report(model, mode, dtype)
 
 
 @dataclass(frozen=True)
@@ -338,10 +361,9 @@ class QuantReport:
     quantized_bytes: int
 
     def line(self) -> str:
-        size = _size
         return (
-            f"quantised {self.modules} modules ({self.mode}): {size(self.dense_bytes)} -> "
-            f"{size(self.quantized_bytes)} of weights (saved {size(self.dense_bytes - self.quantized_bytes)})"
+            f"quantised {self.modules} modules ({self.mode}): {_size(self.dense_bytes)} -> "
+            f"{_size(self.quantized_bytes)} of weights (saved {_size(self.dense_bytes - self.quantized_bytes)})"
         )
 
 
@@ -356,9 +378,6 @@ def quantized_bytes(module: nn.Module) -> int:
 def report(model: nn.Module, mode: str, dtype: torch.dtype) -> QuantReport:
     """What the quantised modules of ``model`` hold against the same weights in ``dtype``."""
     mods = [m for m in model.modules() if isinstance(m, QUANTIZED)]
-    elements = sum(
-        m.num_embeddings * m.embedding_dim if isinstance(m, Int8Embedding) else m.in_features * m.out_features
-        for m in mods
-    )
+    elements = sum(m.weight_shape[0] * m.weight_shape[1] for m in mods)
     dense = elements * torch.tensor([], dtype=dtype).element_size()
     return QuantReport(mode, len(mods), dense, sum(quantized_bytes(m) for m in mods))

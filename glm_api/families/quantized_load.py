@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from glm_api.families.quantize import QuantMode, replace_modules
-from glm_api.families.tensor_stream import assign, iter_checkpoint, weight_files
+from glm_api.families.tensor_stream import assign, check_all_loaded, iter_checkpoint, weight_files
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +65,7 @@ def stream_quantized(path: Path, device: torch.device, dtype: torch.dtype, mode:
             del tensor
     if tied:  # the table was replaced as it loaded: the output layer follows it
         model.tie_weights()
-    left = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
-    if left:
-        raise ValueError(f"{path}: tensors left unloaded: {', '.join(left[:5])}")
+    check_all_loaded(model, path)
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path, local_files_only=True)
     return model.to(device).eval()

@@ -80,9 +80,10 @@ def assign(
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name)
     if leaf == "weight" and isinstance(module, QUANTIZED):
-        shape = tuple(module.qweight.shape if hasattr(module, "qweight") else (module.out_features, module.in_features))
-        if tuple(tensor.shape) != shape:
-            raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} does not match {shape} from config.json")
+        if tuple(tensor.shape) != module.weight_shape:
+            raise ValueError(
+                f"{name}: checkpoint shape {tuple(tensor.shape)} does not match {module.weight_shape} from config.json"
+            )
         module.load_weight(tensor, device, release)  # quantised as it streams: never whole in memory
         return
     current = module._parameters.get(leaf)
@@ -99,11 +100,26 @@ def assign(
     value = torch.empty(tensor.shape, dtype=dtype, device=device)
     if tensor.dim() == 0:
         value.copy_(tensor)
-    for start in range(0, len(tensor) if tensor.dim() else 0, _COPY_ROWS):
-        part = tensor[start : start + _COPY_ROWS]
-        value[start : start + _COPY_ROWS] = part
-        release(part)
+    else:
+        for start in range(0, len(tensor), _COPY_ROWS):
+            part = tensor[start : start + _COPY_ROWS]
+            value[start : start + _COPY_ROWS] = part
+            release(part)
     module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+
+
+def listing(names: set[str], limit: int = 10) -> str:
+    """Up to ``limit`` names, sorted, and how many more: for error messages."""
+    shown = sorted(names)[:limit]
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(shown) + more
+
+
+def check_all_loaded(model: nn.Module, source: Path) -> None:
+    """ValueError naming the tensors of ``model`` no checkpoint tensor filled (still on meta)."""
+    left = {name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta}
+    if left:
+        raise ValueError(f"{source}: tensors left unloaded: {listing(left)}")
 
 
 def _read_index(path: Path) -> dict[str, Any]:

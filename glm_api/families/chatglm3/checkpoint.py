@@ -23,7 +23,7 @@ from glm_api.families.base import LoadedChatModel
 from glm_api.families.chatglm3.template import ChatGLM3Template
 from glm_api.families.chatglm3.tokenizer import ChatGLM3Tokenizer
 from glm_api.families.quantize import QUANTIZED, QuantMode, replace_modules
-from glm_api.families.tensor_stream import assign, iter_checkpoint, weight_files
+from glm_api.families.tensor_stream import assign, check_all_loaded, iter_checkpoint, listing, weight_files
 
 if TYPE_CHECKING:
     from glm_api.device_map import LayerSplit
@@ -232,12 +232,6 @@ def convert_key(key: str, tensor: torch.Tensor, cfg: ChatGLM3Config) -> list[tup
     return list(zip(names, tensor.split(cfg.qkv_sizes, dim=0)))
 
 
-def _listing(names: set[str], limit: int = 10) -> str:
-    shown = sorted(names)[:limit]
-    more = f" and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(shown) + more
-
-
 def load_weights(
     model: nn.Module, folder: Path, cfg: ChatGLM3Config, device: torch.device | Callable[[str], torch.device], dtype: torch.dtype
 ) -> None:
@@ -247,7 +241,7 @@ def load_weights(
     if indexed_keys is not None:  # fail before reading gigabytes when the index already tells
         unknown = {key for key in indexed_keys if target_names(key, cfg) is None}
         if unknown:
-            raise ValueError(f"{folder}: {_UNEXPECTED}: {_listing(unknown)}")
+            raise ValueError(f"{folder}: {_UNEXPECTED}: {listing(unknown)}")
     expected = {name for name, _ in model.named_parameters()} | {
         f"{name}.weight" for name, module in model.named_modules() if isinstance(module, QUANTIZED)
     }
@@ -266,10 +260,10 @@ def load_weights(
                 filled.add(name)
             del tensor, converted
     if unexpected:
-        raise ValueError(f"{folder}: {_UNEXPECTED}: {_listing(unexpected)}")
+        raise ValueError(f"{folder}: {_UNEXPECTED}: {listing(unexpected)}")
     missing = expected - filled
     if missing:
-        raise ValueError(f"{folder}: weights missing from the checkpoint: {_listing(missing)}")
+        raise ValueError(f"{folder}: weights missing from the checkpoint: {listing(missing)}")
 
 
 def load_chatglm3(
@@ -308,9 +302,7 @@ def load_chatglm3(
     # Its buffers are not in the checkpoint: build the rotary embedding for real on the device.
     rotary_device = placement.device_of("model.rotary_emb") if placement else device
     model.model.rotary_emb = GlmRotaryEmbedding(config=config).to(rotary_device)
-    left = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
-    if left:
-        raise ValueError(f"{folder}: tensors left unloaded: {_listing(set(left))}")
+    check_all_loaded(model, folder)
     if placement is not None:
         placement.dispatch(model)
     model.eval()
