@@ -42,6 +42,7 @@ import sys
 import tempfile
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,6 +136,18 @@ def build_tiny_checkpoints(root: Path) -> dict[str, Path]:
     }
 
 
+@contextmanager
+def running(*engines):
+    """The engines (or registries) started for the block, stopped after it, last first."""
+    for engine in engines:
+        engine.start()
+    try:
+        yield
+    finally:
+        for engine in reversed(engines):
+            engine.stop()
+
+
 # -- checks -------------------------------------------------------------------------------------
 
 
@@ -145,11 +158,8 @@ def check_precision(name: str, folder: Path, device: torch.device, cache: Path) 
     prompt = prompts_of(reference)[2]
     ref_logits = last_logits(reference.model, prompt)
     engine = engine_for(reference)
-    engine.start()
-    try:
+    with running(engine):
         ref_tokens = greedy(engine, [prompt])[0]
-    finally:
-        engine.stop()
     rows = []
     for dtype_name, dtype in DTYPES.items():
         loaded = load_chat_model(folder, device, dtype, cache)
@@ -160,11 +170,8 @@ def check_precision(name: str, folder: Path, device: torch.device, cache: Path) 
         rows.append(Row(f"logits {name} {dtype_name}", str(device), "PASS" if ok else "FAIL",
                         f"max |diff| {diff:.2e} = {share:.2%} of max |logit| (tolerance {LOGIT_TOLERANCE[dtype_name]:.0e})"))
         engine = engine_for(loaded)
-        engine.start()
-        try:
+        with running(engine):
             tokens = greedy(engine, [prompt])[0]
-        finally:
-            engine.stop()
         same = agreeing_prefix(tokens, ref_tokens)
         if dtype_name == "float32":
             rows.append(Row(f"engine greedy {name} float32", str(device), "PASS" if tokens == ref_tokens else "FAIL",
@@ -196,12 +203,9 @@ def check_quantize(folder: Path, device: torch.device, cache: Path) -> list[Row]
         rows.append(Row(f"quantize {mode} logits", str(device), "PASS" if cosine >= bound else "FAIL",
                         f"lowest cosine to float32 CPU {cosine:.4f} over {len(prompts)} prompts (bound {bound})"))
         engine = engine_for(loaded)
-        engine.start()
-        try:
+        with running(engine):
             alone = [greedy(engine, [p])[0] for p in prompts]
             together = greedy(engine, prompts)
-        finally:
-            engine.stop()
         same = sum(a == b for a, b in zip(alone, together))
         # w8a8 rounds activations: a bf16 difference elsewhere in the batch can cross a rounding
         # step and turn a near tie (5/6 on the CPU in bf16): reported, not judged.
@@ -220,8 +224,7 @@ def check_batching_and_prefix(folder: Path, device: torch.device, cache: Path) -
         loaded = load_chat_model(folder, device, DTYPES[dtype_name], cache)
         prompts = prompts_of(loaded)
         engine = engine_for(loaded, max_running=len(prompts))
-        engine.start()
-        try:
+        with running(engine):
             alone = greedy(engine, prompts, together=False)
             batched = greedy(engine, prompts, together=True)
             same = sum(a == b for a, b in zip(alone, batched))
@@ -240,8 +243,6 @@ def check_batching_and_prefix(folder: Path, device: torch.device, cache: Path) -
                 rows.append(Row("prefix cache float32", str(device), "PASS" if ok else "FAIL",
                                 f"a {len(long_prompt)}-token prompt: {cached_first} tokens from the pool the first "
                                 f"time, {cached_again} on its repeat; answer {'the same' if first == again else 'DIFFERENT'}"))
-        finally:
-            engine.stop()
         del loaded, engine
     return rows
 
@@ -275,14 +276,9 @@ def _same_answers_as_one_engine(registry, folder: Path, device: torch.device, ca
     one = load_chat_model(folder, device, torch.float32, cache)
     prompts = (prompts_of(one) * 3)[:16]
     single = engine_for(one, max_running=16)
-    registry.start()
-    single.start()
-    try:
+    with running(registry, single):
         expected = greedy(single, prompts)
         served = greedy(registry.chat, prompts)
-    finally:
-        single.stop()
-        registry.stop()
     return sum(a == b for a, b in zip(served, expected))
 
 
@@ -378,9 +374,8 @@ def check_throughput(device: torch.device, size: str, levels: list[int], max_tok
     engine = engine_for(loaded, max_running=max(levels), max_waiting=max(levels),
                         kv_cache_tokens=max(levels) * (max(map(len, all_prompts)) + max_tokens + 32))
     engine.template = _NoStop(loaded.template)
-    engine.start()
     rows = []
-    try:
+    with running(engine):
         static_generate(loaded.model, all_prompts[:2], 4, pad_id)  # warm up
         engine_throughput(engine, all_prompts[:2], 4)
         for n in levels:
@@ -392,8 +387,6 @@ def check_throughput(device: torch.device, size: str, levels: list[int], max_tok
             rows.append(Row(f"chat {n} streams", str(device), "INFO",
                             f"engine {ours:.0f} tok/s, static generate {limit:.0f} tok/s, ratio {ours / limit:.2f} "
                             f"({params / 1e9:.2f}B params, {str(dtype).removeprefix('torch.')}, {max_tokens} tokens each)"))
-    finally:
-        engine.stop()
     return rows
 
 
@@ -416,12 +409,9 @@ def check_quantized_throughput(device: torch.device, size: str, levels: list[int
         engine = engine_for(loaded, max_running=max(levels), max_waiting=max(levels),
                             kv_cache_tokens=max(levels) * (max(map(len, prompts)) + max_tokens + 32))
         engine.template = _NoStop(loaded.template)
-        engine.start()
-        try:
+        with running(engine):
             engine_throughput(engine, prompts[:2], 4)  # warm up
             speeds = [f"{n} streams {engine_throughput(engine, prompts[:n], max_tokens):.0f} tok/s" for n in levels]
-        finally:
-            engine.stop()
         rows.append(Row(f"quantize {mode} throughput", str(device), "INFO",
                         f"weights {held / 2**30:.2f} GiB; " + ", ".join(speeds)
                         + f" ({params / 1e9:.2f}B params, {str(dtype).removeprefix('torch.')} compute)"))
