@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -15,6 +16,17 @@ import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+async def timed_sse_events(response: httpx.Response, started: float | None = None) -> list[tuple[float, object]]:
+    """(seconds since ``started``, default now, payload) for every SSE data event, as it arrives."""
+    started = time.monotonic() if started is None else started
+    events = []
+    async for line in response.aiter_lines():
+        if line.startswith("data:"):
+            data = line[5:].strip()
+            events.append((time.monotonic() - started, data if data == "[DONE]" else json.loads(data)))
+    return events
 
 
 def free_port() -> int:

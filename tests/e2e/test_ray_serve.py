@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import json
 import os
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.conftest import REPO, free_port
+from tests.e2e.conftest import REPO, free_port, timed_sse_events
 
 if importlib.util.find_spec("ray") is None:
     pytest.skip("Ray is not installed (pip install -r requirements-ray.txt)", allow_module_level=True)
@@ -71,16 +70,6 @@ def ray_serve_app(smollm2_cache_dir):
             ray.shutdown()
 
 
-async def _events(response: httpx.Response) -> list[tuple[float, object]]:
-    """(seconds since the first byte was awaited, payload) for every SSE data event, as it arrives."""
-    started, events = time.monotonic(), []
-    async for line in response.aiter_lines():
-        if line.startswith("data:"):
-            data = line[5:].strip()
-            events.append((time.monotonic() - started, data if data == "[DONE]" else json.loads(data)))
-    return events
-
-
 def test_a_streamed_chat_arrives_event_by_event_through_the_proxy(ray_serve_app):
     url, _ = ray_serve_app
 
@@ -90,7 +79,7 @@ def test_a_streamed_chat_arrives_event_by_event_through_the_proxy(ray_serve_app)
             async with client.stream("POST", f"{url}/chat", json=body) as response:
                 assert response.status_code == 200
                 assert response.headers["content-type"].startswith("text/event-stream")
-                return await _events(response)
+                return await timed_sse_events(response)
 
     events = asyncio.run(scenario())
     content_times = [t for t, e in events if e != "[DONE]" and e["choices"][0]["delta"].get("content")]

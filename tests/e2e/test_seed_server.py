@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from tests.e2e.conftest import REPO, start_server, stop_server
+from tests.e2e.conftest import REPO, start_server, stop_server, timed_sse_events
 
 pytestmark = pytest.mark.e2e
 
@@ -24,14 +24,9 @@ QUESTION = [{"role": "user", "content": "Write a short story about a robot who l
 async def timed_stream(client: httpx.AsyncClient, url: str, body: dict) -> list[tuple[float, object]]:
     """(seconds since the request, payload) for every SSE data event, read as it arrives."""
     start = time.monotonic()
-    events = []
     async with client.stream("POST", f"{url}/chat", json=body) as response:
         assert response.status_code == 200
-        async for line in response.aiter_lines():
-            if line.startswith("data:"):
-                data = line[5:].strip()
-                events.append((time.monotonic() - start, data if data == "[DONE]" else json.loads(data)))
-    return events
+        return await timed_sse_events(response, start)
 
 
 def test_events_leave_as_tokens_are_generated(live_server):
