@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 
 from glm_api.engines.kv_pool import DEFAULT_CPU_KV_TOKENS, KVShape, step_reserve_bytes
+from glm_api.units import byte_size
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def plan_device_map(
         kv_tokens = int(layer * room / kv_layer_token_bytes)
         if kv_tokens < 1:
             raise ValueError(
-                f"the weights ({_size(weights)}) leave no room for a KV cache in the devices' budgets "
+                f"the weights ({byte_size(weights)}) leave no room for a KV cache in the devices' budgets "
                 f"{_sizes(budgets)}; add a device, use a smaller --dtype or raise --gpu-memory-utilization"
             )
     kv_layer = kv_tokens * kv_layer_token_bytes
@@ -124,8 +125,8 @@ def plan_device_map(
     left = [name for name, where in placed.items() if not isinstance(where, int)]
     if left:
         raise ValueError(
-            f"the model does not fit: {_size(weights)} of weights and a KV cache of {kv_tokens} tokens "
-            f"({_size(kv_layer * len(layer_names))}) over budgets {_sizes(budgets)}: {left[0] or 'the model'} and what "
+            f"the model does not fit: {byte_size(weights)} of weights and a KV cache of {kv_tokens} tokens "
+            f"({byte_size(kv_layer * len(layer_names))}) over budgets {_sizes(budgets)}: {left[0] or 'the model'} and what "
             "follows found no room. Add a device, lower --kv-cache-tokens, or use a smaller --dtype"
         )
     device_map = {name: int(where) for name, where in placed.items()}
@@ -213,8 +214,8 @@ class LayerSplit:
             names = [name for name, where in plan.device_map.items() if where == pos]
             log.info(
                 "  [%d] %s: %s; %d layers, %s weights + %s KV, budget %s",
-                pos, device, describe_modules(names) or "nothing", plan.layers[pos], _size(plan.weights[pos]),
-                _size(plan.kv_bytes[pos]), _size(budgets[pos]),
+                pos, device, describe_modules(names) or "nothing", plan.layers[pos], byte_size(plan.weights[pos]),
+                byte_size(plan.kv_bytes[pos]), byte_size(budgets[pos]),
             )
             if not names:
                 hint = " (--device-map balanced spreads it)" if self.mode == "auto" else ""
@@ -284,12 +285,5 @@ def describe_modules(names: Sequence[str]) -> str:
     )
 
 
-def _size(size: float) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(size) >= scale:
-            return f"{size / scale:.2f} {unit}"
-    return f"{size:.0f} B"
-
-
 def _sizes(sizes: Sequence[float]) -> str:
-    return "[" + ", ".join(_size(s) for s in sizes) + "]"
+    return "[" + ", ".join(byte_size(s) for s in sizes) + "]"

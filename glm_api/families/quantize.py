@@ -42,6 +42,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from glm_api.units import byte_size
+
 QuantMode = Literal["none", "int8", "w8a8", "int4"]
 QUANT_MODES: tuple[str, ...] = ("none", "int8", "w8a8", "int4")
 Release = Callable[[torch.Tensor], None]
@@ -362,13 +364,9 @@ class QuantReport:
 
     def line(self) -> str:
         return (
-            f"quantised {self.modules} modules ({self.mode}): {_size(self.dense_bytes)} -> "
-            f"{_size(self.quantized_bytes)} of weights (saved {_size(self.dense_bytes - self.quantized_bytes)})"
+            f"quantised {self.modules} modules ({self.mode}): {byte_size(self.dense_bytes)} -> "
+            f"{byte_size(self.quantized_bytes)} of weights (saved {byte_size(self.dense_bytes - self.quantized_bytes)})"
         )
-
-
-def _size(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def quantized_bytes(module: nn.Module) -> int:
