@@ -24,14 +24,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import process_status_bytes
+
 MB = 1024 * 1024
-
-
-def _rss_now() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 def _peak_rss() -> int:
@@ -73,7 +68,7 @@ def child(folder: Path, dtype_name: str, mode: str) -> None:
     from glm_api.families.chatglm3 import load_chatglm3
 
     dtype = getattr(torch, dtype_name)
-    before = _rss_now()
+    before = process_status_bytes("VmRSS")
     start = time.perf_counter()
     if mode == "streamed":
         model = load_chatglm3(folder, torch.device("cpu"), dtype).model

@@ -30,16 +30,11 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import machine_line, process_status_bytes
+
 GB = 1024**3
 WIDTHS = (1, 2, 4, 8, 12, 16, 32, 128, 512)
 PROMPT = "你好，请介绍一下你自己，以及你能帮我做些什么。"
-
-
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def _time(fn, reps: int, *args) -> float:
@@ -99,11 +94,11 @@ def child(checkpoint: Path, dtype_name: str, mode: str, tokens: int, streams: in
     from glm_api.families.detect import load_chat_model
 
     dtype = getattr(torch, dtype_name)
-    before = _status_kb("VmRSS")
+    before = process_status_bytes("VmRSS")
     start = time.perf_counter()
     loaded = load_chat_model(checkpoint, torch.device("cpu"), dtype, Path(".cache/glm-api"), quantize=mode)
     load_s = time.perf_counter() - start
-    peak, after = _status_kb("VmHWM"), _status_kb("VmRSS")
+    peak, after = process_status_bytes("VmHWM"), process_status_bytes("VmRSS")
     tensors = list(loaded.model.parameters()) + list(loaded.model.buffers())
     model_bytes = sum(t.numel() * t.element_size() for t in tensors)
     prompt = loaded.template.encode_messages([{"role": "user", "content": PROMPT}])
@@ -160,8 +155,6 @@ def main() -> None:
     if args.child:
         child(Path(args.child[0]), args.child[1], args.child[2], args.tokens, args.streams)
         return
-    from bench.common import machine_line
-
     print(machine_line() + "\n")
     kernel_table()
     if args.kernels_only:
