@@ -41,7 +41,8 @@ def run_healthcheck(port: int) -> subprocess.CompletedProcess:
 @contextmanager
 def serving(app, settings: Settings, lifespan: str = "on") -> Iterator[None]:
     """uvicorn on the settings' host and port in a thread, as ``python api.py`` would serve."""
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, lifespan=lifespan, log_level="warning"))
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, lifespan=lifespan, log_level="warning")
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
