@@ -172,10 +172,11 @@ def _bound_number(schema: dict[str, Any]) -> dict[str, Any]:
     out = dict(schema)
     low = _given(schema, "minimum", "exclusiveMinimum")
     high = _given(schema, "maximum", "exclusiveMaximum")
-    if low is None:  # as wide as the schema's other bound asks, at least 1e17
-        out["minimum"] = -max(NUMBER_LIMIT, 10 * abs(high)) if high is not None else -NUMBER_LIMIT
-    if high is None:
-        out["maximum"] = max(NUMBER_LIMIT, 10 * abs(low)) if low is not None else NUMBER_LIMIT
+    # A schema whose own bound lies beyond the limit asks for big numbers: its other side stays open.
+    if low is None and (high is None or high > -NUMBER_LIMIT):
+        out["minimum"] = -NUMBER_LIMIT
+    if high is None and (low is None or low < NUMBER_LIMIT):
+        out["maximum"] = NUMBER_LIMIT
     if "number" in _types(schema) and "multipleOf" not in schema:
         out["multipleOf"] = NUMBER_STEP
     return out
