@@ -8,8 +8,8 @@ for either):
 
 - numbers: a bound the schema leaves open becomes ``±1e17`` (17 digits before the point) and a
   ``number`` without ``multipleOf`` gets ``multipleOf: 1e-10`` (at most 10 digits after it, the
-  finest step llguidance compiles); no exponent, as llguidance writes bounded numbers. Bounds the
-  schema gives are kept, wider ones too.
+  finest step llguidance compiles); no exponent, as llguidance writes bounded numbers. Bounds and
+  steps the schema gives are kept; one beyond ``±1e17`` leaves the other side open.
 - open values (``{}``, ``true``, an array without ``items``, an object without
   ``additionalProperties`` or with ``true``) become a value of at most ``max_depth`` levels of
   arrays and objects, its numbers bounded as above.
@@ -61,7 +61,7 @@ def bounded_schema(schema: Any, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
     def bound(node: Any) -> Any:
         if node is True or (isinstance(node, dict) and _is_open(node)):
             used[0] = True
-            kept = {k: v for k, v in node.items() if k in ("$defs", "definitions")} if isinstance(node, dict) else {}
+            kept = {k: v for k, v in node.items() if k in ("$defs", "definitions", "x-guidance")} if isinstance(node, dict) else {}
             return {**kept, **_value_ref(max_depth)}
         return _bound(node, max_depth, used) if isinstance(node, dict) else node
 
@@ -152,7 +152,10 @@ def _is_open(schema: dict[str, Any]) -> bool:
 def _close_object(schema: Any) -> Any:
     if not isinstance(schema, dict):
         return schema
-    if "object" in _types(schema) and "additionalProperties" not in schema and "unevaluatedProperties" not in schema:
+    named = set(schema.get("properties") or {})
+    required = schema.get("required") if isinstance(schema.get("required"), list) else []
+    if ("object" in _types(schema) and "additionalProperties" not in schema and "unevaluatedProperties" not in schema
+            and set(required) <= named):  # a required name the schema does not describe stays allowed
         return {**schema, "additionalProperties": False}
     return schema
 

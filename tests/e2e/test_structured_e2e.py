@@ -64,7 +64,8 @@ def test_langchain_json_mode_prompt_ends_as_one_json_object(live_server):
     sdk = OpenAI(base_url=f"{live_server.url}/v1", api_key="x", max_retries=0)
     answer = sdk.chat.completions.create(
         model=PACKAGED_CHAT_NAME, temperature=0, max_tokens=256, response_format={"type": "json_object"},
-        messages=[{"role": "user", "content": "Tell me a joke about cats. Answer in JSON with 'setup' and 'punchline' keys."}],
+        messages=[{"role": "user",
+                   "content": "Tell me a joke about cats. Answer in JSON with 'setup' and 'punchline' keys."}],
     )
     assert answer.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(answer.choices[0].message.content), dict)

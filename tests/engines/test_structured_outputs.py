@@ -181,7 +181,8 @@ def test_json_object_keeps_to_the_depth_setting(tiny_llama_dir, tmp_path_factory
             "response_format": {"type": "json_object"}}
     with TestClient(create_app(settings, build_registry(settings))) as test_client:
         for sampling in SAMPLINGS:
-            text = test_client.post("/v1/chat/completions", json={**body, **sampling}).json()["choices"][0]["message"]["content"]
+            answer = test_client.post("/v1/chat/completions", json={**body, **sampling}).json()
+            text = answer["choices"][0]["message"]["content"]
             assert text.startswith("{") and _nesting(text) == 1, text
 
 

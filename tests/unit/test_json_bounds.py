@@ -145,6 +145,8 @@ def test_strict_tool_arguments_cannot_invent_properties():
     assert not accepts(closed, '{"point":{"x":1,"y":2}}')
     assert not accepts(closed, '{"items":[{"q":"a","r":1}]}')
     assert strict_schema({"type": "object"}) == {"type": "object", "additionalProperties": False}  # no parameters
+    undescribed = {"type": "object", "required": ["a"]}  # closing it would make it unsatisfiable
+    assert strict_schema(undescribed) == undescribed and accepts(strict_schema(undescribed), '{"a":1}')
 
 
 def test_schemas_that_allow_extras_keep_them():
