@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 import jsonschema
+import llguidance
 import pytest
 from fastapi.testclient import TestClient
 
@@ -18,11 +19,11 @@ from glm_api.app import create_app
 from glm_api.engines.grammar import Constraint
 from glm_api.registry import build_registry
 from glm_api.serving.json_bounds import any_object_schema, bounded_constraint, bounded_schema
-from glm_api.serving.structured import tool_call_constraint
+from glm_api.serving.structured import native_tool_call_constraint, tool_call_constraint
 from tests.api.test_seed_api import assert_error, sse_events
 from tests.conftest import make_settings
 from tests.fixtures.chatglm3_tiny import build_tiny_chatglm3
-from tests.unit.test_json_bounds import TOOL, accepts
+from tests.unit.test_json_bounds import TOKENIZER, TOOL, accepts
 
 SCHEMAS = [
     {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 1000}}, "required": ["a"],
@@ -211,6 +212,26 @@ def test_the_forced_tool_call_grammar_closes_arguments_but_not_open_tools():
     assert not accepts(schema, '{"name":"f","arguments":{"input":1,"type":"integer"}}')
     assert accepts(schema, '{"name":"g","arguments":{"input":1,"type":"integer"}}')
     assert not accepts(schema, '{"name":"f","arguments":{"input":' + "1" * 18 + "}}")
+
+
+@pytest.mark.parametrize(("syntax", "call"), [
+    ("hermes", '<tool_call>\n{{"name": "f", "arguments": {args}}}\n</tool_call>'),
+    ("glm4", "f\n{args}"),
+])
+def test_native_tool_call_grammars_close_and_bound_arguments_too(syntax, call):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": TOOL}}]
+    lark = native_tool_call_constraint(syntax, tools).spec
+    matcher = llguidance.LLMatcher(TOKENIZER, llguidance.LLMatcher.grammar_from_lark(lark), log_level=0)
+    assert not matcher.is_error(), matcher.get_error()
+
+    def accepted(args: str) -> bool:
+        m = matcher.deep_copy()
+        text = call.format(args=args)
+        return bool(m.consume_tokens(list(text.encode()))) and not m.is_error() and m.is_accepting()
+
+    assert accepted('{"input": 1}')
+    assert not accepted('{"input": 1, "type": "integer"}')
+    assert not accepted('{"input": ' + "1" * 18 + "}")
 
 
 def test_bounded_constraint_touches_json_constraints_only():
