@@ -94,12 +94,15 @@ def _value_ref(depth: int) -> dict[str, str]:
 
 
 def _value_defs(max_depth: int) -> dict[str, Any]:
-    """A value of at most ``k`` levels, for k = 0 (a scalar) .. ``max_depth``."""
-    scalars = [{"type": "null"}, {"type": "boolean"}, {"type": "string"}, _bound_number({"type": "number"})]
-    defs: dict[str, Any] = {f"{_VALUE_PREFIX}0": {"anyOf": scalars}}
+    """A value of at most ``k`` levels, for k = 0 (a scalar) .. ``max_depth``. The scalars are one
+    definition that every level refers to: llguidance compiles it once (inlined at each level, the
+    bounded number made each token's mask ~4x dearer at depth 16)."""
+    scalar = {"$ref": f"#/$defs/{_VALUE_PREFIX}0"}
+    defs: dict[str, Any] = {f"{_VALUE_PREFIX}0": {"anyOf": [{"type": "null"}, {"type": "boolean"}, {"type": "string"},
+                                                            _bound_number({"type": "number"})]}}
     for k in range(1, max_depth + 1):
         inner = _value_ref(k - 1)
-        defs[f"{_VALUE_PREFIX}{k}"] = {"anyOf": [*scalars, {"type": "array", "items": inner},
+        defs[f"{_VALUE_PREFIX}{k}"] = {"anyOf": [scalar, {"type": "array", "items": inner},
                                                   {"type": "object", "additionalProperties": inner}]}
     return defs
 
