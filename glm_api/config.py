@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(4096, ge=1, description="the seed's default max_tokens")
     max_tokens_limit: int | None = Field(None, ge=1, description="larger max_tokens are refused with 400")
     max_n: int = Field(8, ge=1, description="largest n (choices) per request")
+    json_max_depth: int = Field(
+        16, ge=1, description="most levels of arrays and objects in constrained JSON a schema leaves open (json_object)"
+    )
 
     # Embedding batching and limits.
     embedding_batch_size: int = Field(32, ge=1)

@@ -66,7 +66,7 @@ def _grammar_text(constraint: Constraint) -> str:
     # Compact JSON: a weak model given free whitespace can wander in it for ever.
     defaults = {"whitespace_flexible": False}
     if constraint.kind == "json_object":
-        return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=defaults)
+        return llguidance.LLMatcher.grammar_from_json_schema(constraint.spec or {"type": "object"}, defaults=defaults)
     if constraint.kind == "json_schema":
         return llguidance.LLMatcher.grammar_from_json_schema(constraint.spec, defaults=defaults)
     if constraint.kind == "regex":

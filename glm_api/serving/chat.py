@@ -19,6 +19,7 @@ from glm_api.engines.grammar import Constraint
 from glm_api.errors import BadRequestError, ContextLengthError
 from glm_api.families.base import ParsedOutput, ToolCall
 from glm_api.registry import ModelRegistry
+from glm_api.serving.json_bounds import bounded_constraint
 from glm_api.serving.merge import merge
 from glm_api.request_context import record_tokens
 
@@ -183,7 +184,8 @@ class ChatService:
             raise BadRequestError("the prompt is empty", param="prompt")
         params = self._sampling_params(engine, call, len(prompt_ids))
         if call.constraint is not None:  # compiled (or found in the cache) off the event loop; 400 if it cannot be
-            params = replace(params, grammar=await asyncio.to_thread(engine.compile_constraint, call.constraint))
+            constraint = bounded_constraint(call.constraint, self.settings.json_max_depth)  # JSON that can end
+            params = replace(params, grammar=await asyncio.to_thread(engine.compile_constraint, constraint))
         request_ids = [f"{request_id}-{i}" for i in range(call.n)]
         streams: list[AsyncIterator[GenerationChunk]] = []
         try:

@@ -19,6 +19,7 @@ from glm_api.engines.grammar import Constraint
 from glm_api.errors import BadRequestError
 from glm_api.families.base import ToolCall
 from glm_api.protocol.openai import ResponseFormat, SamplingRequest
+from glm_api.serving.json_bounds import bounded_schema, strict_schema
 
 JSON_INSTRUCTION = "Answer with one JSON object only."
 TOOL_INSTRUCTION = (
@@ -36,7 +37,9 @@ def output_constraint(req: SamplingRequest, response_format: ResponseFormat | No
     if wanted is not None:
         if wanted.type == "json_object":
             return Constraint("json_object")
-        return Constraint("json_schema", _schema_text(wanted.json_schema.schema_, "response_format"))
+        schema = wanted.json_schema.schema_
+        return Constraint("json_schema", _schema_text(strict_schema(schema) if wanted.json_schema.strict else schema,
+                                                      "response_format"))
     if extra is None:
         return None
     if extra.json_ is not None:
@@ -78,13 +81,13 @@ def native_tool_call_constraint(syntax: str | None, tools: list[dict[str, Any]])
     """A call in the family's own syntax (a Lark grammar embedding the JSON schemas), or None.
     The JSON is written as the families' templates write it (``json.dumps``' ", " and ": ")."""
     if syntax == "hermes":  # Qwen2.5 and Hermes put the call on its own line; some write it inline
-        call = json.dumps(_as_written(json.loads(tool_call_constraint(tools).spec)))
+        call = json.dumps(_as_written(bounded_schema(json.loads(tool_call_constraint(tools).spec))))
         return Constraint("grammar", f'start: "<tool_call>" /\\n?/ call /\\n?/ "</tool_call>"\ncall: %json {call}',
                           param="tools")
     if syntax == "glm4":
         rules = ["start: " + " | ".join(f"c{i}" for i in range(len(tools)))]
         for i, tool in enumerate(tools):
-            arguments = json.dumps(_as_written(tool["function"].get("parameters") or {"type": "object"}))
+            arguments = json.dumps(_as_written(bounded_schema(_tool_arguments(tool))))
             rules += [f"c{i}: {json.dumps(tool['function']['name'] + chr(10))} a{i}", f"a{i}: %json {arguments}"]
         return Constraint("grammar", "\n".join(rules), param="tools")
     return None
@@ -101,7 +104,7 @@ def tool_call_constraint(tools: list[dict[str, Any]]) -> Constraint:
             "type": "object",
             "properties": {
                 "name": {"const": t["function"]["name"]},
-                "arguments": t["function"].get("parameters") or {"type": "object"},
+                "arguments": _tool_arguments(t),
             },
             "required": ["name", "arguments"],
             "additionalProperties": False,
@@ -110,6 +113,11 @@ def tool_call_constraint(tools: list[dict[str, Any]]) -> Constraint:
     ]
     schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
     return Constraint("json_schema", _schema_text(schema, "tools"), param="tools")
+
+
+def _tool_arguments(tool: dict[str, Any]) -> Any:
+    """No invented properties: unnamed ones only where the schema allows them (OpenAI's strict rule)."""
+    return strict_schema(tool["function"].get("parameters") or {"type": "object"})
 
 
 def parse_tool_call(text: str) -> list[ToolCall]:

@@ -39,6 +39,38 @@ def test_sdk_parse_returns_the_pydantic_object(live_server):
     assert isinstance(parsed, City) and parsed.name
 
 
+class Capital(BaseModel):
+    city: str
+    country: str
+    population_millions: float
+
+
+def test_sdk_parse_with_an_unbounded_float_ends(live_server):
+    """The issue's call: an unconstrained ``float`` used to run ``111222222222223333...`` into
+    LengthFinishReasonError; the grammar now ends a number after 17 digits (10 after the point)."""
+    sdk = OpenAI(base_url=f"{live_server.url}/v1", api_key="x", max_retries=0)
+    completion = sdk.chat.completions.parse(
+        model=PACKAGED_CHAT_NAME, messages=[{"role": "user", "content": "What is the capital of France?"}],
+        response_format=Capital, temperature=0, max_tokens=120,
+    )
+    assert completion.choices[0].finish_reason == "stop"
+    parsed = completion.choices[0].message.parsed
+    assert isinstance(parsed, Capital) and parsed.city
+
+
+def test_langchain_json_mode_prompt_ends_as_one_json_object(live_server):
+    """LangChain's standard ``test_json_mode`` prompt: greedy, the default model nests
+    ``{"setup":{"setup":...`` as deep as it may; the depth bound (16) makes it close."""
+    sdk = OpenAI(base_url=f"{live_server.url}/v1", api_key="x", max_retries=0)
+    answer = sdk.chat.completions.create(
+        model=PACKAGED_CHAT_NAME, temperature=0, max_tokens=256, response_format={"type": "json_object"},
+        messages=[{"role": "user",
+                   "content": "Tell me a joke about cats. Answer in JSON with 'setup' and 'punchline' keys."}],
+    )
+    assert answer.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(answer.choices[0].message.content), dict)
+
+
 @pytest.mark.parametrize("method", ["json_schema", "function_calling"])
 def test_langchain_with_structured_output(live_server, method):
     llm = ChatOpenAI(model=PACKAGED_CHAT_NAME, base_url=f"{live_server.url}/v1", api_key="x", temperature=0,

@@ -11,14 +11,19 @@ from __future__ import annotations
 import json
 
 import jsonschema
+import llguidance
 import pytest
 from fastapi.testclient import TestClient
 
 from glm_api.app import create_app
+from glm_api.engines.grammar import Constraint
 from glm_api.registry import build_registry
+from glm_api.serving.json_bounds import any_object_schema, bounded_constraint, bounded_schema
+from glm_api.serving.structured import native_tool_call_constraint, tool_call_constraint
 from tests.api.test_seed_api import assert_error, sse_events
 from tests.conftest import make_settings
 from tests.fixtures.chatglm3_tiny import build_tiny_chatglm3
+from tests.unit.test_json_bounds import TOKENIZER, TOOL, accepts
 
 SCHEMAS = [
     {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 1000}}, "required": ["a"],
@@ -56,9 +61,8 @@ SCHEMAS = [
     {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[a-f0-9]{4}$"},
                                       "ok": {"const": True}}, "required": ["code", "ok"], "additionalProperties": False},
 ]
-#: Schemas whose every value is bounded (strings by length, integers by range, arrays by size)
-#: describe finitely many texts: every answer must finish. Numbers may have digits for ever.
-UNBOUNDED = {3}
+#: Every value here is bounded (strings by length, arrays by size, numbers by the server's own
+#: bound: 17 digits before the point, 10 after): every answer must finish, none may be cut.
 SAMPLINGS = [{"temperature": 0}, {"temperature": 1.0, "seed": 7}, {"temperature": 0.8, "top_p": 0.9, "seed": 3}]
 
 
@@ -87,8 +91,6 @@ def test_every_answer_parses_and_validates(client, index):
         response = _ask(client, schema, sampling, max_tokens=600)
         assert response.status_code == 200, response.text
         choice = response.json()["choices"][0]
-        if choice["finish_reason"] == "length" and index in UNBOUNDED:
-            continue  # random weights writing "-5.000..." for ever: cut, as OpenAI would
         assert choice["finish_reason"] == "stop", choice
         jsonschema.validate(json.loads(choice["message"]["content"]), schema)
 
@@ -151,6 +153,94 @@ def test_a_forced_tool_call_has_arguments_valid_for_its_tool(client):
             assert call["name"] in names
             schema = next(t["function"]["parameters"] for t in tools if t["function"]["name"] == call["name"])
             jsonschema.validate(json.loads(call["arguments"]), schema)
+
+
+def test_forced_tool_arguments_and_strict_formats_carry_no_invented_properties(client):
+    """Tool schemas rarely say ``additionalProperties``; a forced call still names only what the
+    tool names (and a strict format only what its schema names), whatever random weights want."""
+    loose = {"type": "object", "properties": {"input": {"type": "integer", "minimum": 0, "maximum": 9}},
+             "required": ["input"]}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": loose}}]
+    for sampling in SAMPLINGS:
+        body = {"messages": [{"role": "user", "content": "Call f"}], "max_tokens": 200, "tools": tools,
+                "tool_choice": "required", **sampling}
+        out = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+        assert out["finish_reason"] == "tool_calls", out
+        assert set(json.loads(out["message"]["tool_calls"][0]["function"]["arguments"])) == {"input"}
+        strict = {"type": "json_schema", "json_schema": {"name": "s", "schema": loose, "strict": True}}
+        out = client.post("/v1/chat/completions", json={**body, "tools": None, "tool_choice": None,
+                                                        "response_format": strict}).json()["choices"][0]
+        assert out["finish_reason"] == "stop" and set(json.loads(out["message"]["content"])) == {"input"}, out
+
+
+def test_json_object_keeps_to_the_depth_setting(tiny_llama_dir, tmp_path_factory):
+    """Random weights open a nested object at once (``{"{":{"][ulous...``); with
+    ``json_max_depth=1`` the answer, cut or not, never goes below the top level."""
+    settings = make_settings(chat_model=str(tiny_llama_dir), chat_model_name="tiny", device="cpu",
+                             cache_dir=tmp_path_factory.mktemp("cache"), json_max_depth=1)
+    body = {"messages": [{"role": "user", "content": "JSON please"}], "max_tokens": 60,
+            "response_format": {"type": "json_object"}}
+    with TestClient(create_app(settings, build_registry(settings))) as test_client:
+        for sampling in SAMPLINGS:
+            answer = test_client.post("/v1/chat/completions", json={**body, **sampling}).json()
+            text = answer["choices"][0]["message"]["content"]
+            assert text.startswith("{") and _nesting(text) == 1, text
+
+
+def _nesting(text: str) -> int:
+    """Deepest level of arrays/objects in (a prefix of) JSON text, strings skipped."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            escaped, in_string = (not escaped and ch == "\\"), in_string and (escaped or ch != '"')
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def test_the_forced_tool_call_grammar_closes_arguments_but_not_open_tools():
+    tools = [{"type": "function", "function": {"name": "f", "parameters": TOOL}},
+             {"type": "function", "function": {"name": "g", "parameters": {**TOOL, "additionalProperties": True}}}]
+    schema = json.loads(bounded_constraint(tool_call_constraint(tools)).spec)
+    assert accepts(schema, '{"name":"f","arguments":{"input":1}}')
+    assert not accepts(schema, '{"name":"f","arguments":{"input":1,"type":"integer"}}')
+    assert accepts(schema, '{"name":"g","arguments":{"input":1,"type":"integer"}}')
+    assert not accepts(schema, '{"name":"f","arguments":{"input":' + "1" * 18 + "}}")
+
+
+@pytest.mark.parametrize(("syntax", "call"), [
+    ("hermes", '<tool_call>\n{{"name": "f", "arguments": {args}}}\n</tool_call>'),
+    ("glm4", "f\n{args}"),
+])
+def test_native_tool_call_grammars_close_and_bound_arguments_too(syntax, call):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": TOOL}}]
+    lark = native_tool_call_constraint(syntax, tools).spec
+    matcher = llguidance.LLMatcher(TOKENIZER, llguidance.LLMatcher.grammar_from_lark(lark), log_level=0)
+    assert not matcher.is_error(), matcher.get_error()
+
+    def accepted(args: str) -> bool:
+        m = matcher.deep_copy()
+        text = call.format(args=args)
+        return bool(m.consume_tokens(list(text.encode()))) and not m.is_error() and m.is_accepting()
+
+    assert accepted('{"input": 1}')
+    assert not accepted('{"input": 1, "type": "integer"}')
+    assert not accepted('{"input": ' + "1" * 18 + "}")
+
+
+def test_bounded_constraint_touches_json_constraints_only():
+    obj = bounded_constraint(Constraint("json_object"), max_depth=2)
+    assert obj.kind == "json_object" and json.loads(obj.spec) == any_object_schema(2)
+    regex = Constraint("regex", "[0-9]+", param="structured_outputs")
+    assert bounded_constraint(regex) is regex
+    schema = bounded_constraint(Constraint("json_schema", json.dumps({"type": "number"}), param="structured_outputs"))
+    assert schema.param == "structured_outputs" and json.loads(schema.spec) == bounded_schema({"type": "number"})
 
 
 @pytest.mark.parametrize(

@@ -252,7 +252,8 @@ def test_the_forced_tool_schema_is_one_call_of_an_offered_tool():
     assert [s["properties"]["name"]["const"] for s in schema["anyOf"]] == ["f", "g"]
     assert all(s["required"] == ["name", "arguments"] for s in schema["anyOf"])
     single = json.loads(tool_call_constraint(tools[:1]).spec)
-    assert single["properties"]["arguments"] == {"type": "object"}
+    # Arguments name only what the tool names: an object without properties takes {} (strict rule).
+    assert single["properties"]["arguments"] == {"type": "object", "additionalProperties": False}
 
 
 def test_base64_is_what_the_sdk_decodes():
