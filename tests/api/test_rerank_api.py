@@ -152,3 +152,11 @@ def test_models_list_rerank_models_with_their_kind(reranker_client):
     seed = {c["id"]: c for c in reranker_client.get("/models").json()["data"]}
     assert seed["tiny-reranker"]["object"] == "rerank"
     assert reranker_client.get("/v1/models/tiny-reranker").json()["kind"] == "rerank"
+
+
+def test_metrics_count_the_cross_encoders_pairs(reranker_client):
+    reranker_client.post("/v1/rerank", json={"model": "tiny-reranker", "query": "a", "documents": ["b", "c", "d"]})
+    text = reranker_client.get("/metrics").text
+    line = next(l for l in text.splitlines() if l.startswith('glm_api_rerank_pairs_total{model="tiny-reranker"}'))
+    assert float(line.split()[-1]) >= 3
+    assert 'glm_api_rerank_batch_size_count{model="tiny-reranker"}' in text
