@@ -150,6 +150,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3, help="runs per figure; the best is kept")
     p.add_argument("--documents", type=int, default=100, help="documents per rerank request")
     p.add_argument("--no-rerank", action="store_true", help="skip the rerank figure")
+    p.add_argument("--rerank-only", action="store_true", help="only the rerank figure")
     args = p.parse_args()
 
     import torch
@@ -163,7 +164,7 @@ def main() -> int:
     print(f"model all-MiniLM-L6-v2 ({path}), float32; {machine_line()}", flush=True)
     print(f"{len(texts)} sentences of {min(tokens)} to {max(tokens)} tokens, {sum(tokens) / len(tokens):.1f} on average")
     encode_limit(loaded.model, texts[:64])  # warm up
-    loads = [("32 clients x 1 sentence", 32, 1), ("4 clients x 32 sentences", 4, 32)]
+    loads = [] if args.rerank_only else [("32 clients x 1 sentence", 32, 1), ("4 clients x 32 sentences", 4, 32)]
     rerank_dir = None if args.no_rerank or args.url else Path(tempfile.mkdtemp(prefix="glm-api-bench-ce-"))
     if rerank_dir is not None:
         from sentence_transformers import CrossEncoder

@@ -120,3 +120,28 @@ def test_cosine_scores_equal_the_in_process_cosine(minilm):
     expected = [float(cos_sim(minilm.model.encode(a), minilm.model.encode(b))) for a, b in pairs]
     assert np.abs(result.scores - np.array(expected)).max() < 1e-5
     assert abs(result.scores[2] - 1.0) < 1e-5
+
+
+def test_rerank_models_from_flags_environment_and_the_model_folder(tiny_reranker_dir, tiny_bert_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from glm_api.cli import settings_from_args
+    from glm_api.config import Settings
+    from glm_api.registry import StartupError, resolve_model_sources
+
+    flags = settings_from_args(["--disable-chat", "--rerank-model", f"a={tiny_reranker_dir}", "--rerank-model", "b=/x"])
+    assert flags.rerank_models == {"a": str(tiny_reranker_dir), "b": "/x"}
+    monkeypatch.setenv("GLM_API_RERANK_MODELS", f"a={tiny_reranker_dir},b=/y")
+    assert Settings(_env_file=None).rerank_models == {"a": str(tiny_reranker_dir), "b": "/y"}
+    monkeypatch.delenv("GLM_API_RERANK_MODELS")
+
+    # Nothing configured: a ./model/bge-reranker-* folder is found, as text2vec folders are.
+    shutil.copytree(tiny_reranker_dir, tmp_path / "bge-reranker-base")
+    found = resolve_model_sources(Settings(_env_file=None, disable_chat=True, model_dir=tmp_path))
+    assert [(s.name, s.path) for s in found.rerankers] == [("bge-reranker-base", tmp_path / "bge-reranker-base")]
+    assert resolve_model_sources(Settings(_env_file=None, disable_chat=True, model_dir=tmp_path / "none")).rerankers == ()
+
+    with pytest.raises(StartupError, match="rerank model 'enc'.*not a sequence-classification"):
+        resolve_model_sources(Settings(_env_file=None, disable_chat=True, rerank_models={"enc": str(tiny_bert_dir)}))
+    with pytest.raises(StartupError, match="does not exist"):
+        resolve_model_sources(Settings(_env_file=None, disable_chat=True, rerank_models={"x": str(tmp_path / "missing")}))
