@@ -87,10 +87,11 @@ class EngineCollector(Collector):
 
 def _rerank_families(rerankers: dict, rejected: CounterMetricFamily) -> Iterator[Metric]:
     """Cross-encoders' queues and passes (cosine scoring shows up under its embedding model)."""
-    waiting = GaugeMetricFamily(f"{PREFIX}_rerank_waiting_pairs", "Query-document pairs queued for a rerank batch", labels=["model"])
-    pairs = CounterMetricFamily(f"{PREFIX}_rerank_pairs", "Query-document pairs scored by a cross-encoder", labels=["model"])
-    batches = CounterMetricFamily(f"{PREFIX}_rerank_batches", "Cross-encoder forward passes", labels=["model"])
-    sizes = HistogramMetricFamily(f"{PREFIX}_rerank_batch_size", "Pairs per cross-encoder forward pass", labels=["model"])
+    labels = ["model"]
+    waiting = GaugeMetricFamily(f"{PREFIX}_rerank_waiting_pairs", "Pairs queued for a rerank batch", labels=labels)
+    pairs = CounterMetricFamily(f"{PREFIX}_rerank_pairs", "Pairs scored by a cross-encoder", labels=labels)
+    batches = CounterMetricFamily(f"{PREFIX}_rerank_batches", "Cross-encoder forward passes", labels=labels)
+    sizes = HistogramMetricFamily(f"{PREFIX}_rerank_batch_size", "Pairs per cross-encoder forward pass", labels=labels)
     for name, engine in rerankers.items():
         waiting.add_metric([name], getattr(engine, "num_waiting", 0))
         stats = getattr(engine, "stats", None)

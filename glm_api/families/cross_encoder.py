@@ -66,7 +66,9 @@ def detect_cross_encoder(path: Path) -> str:
             "model (a cross-encoder reranker such as bge-reranker)"
         )
     if config.get("model_type") not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
-        raise ValueError(f"{path}: model_type {config.get('model_type')!r} has no sequence-classification head in transformers")
+        raise ValueError(
+            f"{path}: model_type {config.get('model_type')!r} has no sequence-classification head in transformers"
+        )
     labels = config.get("id2label")
     num_labels = len(labels) if isinstance(labels, dict) else config.get("num_labels", 2)
     if num_labels != 1:

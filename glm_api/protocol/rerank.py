@@ -126,7 +126,8 @@ class ScoreRequest(WireModel):
             raise ValueError("text_1 and text_2 must not be empty")
         if len(first) > 1 and len(first) != len(second):
             raise ValueError(
-                f"text_1 has {len(first)} texts and text_2 {len(second)}: give one text_1, or as many as text_2 (pairwise)"
+                f"text_1 has {len(first)} texts and text_2 {len(second)}: "
+                "give one text_1, or as many as text_2 (pairwise)"
             )
         return self
 

@@ -102,10 +102,11 @@ async def rerank(service: RerankService, req: RerankRequest, request_id: str) ->
 async def rerank_v2(service: RerankService, req: RerankV2Request, request_id: str) -> RerankV2Response:
     engine = service.engine(req.model)
     result = await service.score(engine, [(req.query, d) for d in req.documents], truncate=True, param="documents")
-    results = [RerankV2Result(index=i, relevance_score=float(result.scores[i])) for i in ranked(result.scores, req.top_n)]
-    return RerankV2Response(
-        id=f"rerank-{request_id}", results=results, meta=CohereMeta(tokens=CohereTokens(input_tokens=result.total_tokens))
-    )
+    results = [
+        RerankV2Result(index=i, relevance_score=float(result.scores[i])) for i in ranked(result.scores, req.top_n)
+    ]
+    meta = CohereMeta(tokens=CohereTokens(input_tokens=result.total_tokens))
+    return RerankV2Response(id=f"rerank-{request_id}", results=results, meta=meta)
 
 
 async def score(service: RerankService, req: ScoreRequest, request_id: str) -> ScoreResponse:

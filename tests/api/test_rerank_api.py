@@ -59,7 +59,8 @@ def test_rerank_without_a_cross_encoder_ranks_by_cosine(cosine_client, minilm, p
 
 
 def test_top_n_and_return_documents(cosine_client):
-    r = cosine_client.post("/v1/rerank", json={"query": QUERY, "documents": DOCUMENTS, "top_n": 2, "return_documents": False})
+    body = {"query": QUERY, "documents": DOCUMENTS, "top_n": 2, "return_documents": False}
+    r = cosine_client.post("/v1/rerank", json=body)
     assert r.status_code == 200, r.text
     results = r.json()["results"]
     assert [x["index"] for x in results] == [3, 1] and all(x["document"] is None for x in results)
@@ -70,7 +71,8 @@ def test_top_n_and_return_documents(cosine_client):
 def test_v2_rerank_has_cohere_v2_shape(cosine_client):
     from cohere.v2.types import V2RerankResponse
 
-    r = cosine_client.post("/v2/rerank", json={"model": PACKAGED_EMBEDDING_NAME, "query": QUERY, "documents": DOCUMENTS, "top_n": 3})
+    body = {"model": PACKAGED_EMBEDDING_NAME, "query": QUERY, "documents": DOCUMENTS, "top_n": 3}
+    r = cosine_client.post("/v2/rerank", json=body)
     assert r.status_code == 200, r.text
     body = r.json()
     parsed = V2RerankResponse.model_validate(body)
@@ -86,7 +88,8 @@ def test_score_one_to_many_and_pairwise(cosine_client, minilm):
     assert body["object"] == "list" and [d["index"] for d in body["data"]] == [0, 1, 2, 3]
     expected = _cosines(minilm, QUERY, DOCUMENTS)
     assert np.abs(np.array([d["score"] for d in body["data"]]) - expected).max() < 1e-5
-    pairwise = cosine_client.post("/score", json={"text_1": [QUERY, DOCUMENTS[0]], "text_2": [DOCUMENTS[1], DOCUMENTS[0]]})
+    pairs = {"text_1": [QUERY, DOCUMENTS[0]], "text_2": [DOCUMENTS[1], DOCUMENTS[0]]}
+    pairwise = cosine_client.post("/score", json=pairs)
     assert pairwise.status_code == 200, pairwise.text
     scores = [d["score"] for d in pairwise.json()["data"]]
     assert abs(scores[0] - expected[1]) < 1e-5 and abs(scores[1] - 1.0) < 1e-5
@@ -119,7 +122,8 @@ def test_over_long_inputs_follow_the_embedding_rule(cosine_client):
     long_doc = "word " * 400  # over all-MiniLM-L6-v2's 256 tokens
     r = cosine_client.post("/v1/rerank", json={"query": QUERY, "documents": [DOCUMENTS[0], long_doc]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "documents[1]"
-    ok = cosine_client.post("/v1/rerank", json={"query": QUERY, "documents": [DOCUMENTS[0], long_doc], "truncate": True})
+    truncated = {"query": QUERY, "documents": [DOCUMENTS[0], long_doc], "truncate": True}
+    ok = cosine_client.post("/v1/rerank", json=truncated)
     assert ok.status_code == 200, ok.text
     score = cosine_client.post("/v1/score", json={"text_1": QUERY, "text_2": [long_doc]})
     assert score.status_code == 400 and score.json()["error"]["param"] == "text_2[0]"
@@ -130,7 +134,8 @@ def test_over_long_inputs_follow_the_embedding_rule(cosine_client):
 def test_a_cross_encoder_serves_rerank_with_predicts_scores(reranker_client, tiny_reranker_dir):
     documents = ["the weather is nice today", "a cat sat on the mat", "今天天气很好", "hello world"]
     query = "the weather today"
-    expected = CrossEncoder(str(tiny_reranker_dir), device="cpu", local_files_only=True).predict([(query, d) for d in documents])
+    reference = CrossEncoder(str(tiny_reranker_dir), device="cpu", local_files_only=True)
+    expected = reference.predict([(query, d) for d in documents])
     r = reranker_client.post("/v1/rerank", json={"query": query, "documents": documents})
     assert r.status_code == 200, r.text
     body = r.json()
@@ -138,10 +143,12 @@ def test_a_cross_encoder_serves_rerank_with_predicts_scores(reranker_client, tin
     assert [x["index"] for x in body["results"]] == list(np.argsort(-expected, kind="stable"))
     for x in body["results"]:
         assert abs(x["relevance_score"] - expected[x["index"]]) < 1e-5
-    score = reranker_client.post("/v1/score", json={"model": "tiny-reranker", "text_1": query, "text_2": documents}).json()
+    body = {"model": "tiny-reranker", "text_1": query, "text_2": documents}
+    score = reranker_client.post("/v1/score", json=body).json()
     assert np.abs(np.array([d["score"] for d in score["data"]]) - expected).max() < 1e-5
     # An embedding model's name still scores by its cosine.
-    by_name = reranker_client.post("/v1/rerank", json={"model": PACKAGED_EMBEDDING_NAME, "query": query, "documents": documents})
+    body = {"model": PACKAGED_EMBEDDING_NAME, "query": query, "documents": documents}
+    by_name = reranker_client.post("/v1/rerank", json=body)
     assert by_name.status_code == 200 and by_name.json()["model"] == PACKAGED_EMBEDDING_NAME
 
 

@@ -28,7 +28,8 @@ def server(tiny_reranker_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def expected(tiny_reranker_dir):
-    return CrossEncoder(str(tiny_reranker_dir), device="cpu", local_files_only=True).predict([(QUERY, d) for d in DOCUMENTS])
+    model = CrossEncoder(str(tiny_reranker_dir), device="cpu", local_files_only=True)
+    return model.predict([(QUERY, d) for d in DOCUMENTS])
 
 
 def test_cohere_v2_client_reranks(server, expected):

@@ -457,7 +457,8 @@ def test_rerank_view_ranks_as_the_api(tab, screenshot_dir):
     page.wait_for_selector("#rerank-ranking li")
 
     shown = page.evaluate(
-        "() => [...document.querySelectorAll('#rerank-ranking li')].map(li => [Number(li.dataset.index), Number(li.dataset.value)])"
+        "() => [...document.querySelectorAll('#rerank-ranking li')]"
+        ".map(li => [Number(li.dataset.index), Number(li.dataset.value)])"
     )
     api = httpx.post(f"{tab.server.url}/v1/rerank", json={"query": query, "documents": documents}, timeout=30).json()
     assert shown == [[r["index"], pytest.approx(r["relevance_score"], abs=1e-9)] for r in api["results"]]

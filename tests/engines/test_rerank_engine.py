@@ -110,7 +110,8 @@ def test_cosine_scores_equal_the_in_process_cosine(minilm):
     embeddings.start()
     try:
         cosine = CosineRerankEngine(embeddings)
-        pairs = [("A man is eating food.", d) for d in ["A man eats pasta.", "A plane takes off.", "A man is eating food."]]
+        documents = ["A man eats pasta.", "A plane takes off.", "A man is eating food."]
+        pairs = [("A man is eating food.", d) for d in documents]
         pairs.append(("Two dogs play.", "A plane takes off."))  # pairwise, not only one query
         result = asyncio.run(cosine.score(pairs))
     finally:
@@ -122,7 +123,9 @@ def test_cosine_scores_equal_the_in_process_cosine(minilm):
     assert abs(result.scores[2] - 1.0) < 1e-5
 
 
-def test_rerank_models_from_flags_environment_and_the_model_folder(tiny_reranker_dir, tiny_bert_dir, tmp_path, monkeypatch):
+def test_rerank_models_from_flags_environment_and_the_model_folder(
+    tiny_reranker_dir, tiny_bert_dir, tmp_path, monkeypatch
+):
     import shutil
 
     from glm_api.cli import settings_from_args
@@ -139,9 +142,12 @@ def test_rerank_models_from_flags_environment_and_the_model_folder(tiny_reranker
     shutil.copytree(tiny_reranker_dir, tmp_path / "bge-reranker-base")
     found = resolve_model_sources(Settings(_env_file=None, disable_chat=True, model_dir=tmp_path))
     assert [(s.name, s.path) for s in found.rerankers] == [("bge-reranker-base", tmp_path / "bge-reranker-base")]
-    assert resolve_model_sources(Settings(_env_file=None, disable_chat=True, model_dir=tmp_path / "none")).rerankers == ()
+    nothing = Settings(_env_file=None, disable_chat=True, model_dir=tmp_path / "none")
+    assert resolve_model_sources(nothing).rerankers == ()
 
     with pytest.raises(StartupError, match="rerank model 'enc'.*not a sequence-classification"):
-        resolve_model_sources(Settings(_env_file=None, disable_chat=True, rerank_models={"enc": str(tiny_bert_dir)}))
+        encoder = {"enc": str(tiny_bert_dir)}
+        resolve_model_sources(Settings(_env_file=None, disable_chat=True, rerank_models=encoder))
     with pytest.raises(StartupError, match="does not exist"):
-        resolve_model_sources(Settings(_env_file=None, disable_chat=True, rerank_models={"x": str(tmp_path / "missing")}))
+        missing = {"x": str(tmp_path / "missing")}
+        resolve_model_sources(Settings(_env_file=None, disable_chat=True, rerank_models=missing))
