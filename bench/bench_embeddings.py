@@ -16,6 +16,12 @@ over the same sentences, two ways:
 
 The ratios are server / limit. Each figure is the best of ``--repeats`` runs, interleaved
 with the limits'.
+
+Rerank: one query against ``--documents`` documents in one ``/v1/rerank`` request, against
+in-process ``CrossEncoder.predict`` of the same pairs (batch size 32), as pairs/s. No reranker
+ships in a package, so the cross-encoder is all-MiniLM-L6-v2's own encoder with a one-label
+head (the architecture and size of cross-encoder/ms-marco-MiniLM-L6-v2, random head): the
+cost per pair is a real MiniLM cross-encoder's. The server loads it with ``--rerank-model``.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import asyncio
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -91,6 +98,40 @@ async def server_load(url: str, api: str, texts: list[str], clients: int, per_re
     return len(texts) / (time.perf_counter() - started)
 
 
+def build_minilm_cross_encoder(embedding_folder: Path, out_dir: Path) -> Path:
+    """all-MiniLM-L6-v2's encoder under a one-label sequence-classification head, saved with its
+    tokenizer: a cross-encoder folder of ms-marco-MiniLM-L6-v2's shape."""
+    import torch
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification.from_pretrained(str(embedding_folder), num_labels=1, local_files_only=True)
+    model.save_pretrained(str(out_dir))
+    AutoTokenizer.from_pretrained(str(embedding_folder), local_files_only=True).save_pretrained(str(out_dir))
+    return out_dir
+
+
+async def server_rerank(url: str, query: str, documents: list[str]) -> float:
+    """Pairs/s of one /v1/rerank request of one query against ``documents``."""
+    connection = RawHTTPConnection(url)
+    try:
+        body = json.dumps({"model": "minilm-cross-encoder", "query": query, "documents": documents, "truncate": True})
+        started = time.perf_counter()
+        status, payload = await connection.post_json("/v1/rerank", body.encode())
+        elapsed = time.perf_counter() - started
+    finally:
+        await connection.close()
+    if status != 200 or len(json.loads(payload)["results"]) != len(documents):
+        raise RuntimeError(f"/v1/rerank answered {status}: {payload[:300]!r}")
+    return len(documents) / elapsed
+
+
+def predict_limit(cross_encoder, query: str, documents: list[str]) -> float:
+    started = time.perf_counter()
+    cross_encoder.predict([(query, d) for d in documents], batch_size=32, show_progress_bar=False)
+    return len(documents) / (time.perf_counter() - started)
+
+
 def encode_limit(model, texts: list[str], group: int | None = None) -> float:
     """Sentences/s of in-process encode, batch size 32: over ``group`` sentences at a time in
     order, or (None) over all of them at once, which lets encode sort them all by length."""
@@ -107,6 +148,9 @@ def main() -> int:
     p.add_argument("--api", choices=["seed", "openai"], default="seed", help="/embedding or /v1/embeddings")
     p.add_argument("--sentences", type=int, default=512, help="sentences per measurement")
     p.add_argument("--repeats", type=int, default=3, help="runs per figure; the best is kept")
+    p.add_argument("--documents", type=int, default=100, help="documents per rerank request")
+    p.add_argument("--no-rerank", action="store_true", help="skip the rerank figure")
+    p.add_argument("--rerank-only", action="store_true", help="only the rerank figure")
     args = p.parse_args()
 
     import torch
@@ -120,7 +164,15 @@ def main() -> int:
     print(f"model all-MiniLM-L6-v2 ({path}), float32; {machine_line()}", flush=True)
     print(f"{len(texts)} sentences of {min(tokens)} to {max(tokens)} tokens, {sum(tokens) / len(tokens):.1f} on average")
     encode_limit(loaded.model, texts[:64])  # warm up
-    loads = [("32 clients x 1 sentence", 32, 1), ("4 clients x 32 sentences", 4, 32)]
+    loads = [] if args.rerank_only else [("32 clients x 1 sentence", 32, 1), ("4 clients x 32 sentences", 4, 32)]
+    rerank_dir = None if args.no_rerank or args.url else Path(tempfile.mkdtemp(prefix="glm-api-bench-ce-"))
+    if rerank_dir is not None:
+        from sentence_transformers import CrossEncoder
+
+        build_minilm_cross_encoder(path, rerank_dir)
+        cross_encoder = CrossEncoder(str(rerank_dir), device="cpu", local_files_only=True)
+        query, documents = "Which bakery near the station was praised?", sentences(args.documents)
+        predict_limit(cross_encoder, query, documents[:32])  # warm up
 
     def run(url: str) -> list[list[object]]:
         asyncio.run(server_load(url, args.api, texts[:64], 8, 8))  # warm up
@@ -134,17 +186,38 @@ def main() -> int:
             print(f"  {label}: {best:.1f} sentences/s, limits {grouped:.1f} (groups of 32) "
                   f"{sorted_all:.1f} (all sorted)", flush=True)
             rows.append([label, best, grouped, best / grouped, sorted_all, best / sorted_all])
+        if rerank_dir is not None:
+            asyncio.run(server_rerank(url, query, documents[:32]))  # warm up
+            # Each server run sits between two predict runs and is compared with their mean; the
+            # median of those paired ratios moves less with a shared machine's swings than best/best.
+            best, limit, ratios = 0.0, 0.0, []
+            before = predict_limit(cross_encoder, query, documents)
+            for _ in range(args.repeats):
+                served = asyncio.run(server_rerank(url, query, documents))
+                after = predict_limit(cross_encoder, query, documents)
+                ratios.append(served / ((before + after) / 2))
+                best, limit, before = max(best, served), max(limit, before, after), after
+            ratios.sort()
+            median = ratios[len(ratios) // 2]
+            label = f"rerank 1 query x {len(documents)} documents"
+            print(f"  {label}: {best:.1f} pairs/s, CrossEncoder.predict {limit:.1f}; paired ratios "
+                  + " ".join(f"{r:.2f}" for r in ratios), flush=True)
+            rows.append([label + " (ratio: median of paired runs)", best, limit, median, "", ""])
         return rows
 
     if args.url:
         rows = run(args.url)
     else:
-        command = glm_api_command(["--disable-chat", "--log-level", "warning"])
+        extra = ["--rerank-model", f"minilm-cross-encoder={rerank_dir}"] if rerank_dir is not None else []
+        command = glm_api_command(["--disable-chat", "--log-level", "warning", *extra])
         with running_server(command, ready_path="/ready", log_name="glm-api-bench-emb") as server:
             rows = run(server.url)
     print()
-    print(f"{args.sentences} sentences per figure, best of {args.repeats}; limits: in-process encode, batch 32")
-    print_table(["load", "glm-api sentences/s", "encode, groups of 32", "ratio", "encode, all sorted", "ratio"], rows)
+    print(f"{args.sentences} sentences per figure, best of {args.repeats}; limits: in-process encode, batch 32"
+          + ("; rerank: pairs/s against in-process CrossEncoder.predict, batch 32" if rerank_dir is not None else ""))
+    headers = ["load", "glm-api per s", "limit: encode groups of 32 (rerank: predict)", "ratio"]
+    headers += ["encode, all sorted", "ratio"]
+    print_table(headers, rows)
     return 0
 
 

@@ -18,7 +18,7 @@ from glm_api.middleware import RequestContextMiddleware
 from glm_api.openapi import openapi_schema
 from glm_api.security import ApiKeyMiddleware, BodyLimitMiddleware
 from glm_api.registry import ModelRegistry, ModelSources, build_registry
-from glm_api.routers import openai, ops, playground, seed
+from glm_api.routers import openai, ops, playground, rerank, seed
 from glm_api.state import AppState, Services
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ def create_app(
     install_error_handlers(app)
     app.include_router(seed.router)
     app.include_router(openai.router)
+    app.include_router(rerank.router)
     app.include_router(ops.router)
     if settings.playground:
         playground.install(app)  # the page at / and its files; a client of /v1 like any other

@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat-model-name", metavar="NAME", help="name clients use for the chat model (default: the folder name)")
     p.add_argument("--embedding-model", metavar="NAME=PATH", action="append", dest="embedding_models",
                    help="an embedding model folder, repeatable (default ./model/text2vec-*, else the packaged all-MiniLM-L6-v2)")
+    p.add_argument("--rerank-model", metavar="NAME=PATH", action="append", dest="rerank_models",
+                   help="a cross-encoder reranker folder, repeatable (default ./model/bge-reranker-*; without one, "
+                   "/rerank and /score use an embedding model's cosine similarity)")
     p.add_argument("--model-dir", metavar="DIR", help="where the seed's model folders are looked for (default ./model)")
     p.add_argument("--disable-chat", action="store_true", default=None, help="serve embeddings only")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto); a comma-separated list (cuda:0,cuda:1) "

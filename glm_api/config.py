@@ -15,9 +15,11 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 #: The seed's model folders, looked for under ``model_dir`` when nothing is configured.
 SEED_CHAT_MODEL = "chatglm3-6b-32k"
 SEED_EMBEDDING_MODELS = ("text2vec-large-chinese", "text2vec-base-chinese-paraphrase")
+#: Reranker folders looked for under ``model_dir`` when no ``rerank_models`` are configured.
+SEED_RERANK_MODELS = ("bge-reranker-large", "bge-reranker-base", "bge-reranker-v2-m3")
 
 
-def parse_name_paths(value: object) -> dict[str, str]:
+def parse_name_paths(value: object, what: str = "embedding model") -> dict[str, str]:
     """``"a=/p/a,b=/p/b"`` (env) or ``["a=/p/a", ...]`` (CLI) or a dict -> ``{name: path}``."""
     if value is None or value == "":
         return {}
@@ -31,7 +33,7 @@ def parse_name_paths(value: object) -> dict[str, str]:
             continue
         name, sep, path = item.partition("=")
         if not sep or not name.strip() or not path.strip():
-            raise ValueError(f"embedding model {item!r} is not NAME=PATH")
+            raise ValueError(f"{what} {item!r} is not NAME=PATH")
         out[name.strip()] = path.strip()
     return out
 
@@ -62,6 +64,9 @@ class Settings(BaseSettings):
         "none", description="chat model decoder weights: int8 (weight-only), w8a8 (int8 activations too on wide steps), int4"
     )
     embedding_max_seq_length: int | None = Field(None, ge=1)
+    # Cross-encoder rerankers, NAME=PATH (default: ./model/bge-reranker-*). Without one, /rerank
+    # and /score use an embedding model's cosine similarity.
+    rerank_models: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
 
     # Chat scheduling and limits.
     max_running: int = Field(32, ge=1, description="sequences decoded together in one batch")
@@ -141,3 +146,8 @@ class Settings(BaseSettings):
     @classmethod
     def _parse_embedding_models(cls, value: object) -> dict[str, str]:
         return parse_name_paths(value)
+
+    @field_validator("rerank_models", mode="before")
+    @classmethod
+    def _parse_rerank_models(cls, value: object) -> dict[str, str]:
+        return parse_name_paths(value, "rerank model")

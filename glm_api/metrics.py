@@ -81,7 +81,26 @@ class EngineCollector(Collector):
                 _add_histogram(emb_sizes, [name], stats.batch_size)
                 rejected.add_metric(["embedding", name], stats.rejected)
         families += [emb_waiting, emb_texts, emb_batches, emb_sizes]
+        families += list(_rerank_families(getattr(registry, "rerankers", {}), rejected))
         yield from families
+
+
+def _rerank_families(rerankers: dict, rejected: CounterMetricFamily) -> Iterator[Metric]:
+    """Cross-encoders' queues and passes (cosine scoring shows up under its embedding model)."""
+    labels = ["model"]
+    waiting = GaugeMetricFamily(f"{PREFIX}_rerank_waiting_pairs", "Pairs queued for a rerank batch", labels=labels)
+    pairs = CounterMetricFamily(f"{PREFIX}_rerank_pairs", "Pairs scored by a cross-encoder", labels=labels)
+    batches = CounterMetricFamily(f"{PREFIX}_rerank_batches", "Cross-encoder forward passes", labels=labels)
+    sizes = HistogramMetricFamily(f"{PREFIX}_rerank_batch_size", "Pairs per cross-encoder forward pass", labels=labels)
+    for name, engine in rerankers.items():
+        waiting.add_metric([name], getattr(engine, "num_waiting", 0))
+        stats = getattr(engine, "stats", None)
+        if isinstance(stats, EmbeddingEngineStats):
+            pairs.add_metric([name], stats.texts)
+            batches.add_metric([name], stats.batches)
+            _add_histogram(sizes, [name], stats.batch_size)
+            rejected.add_metric(["rerank", name], stats.rejected)
+    yield from [waiting, pairs, batches, sizes]
 
 
 def _chat_replica_families(chat, rejected: CounterMetricFamily) -> Iterator[Metric]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from glm_api.config import SEED_CHAT_MODEL, SEED_EMBEDDING_MODELS, Settings
+from glm_api.config import SEED_CHAT_MODEL, SEED_EMBEDDING_MODELS, SEED_RERANK_MODELS, Settings
 from glm_api.devices import resolve_device, resolve_devices, resolve_dtype
 from glm_api.engines.base import ChatEngine, EmbeddingEngine
 from glm_api.errors import BadRequestError, NotFoundError
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import torch
 
     from glm_api.device_map import LayerSplit
+    from glm_api.engines.rerank_engine import RerankEngine
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class ModelSource:
 class ModelSources:
     chat: ModelSource | None
     embeddings: tuple[ModelSource, ...]
+    rerankers: tuple[ModelSource, ...] = ()  # cross-encoders; none: cosine over an embedding model
 
 
 def resolve_model_sources(settings: Settings) -> ModelSources:
@@ -109,17 +111,36 @@ def resolve_model_sources(settings: Settings) -> ModelSources:
         )
     if chat is not None and chat.name in settings.trust_remote_code:
         chat = ModelSource(chat.name, chat.path, trust_remote_code=True)
-    _check_families(chat, embeddings)
-    return ModelSources(chat, embeddings)
+    rerankers = _rerank_sources(settings)
+    _check_families(chat, embeddings, rerankers)
+    return ModelSources(chat, embeddings, rerankers)
 
 
-def _check_families(chat: ModelSource | None, embeddings: tuple[ModelSource, ...]) -> None:
+def _rerank_sources(settings: Settings) -> tuple[ModelSource, ...]:
+    """Configured rerankers, else the ./model/bge-reranker-* folders present (none is fine)."""
+    if settings.rerank_models:
+        return tuple(
+            ModelSource(name, _existing(Path(p), f"rerank model {name!r}", "GLM_API_RERANK_MODELS / --rerank-model"))
+            for name, p in settings.rerank_models.items()
+        )
+    return tuple(
+        ModelSource(name, settings.model_dir / name)
+        for name in SEED_RERANK_MODELS
+        if (settings.model_dir / name).is_dir()
+    )
+
+
+def _check_families(
+    chat: ModelSource | None, embeddings: tuple[ModelSource, ...], rerankers: tuple[ModelSource, ...] = ()
+) -> None:
     """Refuse a folder no family can serve now, not minutes into loading (reads configs only)."""
+    from glm_api.families.cross_encoder import detect_cross_encoder
     from glm_api.families.detect import detect_chat_family
     from glm_api.families.embedding import detect_embedding_family
 
     checks = [(chat, lambda p: detect_chat_family(p, chat.trust_remote_code), "chat")] if chat else []
     checks += [(source, detect_embedding_family, "embedding") for source in embeddings]
+    checks += [(source, detect_cross_encoder, "rerank") for source in rerankers]
     for source, detect, kind in checks:
         try:
             detect(source.path)
@@ -143,27 +164,33 @@ def _name_of(path: Path) -> str:
 class ModelRegistry:
     """The loaded engines, looked up by the names clients use."""
 
-    def __init__(self, chat: ChatEngine | None, embeddings: dict[str, EmbeddingEngine]) -> None:
+    def __init__(
+        self,
+        chat: ChatEngine | None,
+        embeddings: dict[str, EmbeddingEngine],
+        rerankers: dict[str, RerankEngine] | None = None,
+    ) -> None:
         self.chat = chat
         self.embeddings = embeddings
+        self.rerankers = rerankers or {}  # cross-encoders; each has its own worker thread
         self.created = int(time.time())
 
     def start(self) -> None:
         if self.chat is not None:
             self.chat.start()
-        for engine in self.embeddings.values():
+        for engine in [*self.embeddings.values(), *self.rerankers.values()]:
             engine.start()
 
     def stop(self) -> None:
         if self.chat is not None:
             self.chat.stop()
-        for engine in self.embeddings.values():
+        for engine in [*self.embeddings.values(), *self.rerankers.values()]:
             engine.stop()
 
     def check_health(self) -> None:
         if self.chat is not None:
             self.chat.check_health()
-        for engine in self.embeddings.values():
+        for engine in [*self.embeddings.values(), *self.rerankers.values()]:
             engine.check_health()
 
     def chat_engine(self, name: str | None) -> ChatEngine:
@@ -187,6 +214,22 @@ class ModelRegistry:
             raise NotFoundError(
                 f"model {name!r} is not loaded; embedding models here: {', '.join(self.embeddings)}", param="model"
             ) from None
+
+    def rerank_engine(self, name: str | None) -> RerankEngine:
+        """A cross-encoder by name (the first one by default); an embedding model's name, or no
+        name when no cross-encoder is loaded, scores by that model's cosine similarity."""
+        from glm_api.engines.rerank_engine import CosineRerankEngine
+
+        if name and name in self.rerankers:
+            return self.rerankers[name]
+        if name and name in self.embeddings:
+            return CosineRerankEngine(self.embeddings[name])
+        if name:
+            loaded = ", ".join([*self.rerankers, *self.embeddings]) or "none"
+            raise NotFoundError(f"model {name!r} is not loaded; models that can rerank here: {loaded}", param="model")
+        if self.rerankers:
+            return next(iter(self.rerankers.values()))
+        return CosineRerankEngine(self.embedding_engine(None))
 
     def tokenizer_owner(self, name: str | None) -> ChatEngine | EmbeddingEngine:
         """/tokenize works on the chat model by default, or any loaded model by name."""
@@ -238,7 +281,28 @@ def build_registry(settings: Settings, sources: ModelSources | None = None) -> M
             batch_wait_ms=settings.embedding_batch_wait_ms,
             max_queued_texts=settings.max_embedding_queue,
         )
-    return ModelRegistry(chat, embeddings)
+    rerankers: dict[str, RerankEngine] = {}
+    for source in sources.rerankers:
+        rerankers[source.name] = _load_reranker(settings, source, device, dtype)
+    return ModelRegistry(chat, embeddings, rerankers)
+
+
+def _load_reranker(settings: Settings, source: ModelSource, device: torch.device, dtype: torch.dtype) -> RerankEngine:
+    """A cross-encoder on the embedding models' device, behind the same batching as they are."""
+    from glm_api.engines.rerank_engine import BatchingRerankEngine
+    from glm_api.families.cross_encoder import load_cross_encoder
+
+    started = time.monotonic()
+    log.info("loading rerank model %s from %s on %s (%s)", source.name, source.path, device, dtype)
+    loaded = load_cross_encoder(source.path, device, dtype)
+    log.info(
+        "rerank model %s ready: %s, max %d tokens per pair, %.1f s",
+        source.name, loaded.family, loaded.max_seq_length, time.monotonic() - started,
+    )
+    return BatchingRerankEngine(
+        loaded, source.name, batch_size=settings.embedding_batch_size,
+        batch_wait_ms=settings.embedding_batch_wait_ms, max_queued_pairs=settings.max_embedding_queue,
+    )
 
 
 def layer_split(settings: Settings, devices: list[torch.device]) -> LayerSplit | None:

@@ -8,6 +8,7 @@ from glm_api.config import Settings
 from glm_api.registry import ModelRegistry
 from glm_api.serving.chat import ChatService
 from glm_api.serving.embeddings import EmbeddingService
+from glm_api.serving.rerank import RerankService
 from glm_api.serving.tokenize import TokenizeService
 
 
@@ -17,10 +18,14 @@ class Services:
     chat: ChatService
     embeddings: EmbeddingService
     tokenize: TokenizeService
+    rerank: RerankService
 
     @classmethod
     def build(cls, registry: ModelRegistry, settings: Settings) -> "Services":
-        return cls(registry, ChatService(registry, settings), EmbeddingService(registry, settings), TokenizeService(registry))
+        return cls(
+            registry, ChatService(registry, settings), EmbeddingService(registry, settings), TokenizeService(registry),
+            RerankService(registry, settings),
+        )
 
 
 @dataclass

@@ -28,6 +28,7 @@ from glm_api.registry import PACKAGED_CHAT_NAME, PACKAGED_EMBEDDING_NAME, ModelR
 pytest_plugins = [
     "tests.fixtures.tiny_causal_lm",
     "tests.fixtures.tiny_encoders",
+    "tests.fixtures.tiny_cross_encoders",
     "tests.fixtures.chatglm3_tiny",
     "tests.fixtures.chatglm3_tools",
 ]

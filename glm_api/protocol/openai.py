@@ -390,7 +390,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "glm-api"
     # Ours, beside OpenAI's fields (the SDK keeps extras): what a client needs to size requests.
-    kind: Literal["chat", "embedding"]
+    kind: Literal["chat", "embedding", "rerank"]
     context_length: int | None = None
     dimensions: int | None = None
 

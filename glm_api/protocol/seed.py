@@ -117,7 +117,7 @@ class SeedTokenizeResponse(BaseModel):
 
 class SeedModelCard(BaseModel):
     id: str
-    object: Literal["embedding", "chat.completion"]
+    object: Literal["embedding", "chat.completion", "rerank"]
     created: int
     owned_by: str = "owner"
     root: str | None = None

@@ -34,6 +34,10 @@ def model_cards(registry: ModelRegistry) -> list[ModelCard]:
         )
         for name, e in registry.embeddings.items()
     ]
+    cards += [
+        ModelCard(id=name, created=registry.created, kind="rerank", context_length=e.max_seq_length)
+        for name, e in registry.rerankers.items()
+    ]
     return cards
 
 

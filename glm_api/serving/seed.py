@@ -140,6 +140,10 @@ def seed_models(registry: ModelRegistry) -> SeedModelList:
         SeedModelCard(id=name, object="embedding", created=registry.created, dimensions=engine.dimensions)
         for name, engine in registry.embeddings.items()
     ]
+    cards += [
+        SeedModelCard(id=name, object="rerank", created=registry.created, context_length=engine.max_seq_length)
+        for name, engine in registry.rerankers.items()
+    ]
     if registry.chat is not None:
         cards.append(
             SeedModelCard(

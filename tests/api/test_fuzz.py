@@ -48,9 +48,10 @@ STREAMED_BODIES = {
 
 
 @pytest.fixture(scope="module")
-def fuzz_app(tiny_llama_dir, tiny_bert_dir, tmp_path_factory):
+def fuzz_app(tiny_llama_dir, tiny_bert_dir, tiny_reranker_dir, tmp_path_factory):
     config = make_settings(
         chat_model=str(tiny_llama_dir), embedding_models={"tiny-bert": str(tiny_bert_dir)},
+        rerank_models={"tiny-reranker": str(tiny_reranker_dir)},
         cache_dir=tmp_path_factory.mktemp("cache"), device="cpu", default_max_tokens=4, max_tokens_limit=8, max_n=2,
         max_body_bytes=256 * 1024,
     )

@@ -444,6 +444,28 @@ def test_embedding_matrix_equals_the_api(tab, screenshot_dir):
     shoot(page, screenshot_dir, "embeddings")
 
 
+def test_rerank_view_ranks_as_the_api(tab, screenshot_dir):
+    # The packaged server has no cross-encoder: the tab offers the embedding model (cosine).
+    documents = ["Giant pandas live in the forests of China.", "Stock markets fell sharply today.",
+                 "Pandas eat bamboo.", "熊猫"]
+    query = "Where do pandas live?"
+    page = tab.open("rerank")
+    tab.wait_ready()
+    page.fill("#rerank-documents", "\n".join(documents) + "\n\n")  # blank lines are skipped
+    page.fill("#rerank-query", query)
+    page.click("#rerank")
+    page.wait_for_selector("#rerank-ranking li")
+
+    shown = page.evaluate(
+        "() => [...document.querySelectorAll('#rerank-ranking li')]"
+        ".map(li => [Number(li.dataset.index), Number(li.dataset.value)])"
+    )
+    api = httpx.post(f"{tab.server.url}/v1/rerank", json={"query": query, "documents": documents}, timeout=30).json()
+    assert shown == [[r["index"], pytest.approx(r["relevance_score"], abs=1e-9)] for r in api["results"]]
+    assert page.inner_text("#rerank-result [data-stat=tokens]") == f"{api['usage']['total_tokens']} tokens"
+    shoot(page, screenshot_dir, "rerank")
+
+
 def test_token_view_count_equals_tokenize(tab, screenshot_dir):
     page = tab.open("tokens")
     tab.wait_ready()

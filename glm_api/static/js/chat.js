@@ -76,7 +76,7 @@ export function initChat() {
 /** The chat models from /v1/models fill the picker (the saved choice kept when still loaded). */
 export function setChatModels(cards) {
   const select = $('#chat-model');
-  const names = cards.filter((c) => c.kind !== 'embedding').map((c) => c.id);
+  const names = cards.filter((c) => c.kind === 'chat').map((c) => c.id);
   select.replaceChildren(...names.map((name) => el('option', { value: name }, name)));
   if (names.includes(settings.model)) select.value = settings.model;
   select.disabled = names.length === 0;

@@ -2,10 +2,11 @@
 import * as api from './api.js';
 import { initChat, setChatModels } from './chat.js';
 import { initEmbeddings, setEmbeddingModels } from './embeddings.js';
+import { initRerank, setRerankModels } from './rerank.js';
 import { initTokens, setTokenModels } from './tokens.js';
 import { $, $$, showBanner, hideBanner } from './ui.js';
 
-const VIEWS = ['chat', 'embeddings', 'tokens'];
+const VIEWS = ['chat', 'embeddings', 'rerank', 'tokens'];
 
 function showView(name) {
   if (!VIEWS.includes(name)) name = 'chat';
@@ -107,8 +108,9 @@ async function loadModels() {
       const cards = list.data || [];
       setChatModels(cards);
       setEmbeddingModels(cards);
+      setRerankModels(cards);
       setTokenModels(cards);
-      const chat = cards.find((c) => c.kind !== 'embedding');
+      const chat = cards.find((c) => c.kind === 'chat');
       status.textContent = chat ? chat.id : 'embeddings only';
       status.dataset.state = 'ready';
       hideBanner();
@@ -147,6 +149,7 @@ function init() {
   initKeyDialog();
   initChat();
   initEmbeddings();
+  initRerank();
   initTokens();
   showView(location.hash.slice(1));
   window.addEventListener('hashchange', () => showView(location.hash.slice(1)));

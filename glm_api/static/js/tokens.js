@@ -15,6 +15,7 @@ export function initTokens() {
 }
 
 export function setTokenModels(list) {
+  list = list.filter((c) => c.kind !== 'rerank'); // /v1/tokenize serves chat and embedding models
   cards = list;
   const select = $('#token-model');
   const before = select.value;
