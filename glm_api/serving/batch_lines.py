@@ -46,9 +46,9 @@ def validation_message(exc: ValidationError) -> str:
     return f"{where}: {first.get('msg', 'invalid value')}{more}" if where else f"{first.get('msg')}{more}"
 
 
-def parse_line(number: int, text: str, endpoint: str) -> ParsedLine:
+def parse_line(number: int, text: str, endpoint: str | None) -> ParsedLine:
     """Check a line's envelope (custom_id, method, url); its body is checked when it runs,
-    by the same models as the interactive route's."""
+    by the same models as the interactive route's. ``endpoint`` None: any batch endpoint."""
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -59,12 +59,14 @@ def parse_line(number: int, text: str, endpoint: str) -> ParsedLine:
         line = BatchLine.model_validate(raw)
     except ValidationError as exc:
         return ParsedLine(number, custom_id, None, validation_message(exc))
-    if line.url != endpoint:
+    if endpoint is None and line.url not in BATCH_ENDPOINTS:
+        return ParsedLine(number, custom_id, None, f"url is {line.url!r}; one of {', '.join(BATCH_ENDPOINTS)}")
+    if endpoint is not None and line.url != endpoint:
         return ParsedLine(number, custom_id, None, f"url is {line.url!r}; this batch's endpoint is {endpoint!r}")
     return ParsedLine(number, line.custom_id, line.model_dump())
 
 
-def parse_lines(content: bytes, endpoint: str) -> list[ParsedLine]:
+def parse_lines(content: bytes, endpoint: str | None) -> list[ParsedLine]:
     """Every non-blank line of a batch file; a repeated custom_id is that later line's error."""
     seen: set[str] = set()
     parsed = []
