@@ -10,7 +10,8 @@ ENV PYTHONUNBUFFERED=1 \
     GLM_API_HOST=0.0.0.0 \
     GLM_API_PORT=8100 \
     GLM_API_MODEL_DIR=/app/model \
-    GLM_API_CACHE_DIR=/app/.cache/glm-api
+    GLM_API_CACHE_DIR=/app/.cache/glm-api \
+    GLM_API_DATA_DIR=/app/data
 
 WORKDIR /app
 COPY requirements.txt requirements-models.txt ./
@@ -21,6 +22,8 @@ COPY glm_api ./glm_api
 
 # Weights go in ./model/<name> on the host, mounted here (the seed's layout).
 VOLUME ["/app/model"]
+# The Batch API's database and files: a volume, so batches outlive the container.
+VOLUME ["/app/data"]
 EXPOSE 8100
 HEALTHCHECK --interval=30s --timeout=5s --start-period=300s \
     CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8100/health', timeout=4)"
