@@ -8,11 +8,13 @@ A batch's life (OpenAI's statuses)::
          |             '-> expired                      (its completion window passed)
          '-> failed                                     (no input to run)
 
-Interactive users come first: batch lines hold at most ``batch_max_running`` engine slots in
-all, and a chat line starts only while the chat engine has no request waiting for a slot
-(interactive or batch), so an interactive request never queues behind more than the lines
-already running. Everything the runner learns goes through the engines' public interface
-(``num_waiting``) and the serving layer, never into an engine's internals.
+Interactive users come first. A line starts only on idle capacity: while the chat engine has
+a free slot (nobody waits), up to ``max_running`` lines when nothing else runs, and no more
+than ``share`` chat lines while interactive requests are present. When a request waits for a
+slot while batch lines hold more than their share, the newest line is stopped (its engine
+request aborted; it stays pending and runs again first). Everything the runner learns comes
+from the engines' public interface (``num_running``, ``num_waiting``) and its own counts,
+never from an engine's internals.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import asyncio
 import json
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -51,26 +53,30 @@ class BatchLineStats:
     running: int = 0
     pending: int = 0
     retried: int = 0  # lines the engine refused for now (429 / unavailable), run again later
+    preempted: int = 0  # lines stopped to free a slot for an interactive request, run again later
 
 
 class BatchRunner:
     def __init__(
-        self, storage: Storage, services: Callable[[], Services | None], *, max_running: int, shutdown_grace: float = 0.0
+        self, storage: Storage, services: Callable[[], Services | None], *, max_running: int, share: int,
+        shutdown_grace: float = 0.0,
     ) -> None:
+        """``max_running``: lines of all batches at once while the engines are otherwise idle;
+        ``share``: chat lines kept while interactive requests are present."""
         self.storage = storage
         self._services = services
         self.max_running = max_running
+        self.share = share
         self.shutdown_grace = shutdown_grace
         self.stats = BatchLineStats()
         self._tasks: dict[str, asyncio.Task] = {}
         self._cancelled: set[str] = set()
-        self._slots: asyncio.Semaphore | None = None
+        self._chat_inflight = 0  # chat lines of all batches between start and end
         self._resume: asyncio.Task | None = None
         self._stopping = False
 
     async def start(self) -> None:
         """Resume what a previous run left unfinished (once the models are loaded)."""
-        self._slots = asyncio.Semaphore(self.max_running)
         self._resume = asyncio.create_task(self._resume_active())
 
     async def _resume_active(self) -> None:
@@ -150,33 +156,44 @@ class BatchRunner:
 
     async def _run_lines(self, record: dict) -> dict:
         batch_id = record["id"]
-        pending = await asyncio.to_thread(self.storage.pending_lines, batch_id)
-        self.stats.pending += len(pending)
+        queue = deque(await asyncio.to_thread(self.storage.pending_lines, batch_id))
+        total = len(queue)
+        self.stats.pending += total
         finished = [0]  # lines of this run recorded, for the pending gauge
-        running: set[asyncio.Task] = set()
+        running: dict[asyncio.Task, tuple] = {}
+        is_chat = record["endpoint"] != "/v1/embeddings"
+        expires_at = record.get("expires_at")
         expired = False
         try:
-            for line, custom_id, request in pending:
-                assert self._slots is not None
-                await self._slots.acquire()
-                if batch_id in self._cancelled or self._stopping:
-                    self._slots.release()
+            while queue or running:
+                expired = expires_at is not None and time.time() >= expires_at
+                if expired or batch_id in self._cancelled:
+                    break  # the lines still running are aborted below and stay pending
+                if self._stopping and not running:
                     break
-                if record.get("expires_at") is not None and time.time() >= record["expires_at"]:
-                    self._slots.release()
-                    expired = True
-                    break
-                task = asyncio.create_task(self._run_line(record, line, custom_id, json.loads(request), finished))
-                running.add(task)
-                task.add_done_callback(running.discard)
-            while running and batch_id not in self._cancelled and not expired:
-                await asyncio.wait(set(running), timeout=0.2, return_when=asyncio.FIRST_COMPLETED)
-                expired = record.get("expires_at") is not None and time.time() >= record["expires_at"]
+                if queue and not self._stopping and self._may_start(is_chat):
+                    item = queue.popleft()
+                    task = asyncio.create_task(self._run_line(record, *item, finished))
+                    running[task] = item
+                    self._count(is_chat, +1)  # counted now, so the next _may_start sees it
+                    task.add_done_callback(lambda _, chat=is_chat: self._count(chat, -1))
+                    continue
+                if is_chat and running and self._should_yield():
+                    newest = next(reversed(running))
+                    if not newest.done():
+                        newest.cancel()  # an interactive request waits: give it this line's slot
+                        self.stats.preempted += 1
+                await asyncio.wait(set(running) or {asyncio.ensure_future(asyncio.sleep(GATE_POLL_SECONDS))},
+                                   timeout=GATE_POLL_SECONDS, return_when=asyncio.FIRST_COMPLETED)
+                for task in [t for t in running if t.done()]:
+                    item = running.pop(task)
+                    if task.cancelled():
+                        queue.appendleft(item)  # preempted: it runs again, first
         finally:
             for task in list(running):
                 task.cancel()
             await asyncio.gather(*running, return_exceptions=True)
-            self.stats.pending -= len(pending) - finished[0]
+            self.stats.pending -= total - finished[0]  # what stays pending leaves the gauge with this run
         if self._stopping:
             return record
         if batch_id in self._cancelled:
@@ -186,37 +203,57 @@ class BatchRunner:
             return await asyncio.to_thread(self.storage.get_batch, batch_id)
         return await self._set(batch_id, ("in_progress",), status="finalizing", finalizing_at=_now())
 
-    async def _run_line(self, record: dict, line: int, custom_id: str | None, request: dict, finished: list[int]) -> None:
-        assert self._slots is not None
+    def _chat_load(self) -> tuple[int, int]:
+        """(requests waiting for a chat slot, chat requests that are not this runner's)."""
+        services = self._services()
+        chat = services.registry.chat if services is not None else None
+        if chat is None:
+            return 0, 0
+        waiting = chat.num_waiting
+        return waiting, max(0, chat.num_running + waiting - self._chat_inflight)
+
+    def _may_start(self, is_chat: bool) -> bool:
+        """Idle capacity only: a free slot (nobody waits), and with interactive requests present
+        no more than the batch share."""
+        if self.stats.running >= self.max_running:
+            return False
+        if not is_chat:
+            return True
+        waiting, others = self._chat_load()
+        return waiting == 0 and (others == 0 or self._chat_inflight < self.share)
+
+    def _should_yield(self) -> bool:
+        """Someone waits for a chat slot while batch lines hold more than their share."""
+        waiting, others = self._chat_load()
+        return waiting > 0 and others > 0 and self._chat_inflight > self.share
+
+    def _count(self, is_chat: bool, step: int) -> None:
+        self.stats.running += step
+        self._chat_inflight += step if is_chat else 0
+
+    async def _run_line(self, record: dict, line: int, custom_id: str | None, request: str, finished: list[int]) -> None:
         services = self._services()
         request_id = f"{record['id']}-{line}"
-        self.stats.running += 1
-        try:
-            while True:
-                if record["endpoint"] != "/v1/embeddings" and services.registry.chat is not None:
-                    while services.registry.chat.num_waiting > 0:  # someone waits for a slot: let them have it
-                        await asyncio.sleep(GATE_POLL_SECONDS)
-                try:
-                    body = await execute(services, record["endpoint"], request["body"], request_id)
-                except RetryLater:
-                    self.stats.retried += 1
-                    await asyncio.sleep(RETRY_SECONDS)
-                    continue
-                except APIError as exc:
-                    state, result = FAILED, error_line(line, custom_id, exc, request_id)
-                except Exception:  # a bug, not the line's fault: the line says so, the rest run
-                    log.exception("batch %s line %d", record["id"], line)
-                    state, result = FAILED, error_line(line, custom_id, InternalError("internal error"), request_id)
-                else:
-                    state, result = COMPLETED, output_line(custom_id, request_id, body)
-                break
-            if await asyncio.to_thread(self.storage.finish_line, record["id"], line, state, result):
-                self.stats.finished[state] += 1
-                self.stats.pending -= 1
-                finished[0] += 1
-        finally:
-            self.stats.running -= 1
-            self._slots.release()
+        body = json.loads(request)["body"]
+        while True:
+            try:
+                answer = await execute(services, record["endpoint"], body, request_id)
+            except RetryLater:
+                self.stats.retried += 1
+                await asyncio.sleep(RETRY_SECONDS)
+                continue
+            except APIError as exc:
+                state, result = FAILED, error_line(line, custom_id, exc, request_id)
+            except Exception:  # a bug, not the line's fault: the line says so, the rest run
+                log.exception("batch %s line %d", record["id"], line)
+                state, result = FAILED, error_line(line, custom_id, InternalError("internal error"), request_id)
+            else:
+                state, result = COMPLETED, output_line(custom_id, request_id, answer)
+            break
+        if await asyncio.to_thread(self.storage.finish_line, record["id"], line, state, result):
+            self.stats.finished[state] += 1
+            self.stats.pending -= 1
+            finished[0] += 1
 
     def _expire(self, record: dict) -> None:
         """Lines not run in the window go to the error file as ``batch_expired`` (as OpenAI's do)."""
@@ -224,8 +261,8 @@ class BatchRunner:
             error = APIError("this line was not run before the batch expired", code="batch_expired")
             if self.storage.finish_line(record["id"], line, FAILED, error_line(line, custom_id, error)):
                 self.stats.finished[FAILED] += 1
-        self.storage.update_batch(record["id"], ("in_progress",), status="expired", expired_at=_now())
-        self._write_files(record["id"], record)
+        fields = self._write_files(record["id"], record)  # the files first: "expired" means they are there
+        self.storage.update_batch(record["id"], ("in_progress",), status="expired", expired_at=_now(), **fields)
 
     def _finalize(self, record: dict) -> None:
         """Write the output and error files (again, if a crash cut it short: same file ids)."""
@@ -249,8 +286,6 @@ class BatchRunner:
                 owner, "batch_output", f"{batch_id}_{name}.jsonl", content, file_id=f"file-{name}-{suffix}"
             )
             fields[key] = stored.id
-        if fields:
-            self.storage.update_batch(batch_id, None, **fields)
         return fields
 
     async def _set(self, batch_id: str, only_from: tuple[str, ...], **fields) -> dict:

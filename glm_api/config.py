@@ -114,7 +114,8 @@ class Settings(BaseSettings):
     )
     batch_max_lines: int = Field(50_000, ge=1, description="most lines of one batch input file")
     batch_max_running: int | None = Field(
-        None, ge=1, description="engine slots batch lines may hold in all (default: half of max_running)"
+        None, ge=1,
+        description="chat slots batch lines keep while interactive requests are present (default: a quarter of max_running)",
     )
 
     # The web playground at / (glm_api/static): a browser client of the /v1 API.
@@ -135,8 +136,8 @@ class Settings(BaseSettings):
         return self
 
     def batch_slots(self) -> int:
-        """Lines of all batches run at once: a bounded share, so interactive requests find slots."""
-        return self.batch_max_running or max(1, self.max_running // 2)
+        """Chat lines of all batches kept while interactive requests are present (idle: max_running)."""
+        return self.batch_max_running or max(1, self.max_running // 4)
 
     def all_api_keys(self) -> list[str]:
         """Keys from the settings plus one per line of ``api_key_file`` (blank lines and # comments skipped)."""

@@ -113,13 +113,17 @@ class BatchCollector(Collector):
         retried = CounterMetricFamily(
             f"{PREFIX}_batch_lines_retried", "Batch line attempts the engine refused for now (queue full), run again later"
         )
+        preempted = CounterMetricFamily(
+            f"{PREFIX}_batch_lines_preempted", "Batch lines stopped to free a slot for an interactive request, run again later"
+        )
         running, pending = (stats.running, stats.pending) if stats is not None else (0, 0)
         now.add_metric(["running"], running)
         now.add_metric(["pending"], max(0, pending - running))
         for state in ("completed", "failed"):
             done.add_metric([state], stats.finished[state] if stats is not None else 0)
         retried.add_metric([], stats.retried if stats is not None else 0)
-        yield from (now, done, retried)
+        preempted.add_metric([], stats.preempted if stats is not None else 0)
+        yield from (now, done, retried, preempted)
 
 
 def _chat_replica_families(chat, rejected: CounterMetricFamily) -> Iterator[Metric]:

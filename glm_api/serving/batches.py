@@ -56,7 +56,7 @@ class BatchStore:
             if self.storage is None or self.runner is None:
                 storage = await asyncio.to_thread(Storage, self.settings.data_dir)
                 runner = BatchRunner(
-                    storage, self._services, max_running=self.settings.batch_slots(),
+                    storage, self._services, max_running=self.settings.max_running, share=self.settings.batch_slots(),
                     shutdown_grace=self.settings.shutdown_grace_seconds,
                 )
                 await runner.start()
