@@ -16,9 +16,10 @@ from glm_api.error_handlers import install_error_handlers
 from glm_api.metrics import Metrics
 from glm_api.middleware import RequestContextMiddleware
 from glm_api.openapi import openapi_schema
+from glm_api.serving.batches import BatchStore
 from glm_api.security import ApiKeyMiddleware, BodyLimitMiddleware
 from glm_api.registry import ModelRegistry, ModelSources, build_registry
-from glm_api.routers import openai, ops, playground, rerank, seed
+from glm_api.routers import batch, openai, ops, playground, rerank, seed
 from glm_api.state import AppState, Services
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ def create_app(
     models from ``settings`` in the background (``/ready`` is 503 until then) and calls
     ``on_fatal`` with the reason if loading fails."""
     state = AppState(settings=settings)
+    state.batches = BatchStore(settings, lambda: state.services)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -44,21 +46,30 @@ def create_app(
             state.services = Services.build(registry, settings)
         else:
             loader = asyncio.create_task(_load(state, sources, on_fatal))
+        await state.batches.start()  # resumes the batches a previous run left unfinished
         try:
             yield
         finally:
             if loader is not None and not loader.done():
                 loader.cancel()
+            await state.batches.stop()
             if state.services is not None:
                 await asyncio.to_thread(state.services.registry.stop)
 
     app = FastAPI(title="glm-api", version=__version__, lifespan=lifespan)
     app.state.glm = state
     # This app's own Prometheus registry: nothing shared between apps (or tests).
-    app.state.metrics = Metrics(lambda: state.services.registry if state.services is not None else None)
+    app.state.metrics = Metrics(
+        lambda: state.services.registry if state.services is not None else None,
+        batch_stats=lambda: state.batches.runner.stats if state.batches.runner is not None else None,
+    )
     # Starlette runs the last added outermost: request id and access log, then CORS (so
     # preflights need no key), then the key check, then the body limit, then the routes.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # File uploads may be larger than other bodies (the multipart framing on top of the file).
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
+        path_limits={"/v1/files": settings.batch_max_file_bytes + 64 * 1024},
+    )
     app.add_middleware(
         ApiKeyMiddleware, keys=settings.all_api_keys(),
         open_paths=playground.PUBLIC_PATHS if settings.playground else (),
@@ -69,7 +80,7 @@ def create_app(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_credentials=settings.cors_allow_credentials,
-            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type", "api-key", "x-request-id"],
             expose_headers=["x-request-id", "Retry-After"],
         )
@@ -78,6 +89,7 @@ def create_app(
     app.include_router(seed.router)
     app.include_router(openai.router)
     app.include_router(rerank.router)
+    app.include_router(batch.router)
     app.include_router(ops.router)
     if settings.playground:
         playground.install(app)  # the page at / and its files; a client of /v1 like any other

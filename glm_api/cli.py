@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, help="larger request bodies get 413 (default 4 MiB)")
     p.add_argument("--shutdown-grace-seconds", type=float,
                    help="on SIGTERM, time running requests get to finish (default 30)")
+    p.add_argument("--data-dir", metavar="DIR", help="where the Batch API keeps its database and files (default .data/glm-api)")
+    p.add_argument("--batch-max-file-bytes", type=int, help="largest file /v1/files takes (default 100 MiB)")
+    p.add_argument("--batch-max-lines", type=int, help="most lines of one batch input file (default 50000)")
+    p.add_argument("--batch-max-running", type=int,
+                   help="chat slots batch lines keep while interactive requests are present; idle, they use up to "
+                   "--max-running (default: a quarter of --max-running)")
     p.add_argument("--no-playground", action="store_false", default=None, dest="playground",
                    help="do not serve the web playground at / (GLM_API_PLAYGROUND=false does the same)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])

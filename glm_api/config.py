@@ -115,6 +115,17 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
     shutdown_grace_seconds: float = Field(30.0, ge=0, description="time running streams get to finish on SIGTERM")
 
+    # The Batch API (/v1/files, /v1/batches): what it stores lives under data_dir.
+    data_dir: Path = Field(Path(".data/glm-api"), description="the Batch API's database and files")
+    batch_max_file_bytes: int = Field(
+        100 * 1024 * 1024, ge=1, description="largest file /v1/files takes (its uploads may exceed max_body_bytes)"
+    )
+    batch_max_lines: int = Field(50_000, ge=1, description="most lines of one batch input file")
+    batch_max_running: int | None = Field(
+        None, ge=1,
+        description="chat slots batch lines keep while interactive requests are present (default: a quarter of max_running)",
+    )
+
     # The web playground at / (glm_api/static): a browser client of the /v1 API.
     playground: bool = True
 
@@ -131,6 +142,10 @@ class Settings(BaseSettings):
         if self.cors_allow_credentials and "*" in self.cors_origins:
             raise ValueError("CORS: origin '*' together with credentials would let any site act as the user; list the origins")
         return self
+
+    def batch_slots(self) -> int:
+        """Chat lines of all batches kept while interactive requests are present (idle: max_running)."""
+        return self.batch_max_running or max(1, self.max_running // 4)
 
     def all_api_keys(self) -> list[str]:
         """Keys from the settings plus one per line of ``api_key_file`` (blank lines and # comments skipped)."""

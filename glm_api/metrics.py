@@ -12,6 +12,7 @@ engine), and ``glm_api_chat_replica_up{replica, device}`` says which replicas se
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -28,7 +29,11 @@ UNMATCHED_ROUTE = "<unmatched>"  # 404s: one label value, whatever path was aske
 
 
 class Metrics:
-    def __init__(self, registry_getter: Callable[[], ModelRegistry | None]) -> None:
+    def __init__(
+        self, registry_getter: Callable[[], ModelRegistry | None], batch_stats: Callable[[], Any] | None = None
+    ) -> None:
+        """``batch_stats``: the batch runner's :class:`glm_api.batch_runner.BatchLineStats`, or None
+        before the Batch API is first used."""
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             f"{PREFIX}_http_requests", "HTTP requests by method, route template and status code",
@@ -39,6 +44,8 @@ class Metrics:
             ["route"], buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=self.registry,
         )
         self.registry.register(EngineCollector(registry_getter))
+        if batch_stats is not None:
+            self.registry.register(BatchCollector(batch_stats))
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(method, route, str(status)).inc()
@@ -51,7 +58,11 @@ class Metrics:
 class EngineCollector(Collector):
     """Reads the loaded engines' counters on each scrape (nothing while models load)."""
 
-    def __init__(self, registry_getter: Callable[[], ModelRegistry | None]) -> None:
+    def __init__(
+        self, registry_getter: Callable[[], ModelRegistry | None], batch_stats: Callable[[], Any] | None = None
+    ) -> None:
+        """``batch_stats``: the batch runner's :class:`glm_api.batch_runner.BatchLineStats`, or None
+        before the Batch API is first used."""
         self._registry = registry_getter
 
     def describe(self) -> list[Metric]:
@@ -101,6 +112,37 @@ def _rerank_families(rerankers: dict, rejected: CounterMetricFamily) -> Iterator
             _add_histogram(sizes, [name], stats.batch_size)
             rejected.add_metric(["rerank", name], stats.rejected)
     yield from [waiting, pairs, batches, sizes]
+
+
+class BatchCollector(Collector):
+    """Batch API lines by state: running and pending now, completed and failed so far."""
+
+    def __init__(self, stats_getter: Callable[[], Any]) -> None:
+        self._stats = stats_getter
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        now = GaugeMetricFamily(f"{PREFIX}_batch_lines", "Batch lines running or waiting to run now", labels=["state"])
+        done = CounterMetricFamily(
+            f"{PREFIX}_batch_lines_finished", "Batch lines finished since start, by outcome", labels=["state"]
+        )
+        retried = CounterMetricFamily(
+            f"{PREFIX}_batch_lines_retried", "Batch line attempts the engine refused for now (queue full), run again later"
+        )
+        preempted = CounterMetricFamily(
+            f"{PREFIX}_batch_lines_preempted", "Batch lines stopped to free a slot for an interactive request, run again later"
+        )
+        running, pending = (stats.running, stats.pending) if stats is not None else (0, 0)
+        now.add_metric(["running"], running)
+        now.add_metric(["pending"], max(0, pending - running))
+        for state in ("completed", "failed"):
+            done.add_metric([state], stats.finished[state] if stats is not None else 0)
+        retried.add_metric([], stats.retried if stats is not None else 0)
+        preempted.add_metric([], stats.preempted if stats is not None else 0)
+        yield from (now, done, retried, preempted)
 
 
 def _chat_replica_families(chat, rejected: CounterMetricFamily) -> Iterator[Metric]:

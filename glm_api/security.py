@@ -69,21 +69,31 @@ def _bearer(value: bytes) -> bytes:
     return token.strip() if scheme.lower() == b"bearer" else b""
 
 
+def request_api_key(scope: Scope) -> str | None:
+    """The key a request presented (checked by :class:`ApiKeyMiddleware` when keys are on)."""
+    headers = dict(scope.get("headers") or [])
+    given = _bearer(headers.get(b"authorization", b"")) or headers.get(b"api-key", b"").strip()
+    return given.decode("latin-1") if given else None
+
+
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, path_limits: dict[str, int] | None = None) -> None:
+        """``path_limits``: other limits for exact paths (file uploads)."""
         self.app = app
         self.max_bytes = max_bytes
+        self.path_limits = path_limits or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.path_limits.get(scope.get("path", ""), self.max_bytes)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and not declared.isdigit():
             await send_error(send, BadRequestError("the Content-Length header is not a number"))
             return
-        if declared is not None and int(declared) > self.max_bytes:
-            await send_error(send, self._too_large())
+        if declared is not None and int(declared) > limit:
+            await send_error(send, self._too_large(limit))
             return
 
         # Read the body here, bounded, then replay it: the app never sees more than the limit.
@@ -94,8 +104,8 @@ class BodyLimitMiddleware:
             if message["type"] != "http.request":
                 return  # the client left before sending everything: nobody to answer
             size += len(message.get("body", b""))
-            if size > self.max_bytes:
-                await send_error(send, self._too_large())
+            if size > limit:
+                await send_error(send, self._too_large(limit))
                 return
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
@@ -112,5 +122,5 @@ class BodyLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    def _too_large(self) -> PayloadTooLargeError:
-        return PayloadTooLargeError(f"the request body is larger than {self.max_bytes} bytes")
+    def _too_large(self, limit: int) -> PayloadTooLargeError:
+        return PayloadTooLargeError(f"the request body is larger than {limit} bytes")

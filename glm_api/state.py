@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from glm_api.config import Settings
 from glm_api.registry import ModelRegistry
@@ -10,6 +11,9 @@ from glm_api.serving.chat import ChatService
 from glm_api.serving.embeddings import EmbeddingService
 from glm_api.serving.rerank import RerankService
 from glm_api.serving.tokenize import TokenizeService
+
+if TYPE_CHECKING:
+    from glm_api.serving.batches import BatchStore
 
 
 @dataclass
@@ -33,3 +37,4 @@ class AppState:
     settings: Settings
     services: Services | None = None  # None while the models are loading
     load_error: str | None = None
+    batches: BatchStore | None = None  # the Batch API's files, batches and runner
