@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic.fields import FieldInfo
 
 #: Far above any context we serve; larger values are a client bug, answered with a 400.
 MAX_TOKENS_LIMIT = 1_000_000
+
+
+def stated(**keywords: Any) -> FieldInfo:
+    """JSON Schema keywords for the spec, beside a rule that a validator or serving enforces
+    (``Annotated[list[str], stated(minItems=1)]``): validation is unchanged, and the spec says
+    what the server refuses, so a client (or a fuzzer) generated from it sends what is served."""
+    return Field(json_schema_extra=keywords)
+
+
+#: A token id as the spec states it: never negative (the upper bound is the model's vocabulary,
+#: which the served spec adds: ``glm_api.openapi``).
+TOKEN_ID_SCHEMA: dict[str, Any] = {"type": "integer", "minimum": 0}
 
 
 def _check_stop(value: str | list[str] | None) -> list[str]:
@@ -21,7 +34,10 @@ def _check_stop(value: str | list[str] | None) -> list[str]:
     return stops
 
 
-Stop = Annotated[str | list[str] | None, AfterValidator(_check_stop)]
+Stop = Annotated[
+    Annotated[str, stated(minLength=1)] | Annotated[list[Annotated[str, stated(minLength=1)]], stated(maxItems=16)] | None,
+    AfterValidator(_check_stop),
+]
 
 
 class Usage(BaseModel):

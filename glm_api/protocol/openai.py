@@ -12,15 +12,43 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from glm_api.protocol.common import MaxTokens, RepetitionPenalty, Stop, Temperature, TopP, Usage, WireModel
+from glm_api.protocol.common import (
+    TOKEN_ID_SCHEMA,
+    MaxTokens,
+    RepetitionPenalty,
+    Stop,
+    Temperature,
+    TopP,
+    Usage,
+    WireModel,
+    stated,
+)
 
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 #: Token ids are never negative; the upper bound is the model's vocabulary, checked in serving.
-TokenIds = list[int]
+TokenIds = list[Annotated[int, stated(**TOKEN_ID_SCHEMA)]]
+
+
+def texts_or_token_arrays(min_text_length: int = 0) -> Any:
+    """The type of a prompt or input, with the shape rules of ``_texts_or_token_arrays`` stated
+    for the spec: no empty list, no empty token array, no negative id (and, for completions,
+    no empty text: it leaves nothing to continue)."""
+    text = Annotated[str, stated(minLength=min_text_length)] if min_text_length else str
+    ids = Annotated[TokenIds, stated(minItems=1)]
+    return text | Annotated[list[text], stated(minItems=1)] | ids | Annotated[list[ids], stated(minItems=1)]
+
+
+#: Logit bias and logprobs are refused unless empty or off: the spec says so.
+NO_LOGIT_BIAS = stated(anyOf=[{"type": "object", "maxProperties": 0}, {"type": "null"}])
+
+
+def _is_id(value: Any) -> bool:
+    # A JSON integer: 7 or 7.0 (JSON Schema counts both, as the spec's clients do), never true.
+    return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float) and value.is_integer())
 
 
 def _is_ids(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
+    return isinstance(value, list) and all(_is_id(i) for i in value)
 
 
 def _texts_or_token_arrays(value: Any, name: str) -> Any:
@@ -67,12 +95,35 @@ class ToolCallIn(WireModel):
     function: FunctionCall
 
 
+#: The only content part this server reads (``_text_parts_only``).
+TEXT_PART_SCHEMA = {
+    "type": "object",
+    "required": ["type", "text"],
+    "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+}
+#: Roles whose content is required (not null), as serving.messages checks them (OpenAI's rule).
+CONTENT_REQUIRED_ROLES = ("system", "developer", "user", "tool")
+
+
+def _content_rule(schema: dict[str, Any]) -> None:
+    """The spec states serving's content rule: content is required for these roles; an
+    assistant message needs content or tool_calls; a (deprecated) function result may be null."""
+    has_content = {"required": ["content"], "properties": {"content": {"type": ["string", "array"]}}}
+    schema["anyOf"] = [
+        {**has_content, "properties": {**has_content["properties"], "role": {"enum": [*CONTENT_REQUIRED_ROLES, "assistant"]}}},
+        {"required": ["tool_calls"], "properties": {"role": {"const": "assistant"}, "tool_calls": {"type": "array", "minItems": 1}}},
+        {"properties": {"role": {"const": "function"}}},
+    ]
+
+
 class ChatMessageIn(WireModel):
+    model_config = ConfigDict(json_schema_extra=_content_rule)
+
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     #: A string, or a list of ``{"type": "text", "text": ...}`` parts (joined with newlines).
     #: None only where OpenAI allows it (an assistant's tool calls): serving refuses the rest,
     #: naming ``messages[i].content``.
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[Annotated[dict[str, Any], stated(**TEXT_PART_SCHEMA)]] | None = None
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
@@ -175,7 +226,7 @@ class SamplingRequest(WireModel):
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     user: str | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: Annotated[dict[str, float] | None, NO_LOGIT_BIAS] = None
     # Not OpenAI, accepted as extras (vLLM does the same).
     top_k: int | None = Field(None, ge=0)
     repetition_penalty: RepetitionPenalty | None = None
@@ -194,8 +245,8 @@ class ChatCompletionRequest(SamplingRequest):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None  # accepted; calls come back as the model writes them
     response_format: ResponseFormat | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
+    logprobs: Annotated[bool | None, stated(anyOf=[{"const": False}, {"type": "null"}])] = None
+    top_logprobs: Annotated[int | None, stated(anyOf=[{"type": "null"}])] = None
 
     @field_validator("logprobs", "top_logprobs")
     @classmethod
@@ -294,11 +345,11 @@ class ChatCompletionChunk(BaseModel):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | TokenIds | list[TokenIds]
+    prompt: texts_or_token_arrays(min_text_length=1)  # type: ignore[valid-type]
     echo: bool | None = False
-    suffix: str | None = None
+    suffix: Annotated[str | None, stated(anyOf=[{"type": "string", "maxLength": 0}, {"type": "null"}])] = None
     best_of: int | None = Field(None, ge=1)
-    logprobs: int | None = None
+    logprobs: Annotated[int | None, stated(anyOf=[{"type": "null"}])] = None
     response_format: ResponseFormat | None = None  # an extension: OpenAI's completions have none
 
     @field_validator("prompt", mode="before")
@@ -348,7 +399,7 @@ class Completion(BaseModel):
 
 class EmbeddingRequest(WireModel):
     model: str | None = None
-    input: str | list[str] | TokenIds | list[TokenIds]
+    input: texts_or_token_arrays()  # type: ignore[valid-type]
     encoding_format: Literal["float", "base64"] | None = "float"
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
