@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict
+from pydantic_core import PydanticCustomError
 from pydantic.fields import FieldInfo
 
 #: Far above any context we serve; larger values are a client bug, answered with a 400.
@@ -53,6 +54,25 @@ class WireModel(BaseModel):
     than failing a range check with a confusing message."""
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+
+class JsonWireModel(WireModel):
+    """A request of the OpenAI API: JSON's types as they are, as OpenAI takes them. A boolean is
+    ``true`` or ``false`` (not ``0`` or ``"true"``), a number or an integer is not a string,
+    so the server accepts what its spec says and refuses the rest. (The seed's models keep
+    pydantic's coercions: its clients may rely on them.)"""
+
+    model_config = ConfigDict(strict=True)
+
+
+def _json_integer(value: Any) -> Any:
+    if isinstance(value, (bool, str)):
+        raise PydanticCustomError("int_type", "Input should be a valid integer")
+    return value
+
+
+#: An integer as JSON (and so the spec) counts one: ``7`` or ``7.0``, never ``true`` or ``"7"``.
+JsonInt = Annotated[int, Strict(False), BeforeValidator(_json_integer)]
 
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]

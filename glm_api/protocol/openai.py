@@ -13,20 +13,22 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from glm_api.protocol.common import (
+    MAX_TOKENS_LIMIT,
     TOKEN_ID_SCHEMA,
-    MaxTokens,
+    JsonInt,
+    JsonWireModel,
     RepetitionPenalty,
     Stop,
     Temperature,
     TopP,
     Usage,
-    WireModel,
     stated,
 )
 
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 #: Token ids are never negative; the upper bound is the model's vocabulary, checked in serving.
-TokenIds = list[Annotated[int, stated(**TOKEN_ID_SCHEMA)]]
+TokenIds = list[Annotated[JsonInt, stated(**TOKEN_ID_SCHEMA)]]
+MaxTokens = Annotated[JsonInt, Field(ge=1, le=MAX_TOKENS_LIMIT)]
 
 
 def texts_or_token_arrays(min_text_length: int = 0) -> Any:
@@ -84,12 +86,12 @@ def _refuse_logit_bias(value: dict | None) -> dict | None:
 # Chat completions: request
 
 
-class FunctionCall(WireModel):
+class FunctionCall(JsonWireModel):
     name: str
     arguments: str = "{}"
 
 
-class ToolCallIn(WireModel):
+class ToolCallIn(JsonWireModel):
     id: str = ""
     type: Literal["function"] = "function"
     function: FunctionCall
@@ -116,7 +118,7 @@ def _content_rule(schema: dict[str, Any]) -> None:
     ]
 
 
-class ChatMessageIn(WireModel):
+class ChatMessageIn(JsonWireModel):
     model_config = ConfigDict(json_schema_extra=_content_rule)
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
@@ -148,28 +150,28 @@ class ChatMessageIn(WireModel):
         return "\n".join(part["text"] for part in self.content)
 
 
-class FunctionDef(WireModel):
+class FunctionDef(JsonWireModel):
     name: str = Field(min_length=1, max_length=64)
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class ToolDef(WireModel):
+class ToolDef(JsonWireModel):
     type: Literal["function"] = "function"
     function: FunctionDef
 
 
-class NamedFunction(WireModel):
+class NamedFunction(JsonWireModel):
     name: str
 
 
-class NamedToolChoice(WireModel):
+class NamedToolChoice(JsonWireModel):
     type: Literal["function"] = "function"
     function: NamedFunction
 
 
-class JsonSchemaFormat(WireModel):
+class JsonSchemaFormat(JsonWireModel):
     name: str = Field(max_length=64)
     description: str | None = None
     schema_: dict[str, Any] | bool = Field(default_factory=dict, alias="schema")
@@ -178,7 +180,21 @@ class JsonSchemaFormat(WireModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False, populate_by_name=True)
 
 
-class ResponseFormat(WireModel):
+def _json_schema_given(schema: dict[str, Any]) -> None:
+    """The spec states ``_schema_given``, and ``structured._schema_text``: a schema that is an
+    object (or true)."""
+    schema["anyOf"] = [
+        {"properties": {"type": {"enum": ["text", "json_object"]}}},
+        {
+            "required": ["json_schema"],
+            "properties": {"json_schema": {"type": "object", "properties": {"schema": {"anyOf": [{"type": "object"}, {"const": True}]}}}},
+        },
+    ]
+
+
+class ResponseFormat(JsonWireModel):
+    model_config = ConfigDict(json_schema_extra=_json_schema_given)
+
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -189,7 +205,16 @@ class ResponseFormat(WireModel):
         return self
 
 
-class StructuredOutputs(WireModel):
+def _exactly_one_kind(schema: dict[str, Any]) -> None:
+    """The spec states ``_exactly_one``."""
+    kinds = ("json", "regex", "choice", "grammar")
+    schema["oneOf"] = [
+        {"required": [kind], "properties": {kind: {"not": {"type": "null"}}, **{k: {"type": "null"} for k in kinds if k != kind}}}
+        for kind in kinds
+    ]
+
+
+class StructuredOutputs(JsonWireModel):
     """vLLM's structured-output extras: one of them, as the output's grammar."""
 
     json_: dict[str, Any] | str | None = Field(None, alias="json")
@@ -197,7 +222,7 @@ class StructuredOutputs(WireModel):
     choice: list[str] | None = Field(None, min_length=1)
     grammar: str | None = None
 
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False, populate_by_name=True)
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, populate_by_name=True, json_schema_extra=_exactly_one_kind)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "StructuredOutputs":
@@ -207,11 +232,11 @@ class StructuredOutputs(WireModel):
         return self
 
 
-class StreamOptions(WireModel):
+class StreamOptions(JsonWireModel):
     include_usage: bool | None = False
 
 
-class SamplingRequest(WireModel):
+class SamplingRequest(JsonWireModel):
     """The fields chat and legacy completions share; both translate them the same way."""
 
     model: str | None = None
@@ -220,15 +245,15 @@ class SamplingRequest(WireModel):
     max_tokens: MaxTokens | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
-    n: int | None = Field(None, ge=1)  # the upper bound is settings.max_n, checked in serving
+    n: JsonInt | None = Field(None, ge=1)  # the upper bound is settings.max_n, checked in serving
     stop: Stop = None
-    seed: int | None = None
+    seed: JsonInt | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     user: str | None = None
     logit_bias: Annotated[dict[str, float] | None, NO_LOGIT_BIAS] = None
     # Not OpenAI, accepted as extras (vLLM does the same).
-    top_k: int | None = Field(None, ge=0)
+    top_k: JsonInt | None = Field(None, ge=0)
     repetition_penalty: RepetitionPenalty | None = None
     structured_outputs: StructuredOutputs | None = None
 
@@ -238,7 +263,34 @@ class SamplingRequest(WireModel):
         return _refuse_logit_bias(value)
 
 
+#: Serving's rule (``structured.output_constraint``): one grammar per request.
+_ONE_GRAMMAR = {"anyOf": [
+    {"properties": {"response_format": {"anyOf": [{"type": "null"}, {"properties": {"type": {"const": "text"}}}]}}},
+    {"properties": {"structured_outputs": {"type": "null"}}},
+]}
+
+
+def _one_grammar(schema: dict[str, Any]) -> None:
+    schema.setdefault("allOf", []).append(_ONE_GRAMMAR)
+
+
+def _chat_rules(schema: dict[str, Any]) -> None:
+    """The spec states serving's rules across fields: one grammar, and a forced tool call
+    (tools with ``tool_choice`` required or named) is that grammar, so nothing else asks for one."""
+    _one_grammar(schema)
+    schema["allOf"].append({"anyOf": [
+        {"properties": {"tools": {"anyOf": [{"type": "null"}, {"type": "array", "maxItems": 0}]}}},
+        {"properties": {"tool_choice": {"enum": ["none", "auto", None]}}},
+        {"properties": {
+            "response_format": {"anyOf": [{"type": "null"}, {"properties": {"type": {"const": "text"}}}]},
+            "structured_outputs": {"type": "null"},
+        }},
+    ]})
+
+
 class ChatCompletionRequest(SamplingRequest):
+    model_config = ConfigDict(json_schema_extra=_chat_rules)
+
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: MaxTokens | None = None
     tools: list[ToolDef] | None = None
@@ -246,7 +298,7 @@ class ChatCompletionRequest(SamplingRequest):
     parallel_tool_calls: bool | None = None  # accepted; calls come back as the model writes them
     response_format: ResponseFormat | None = None
     logprobs: Annotated[bool | None, stated(anyOf=[{"const": False}, {"type": "null"}])] = None
-    top_logprobs: Annotated[int | None, stated(anyOf=[{"type": "null"}])] = None
+    top_logprobs: Annotated[JsonInt | None, stated(anyOf=[{"type": "null"}])] = None
 
     @field_validator("logprobs", "top_logprobs")
     @classmethod
@@ -345,11 +397,13 @@ class ChatCompletionChunk(BaseModel):
 
 
 class CompletionRequest(SamplingRequest):
+    model_config = ConfigDict(json_schema_extra=_one_grammar)
+
     prompt: texts_or_token_arrays(min_text_length=1)  # type: ignore[valid-type]
     echo: bool | None = False
     suffix: Annotated[str | None, stated(anyOf=[{"type": "string", "maxLength": 0}, {"type": "null"}])] = None
-    best_of: int | None = Field(None, ge=1)
-    logprobs: Annotated[int | None, stated(anyOf=[{"type": "null"}])] = None
+    best_of: JsonInt | None = Field(None, ge=1)
+    logprobs: Annotated[JsonInt | None, stated(anyOf=[{"type": "null"}])] = None
     response_format: ResponseFormat | None = None  # an extension: OpenAI's completions have none
 
     @field_validator("prompt", mode="before")
@@ -397,11 +451,11 @@ class Completion(BaseModel):
 # Embeddings
 
 
-class EmbeddingRequest(WireModel):
+class EmbeddingRequest(JsonWireModel):
     model: str | None = None
     input: texts_or_token_arrays()  # type: ignore[valid-type]
     encoding_format: Literal["float", "base64"] | None = "float"
-    dimensions: int | None = Field(None, ge=1)
+    dimensions: JsonInt | None = Field(None, ge=1)
     user: str | None = None
     # Extras: the seed's normalize, and truncation instead of a 400 for over-long inputs.
     truncate: bool = False

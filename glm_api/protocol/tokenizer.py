@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from glm_api.protocol.common import WireModel
+from glm_api.protocol.common import JsonWireModel
 from glm_api.protocol.openai import ChatMessageIn, TokenIds, ToolDef
 
 
@@ -19,7 +19,7 @@ def _one_of_prompt_or_messages(schema: dict[str, Any]) -> None:
     ]
 
 
-class TokenizeRequest(WireModel):
+class TokenizeRequest(JsonWireModel):
     """Either ``prompt`` (plain text) or ``messages`` (a conversation, through the chat
     template with the generation prompt, and ``tools`` if given: what a chat request costs)."""
 
@@ -47,7 +47,7 @@ class TokenizeResponse(BaseModel):
     token_strs: list[str]
 
 
-class DetokenizeRequest(WireModel):
+class DetokenizeRequest(JsonWireModel):
     model: str | None = None
     tokens: TokenIds
 
