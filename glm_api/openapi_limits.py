@@ -86,6 +86,8 @@ def state_model_limits(components: dict[str, Schema], registry: ModelRegistry) -
             {"required": ["tool_choice"], "properties": {"tool_choice": {"const": "none"}}},
         ]})
         _require(components["TokenizeRequest"], {"properties": {"tools": no_tools}})
+        # The seed's clients put tools on a message, which the chat format must render.
+        components["SeedMessage"]["properties"]["tools"] = no_tools
 
 
 def _tokenizer_owners(registry: ModelRegistry) -> dict[str, Any]:

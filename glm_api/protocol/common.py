@@ -71,8 +71,13 @@ def _json_integer(value: Any) -> Any:
     return value
 
 
-#: An integer as JSON (and so the spec) counts one: ``7`` or ``7.0``, never ``true`` or ``"7"``.
-JsonInt = Annotated[int, Strict(False), BeforeValidator(_json_integer)]
+def json_int(**constraints: Any) -> Any:
+    """An integer as JSON (and so the spec) counts one: ``7`` or ``7.0``, never ``true`` or
+    ``"7"``; ``constraints`` (ge, le) sit before the check so the spec states them."""
+    return Annotated[int, Strict(False), Field(**constraints), BeforeValidator(_json_integer)]
+
+
+JsonInt = json_int()
 
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]

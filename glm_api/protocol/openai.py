@@ -8,6 +8,7 @@ Responses mirror the ``openai`` package's types field for field.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -17,6 +18,7 @@ from glm_api.protocol.common import (
     TOKEN_ID_SCHEMA,
     JsonInt,
     JsonWireModel,
+    json_int,
     RepetitionPenalty,
     Stop,
     Temperature,
@@ -28,7 +30,7 @@ from glm_api.protocol.common import (
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 #: Token ids are never negative; the upper bound is the model's vocabulary, checked in serving.
 TokenIds = list[Annotated[JsonInt, stated(**TOKEN_ID_SCHEMA)]]
-MaxTokens = Annotated[JsonInt, Field(ge=1, le=MAX_TOKENS_LIMIT)]
+MaxTokens = json_int(ge=1, le=MAX_TOKENS_LIMIT)
 
 
 def texts_or_token_arrays(min_text_length: int = 0) -> Any:
@@ -217,12 +219,23 @@ def _exactly_one_kind(schema: dict[str, Any]) -> None:
 class StructuredOutputs(JsonWireModel):
     """vLLM's structured-output extras: one of them, as the output's grammar."""
 
-    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    #: A JSON schema, or its JSON text.
+    json_: dict[str, Any] | Annotated[str, stated(contentMediaType="application/json")] | None = Field(None, alias="json")
     regex: str | None = None
     choice: list[str] | None = Field(None, min_length=1)
     grammar: str | None = None
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False, populate_by_name=True, json_schema_extra=_exactly_one_kind)
+
+    @field_validator("json_")
+    @classmethod
+    def _json_text_parses(cls, value: dict[str, Any] | str | None) -> dict[str, Any] | str | None:
+        if isinstance(value, str):
+            try:
+                json.loads(value)
+            except ValueError:
+                raise ValueError("the JSON schema text is not valid JSON") from None
+        return value
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "StructuredOutputs":
@@ -245,7 +258,7 @@ class SamplingRequest(JsonWireModel):
     max_tokens: MaxTokens | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
-    n: JsonInt | None = Field(None, ge=1)  # the upper bound is settings.max_n, checked in serving
+    n: json_int(ge=1) | None = None  # type: ignore[valid-type]  # the upper bound is settings.max_n, checked in serving
     stop: Stop = None
     seed: JsonInt | None = None
     presence_penalty: Penalty | None = None
@@ -253,7 +266,7 @@ class SamplingRequest(JsonWireModel):
     user: str | None = None
     logit_bias: Annotated[dict[str, float] | None, NO_LOGIT_BIAS] = None
     # Not OpenAI, accepted as extras (vLLM does the same).
-    top_k: JsonInt | None = Field(None, ge=0)
+    top_k: json_int(ge=0) | None = None  # type: ignore[valid-type]
     repetition_penalty: RepetitionPenalty | None = None
     structured_outputs: StructuredOutputs | None = None
 
@@ -402,7 +415,7 @@ class CompletionRequest(SamplingRequest):
     prompt: texts_or_token_arrays(min_text_length=1)  # type: ignore[valid-type]
     echo: bool | None = False
     suffix: Annotated[str | None, stated(anyOf=[{"type": "string", "maxLength": 0}, {"type": "null"}])] = None
-    best_of: JsonInt | None = Field(None, ge=1)
+    best_of: json_int(ge=1) | None = None  # type: ignore[valid-type]
     logprobs: Annotated[JsonInt | None, stated(anyOf=[{"type": "null"}])] = None
     response_format: ResponseFormat | None = None  # an extension: OpenAI's completions have none
 
@@ -455,7 +468,7 @@ class EmbeddingRequest(JsonWireModel):
     model: str | None = None
     input: texts_or_token_arrays()  # type: ignore[valid-type]
     encoding_format: Literal["float", "base64"] | None = "float"
-    dimensions: JsonInt | None = Field(None, ge=1)
+    dimensions: json_int(ge=1) | None = None  # type: ignore[valid-type]
     user: str | None = None
     # Extras: the seed's normalize, and truncation instead of a 400 for over-long inputs.
     truncate: bool = False
