@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from glm_api.protocol.common import (
     MAX_TOKENS_LIMIT,
+    SEED_RANGE,
     TOKEN_ID_SCHEMA,
     JsonInt,
     JsonWireModel,
@@ -260,7 +261,7 @@ class SamplingRequest(JsonWireModel):
     top_p: TopP | None = None
     n: json_int(ge=1) | None = None  # type: ignore[valid-type]  # the upper bound is settings.max_n, checked in serving
     stop: Stop = None
-    seed: JsonInt | None = None
+    seed: json_int(**SEED_RANGE) | None = None  # type: ignore[valid-type]
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     user: str | None = None

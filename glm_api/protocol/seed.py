@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from glm_api.protocol.common import (
     MaxTokens,
+    SEED_RANGE,
     RepetitionPenalty,
     Stop,
     Temperature,
@@ -50,7 +51,7 @@ class SeedChatRequest(WireModel):
     stop: Stop = None
     stop_token_ids: list[int] | None = None
     repetition_penalty: RepetitionPenalty = 1.1
-    seed: int | None = None
+    seed: Annotated[int, Field(**SEED_RANGE)] | None = None
     return_function_call: bool = False
 
     @model_validator(mode="after")

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from glm_api.app import create_app
 from glm_api.config import Settings
 from glm_api.protocol.openai import CONTENT_REQUIRED_ROLES, ChatCompletionRequest, CompletionRequest, StructuredOutputs
-from glm_api.protocol.seed import SeedEmbeddingRequest
+from glm_api.protocol.seed import SeedChatRequest, SeedEmbeddingRequest
 from glm_api.protocol.tokenizer import DetokenizeRequest, TokenizeRequest
 from glm_api.serving.messages import CONTENT_REQUIRED
 
@@ -88,6 +88,9 @@ def test_content_rule_is_serving_s():
         ("CompletionRequest", {"prompt": ["x"] * 33}, None),  # serving's MAX_PROMPTS
         ("CompletionRequest", {"prompt": "x", "max_tokens": 65}, None),  # settings.max_tokens_limit
         ("DetokenizeRequest", {"tokens": [-1]}, DetokenizeRequest),
+        # A seed past int64 stopped the chat engine for every later request (torch's generator).
+        ("SeedChatRequest", {"messages": [{"role": "user", "content": "x"}], "seed": 2**64}, SeedChatRequest),
+        ("ChatCompletionRequest", {"messages": [{"role": "user", "content": "x"}], "seed": -(2**63) - 1}, ChatCompletionRequest),
         ("TokenizeRequest", {}, TokenizeRequest),
         ("TokenizeRequest", {"prompt": "x", "messages": [{"role": "user", "content": "x"}]}, TokenizeRequest),
         ("ChatCompletionRequest", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 0}, ChatCompletionRequest),
