@@ -11,6 +11,8 @@ generated as valid is made to keep them; requests generated as invalid are sent 
 - A named ``tool_choice`` names one of the ``tools``.
 - ``structured_outputs.json`` given as text is JSON text (the spec says so, with
   ``contentMediaType``, which generators do not read).
+- ``structured_outputs.regex`` and ``.grammar`` compile (a regular expression, a Lark grammar):
+  random text rarely does, and is a 400 naming the compiler's error.
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ def before_call(context, case, kwargs) -> None:
                 if isinstance(function, dict) and not _is_json(function.get("arguments", "{}")):
                     function["arguments"] = "{}"
     structured = body.get("structured_outputs")
+    if isinstance(structured, dict) and isinstance(structured.get("regex"), str):
+        structured["regex"] = "[a-z]{1,8}"
+    if isinstance(structured, dict) and isinstance(structured.get("grammar"), str):
+        structured["grammar"] = 'start: "yes" | "no"'
     if isinstance(structured, dict) and isinstance(structured.get("json"), str):
         try:
             schema = json.loads(structured["json"])

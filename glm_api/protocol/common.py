@@ -80,11 +80,10 @@ def json_int(**constraints: Any) -> Any:
 JsonInt = json_int()
 
 
-#: A sampling seed is a signed 64-bit integer (OpenAI's, torch's generators'): one beyond it
-#: stopped the chat engine's thread for every request after it (found by schemathesis).
-#: The top is 2**63 - 1024, not 2**63 - 1: FastAPI writes the spec's bounds as doubles, and this
-#: is the largest int64 a double holds exactly (2**63 - 1 would round up to 2**63, past it).
-SEED_RANGE: dict[str, int] = {"ge": -(2**63), "le": 2**63 - 1024}
+#: A sampling seed fits torch's 64-bit generators (one beyond them stopped the chat engine's
+#: thread for every later request: found by schemathesis) and JSON's exact integers (I-JSON,
+#: RFC 7493: |n| < 2**53, what a double, and so JavaScript or the spec's own bounds, holds exactly).
+SEED_RANGE: dict[str, int] = {"ge": -(2**53 - 1), "le": 2**53 - 1}
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
