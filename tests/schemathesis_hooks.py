@@ -7,7 +7,8 @@ break one and get a 400 the spec could not announce. Before each call, a request
 generated as valid is made to keep them; requests generated as invalid are sent as they are.
 
 - ``/chat``: the last message is not the assistant's (there is nothing to answer).
-- An assistant's tool call carries its arguments as JSON text (chat formats read them as JSON).
+- An assistant's tool call carries its arguments as the JSON text of an object (chat formats
+  read them as JSON).
 - A named ``tool_choice`` names one of the ``tools``.
 - ``structured_outputs.json`` given as text is JSON text (the spec says so, with
   ``contentMediaType``, which generators do not read).
@@ -36,7 +37,7 @@ def before_call(context, case, kwargs) -> None:
         for message in messages:
             for call in (message.get("tool_calls") or []) if isinstance(message, dict) else []:
                 function = call.get("function") if isinstance(call, dict) else None
-                if isinstance(function, dict) and not _is_json(function.get("arguments", "{}")):
+                if isinstance(function, dict) and not _is_json_object(function.get("arguments", "{}")):
                     function["arguments"] = "{}"
     structured = body.get("structured_outputs")
     if isinstance(structured, dict) and isinstance(structured.get("regex"), str):
@@ -55,9 +56,8 @@ def before_call(context, case, kwargs) -> None:
         choice["function"]["name"] = tools[0]["function"]["name"]
 
 
-def _is_json(text: Any) -> bool:
+def _is_json_object(text: Any) -> bool:
     try:
-        json.loads(text)
+        return isinstance(json.loads(text), dict)
     except (TypeError, ValueError):
         return False
-    return True
