@@ -19,7 +19,7 @@ import torch
 
 from glm_api.engines.base import EmbeddingResult
 from glm_api.engines.stats import EmbeddingEngineStats
-from glm_api.engines.worker import WorkerThread
+from glm_api.engines.engine_thread import EngineThread
 from glm_api.errors import EngineUnavailableError, InternalError, RateLimitError
 from glm_api.families import embedding as family
 from glm_api.families.base import LoadedEmbeddingModel
@@ -46,7 +46,7 @@ class _Job:
         self.remaining = len(self.texts)
 
 
-class BatchingEmbeddingEngine(WorkerThread):
+class BatchingEmbeddingEngine(EngineThread):
     _kind = "embedding engine"
 
     def __init__(
@@ -82,6 +82,13 @@ class BatchingEmbeddingEngine(WorkerThread):
 
     def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
         return self.loaded.model.tokenizer.convert_ids_to_tokens(ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return family.decode(self.loaded, ids)
+
+    @property
+    def vocab_size(self) -> int | None:
+        return family.vocab_size(self.loaded)
 
     async def embed(self, texts: list[str]) -> EmbeddingResult:
         self.check_health()

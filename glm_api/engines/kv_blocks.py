@@ -26,6 +26,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from glm_api.units import ceil_div
+
 NULL_BLOCK = 0
 
 
@@ -95,7 +97,7 @@ class BlockManager:
         return self.num_blocks - self.num_free
 
     def blocks_for(self, tokens: int) -> int:
-        return -(-tokens // self.block_size)
+        return ceil_div(tokens, self.block_size)
 
     # -- prefix lookup -------------------------------------------------------------------------
 

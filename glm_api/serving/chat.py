@@ -15,7 +15,7 @@ from typing import Any
 
 from glm_api.config import Settings
 from glm_api.engines.base import ChatEngine, GenerationChunk, SamplingParams
-from glm_api.engines.grammar import Constraint
+from glm_api.engines.base import Constraint
 from glm_api.errors import BadRequestError, ContextLengthError
 from glm_api.families.base import ParsedOutput, ToolCall
 from glm_api.registry import ModelRegistry

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from glm_api import __version__
+from glm_api.engines.base import ChatEngine
 from glm_api.errors import BadRequestError
 from glm_api.families.base import ToolCall
 from glm_api.protocol.openai import (
@@ -56,15 +57,10 @@ from glm_api.serving.structured import (
 OPENAI_REPETITION_PENALTY = 1.0
 
 
-def system_fingerprint(engine: Any) -> str:
+def system_fingerprint(engine: ChatEngine) -> str:
     """Stable while the same weights are served the same way: name, family, source, dtype."""
-    facts = (
-        engine.model_name,
-        getattr(engine, "family", ""),
-        getattr(engine, "source", ""),
-        getattr(getattr(engine, "model", None), "dtype", ""),
-        __version__,
-    )
+    info = engine.describe()
+    facts = (engine.model_name, info.family, info.source, info.dtype, __version__)
     return "fp_" + hashlib.sha256("|".join(map(str, facts)).encode()).hexdigest()[:10]
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from glm_api.engines.base import SamplingParams
-from glm_api.engines.transformers_engine import TransformersChatEngine
+from glm_api.engines.chat_engine import TransformersChatEngine
 from glm_api.errors import InternalError, RateLimitError
 from tests.conftest import make_registry, make_settings
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from glm_api.engines.base import SamplingParams
-from glm_api.engines.transformers_engine import TransformersChatEngine
+from glm_api.engines.chat_engine import TransformersChatEngine
 from glm_api.errors import ContextLengthError, EngineUnavailableError
 from tests.engines.test_chat_batching import QUESTIONS, collect
 

@@ -12,7 +12,7 @@ import asyncio
 from glm_api.engines.base import SamplingParams
 from glm_api.engines.kv_blocks import common_length
 from glm_api.engines.scheduler import MIN_SHARED_TOKENS
-from glm_api.engines.transformers_engine import TransformersChatEngine
+from glm_api.engines.chat_engine import TransformersChatEngine
 from glm_api.registry import PACKAGED_CHAT_NAME
 from tests.api.test_metrics import scrape, value
 from tests.engines.test_chat_batching import collect

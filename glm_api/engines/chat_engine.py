@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator
 
 import torch
 
-from glm_api.engines.base import GenerationChunk, SamplingParams
+from glm_api.engines.base import EngineInfo, GenerationChunk, SamplingParams
 from glm_api.engines.detokenizer import IncrementalDetokenizer
 from glm_api.engines.grammar import CompiledGrammar, Constraint, GrammarCompiler, mask_logits
 from glm_api.engines.kv_blocks import BlockManager
@@ -37,14 +37,15 @@ from glm_api.engines.request_state import EngineRequest, stream_output
 from glm_api.engines.sampling import apply_penalties, needs_per_row_sampling, sample_token
 from glm_api.engines.scheduler import RowKV, Scheduler, StepPlan
 from glm_api.engines.stats import ChatEngineStats
-from glm_api.engines.worker import WorkerThread
+from glm_api.engines.engine_thread import EngineThread
 from glm_api.errors import ContextLengthError, EngineUnavailableError, InternalError, RateLimitError
 from glm_api.families.base import LoadedChatModel
+from glm_api.units import ceil_div
 
 log = logging.getLogger(__name__)
 
 
-class TransformersChatEngine(WorkerThread):
+class TransformersChatEngine(EngineThread):
     _kind = "chat engine"
 
     def __init__(
@@ -94,7 +95,7 @@ class TransformersChatEngine(WorkerThread):
             # there; the last hidden states stay on the last device, so the rows to keep are
             # picked with an index on the CPU (one that any device's tensor accepts).
             self.device, self._keep_device = self.pool.device, torch.device("cpu")
-        self.blocks = BlockManager(num_blocks, kv_block_size, cached_blocks=-(-prefix_cache_tokens // kv_block_size))
+        self.blocks = BlockManager(num_blocks, kv_block_size, cached_blocks=ceil_div(prefix_cache_tokens, kv_block_size))
         pacer = PrefillPacer(prefill_chunk_tokens, prefill_time_share, prefill_step_ms / 1000)
         self.scheduler = Scheduler(
             self.blocks, self.pool, max_running=max_running, chunk_tokens=prefill_chunk_tokens, pacer=pacer
@@ -123,7 +124,7 @@ class TransformersChatEngine(WorkerThread):
         """Blocks in use, free, and (of the free ones) still holding cached prompt beginnings."""
         return self.blocks.num_used, self.blocks.num_free, self.blocks.num_cached
 
-    # -- for a router over replicas (engines/router.py); estimates, read from the event loop ---
+    # -- for a router over replicas (engines/replica_balancer.py); estimates, read from the event loop ---
 
     @property
     def queue_full(self) -> bool:
@@ -152,6 +153,24 @@ class TransformersChatEngine(WorkerThread):
                 return self.blocks.lookup(prompt_ids).tokens(self.blocks.block_size)
             except RuntimeError:  # the worker registered a block mid-lookup: no hint this time
                 return 0
+
+    # -- what it serves, and its tokenizer (any thread) ------------------------------------------
+
+    def describe(self) -> EngineInfo:
+        return EngineInfo(self.family, self.source, str(self.model.dtype))
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        return [self.template.encode(text, add_special_tokens=True) for text in texts]
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str | None]:
+        return self.template.convert_ids_to_tokens(ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.template.decode(ids)
+
+    @property
+    def vocab_size(self) -> int | None:
+        return self.model.get_input_embeddings().num_embeddings
 
     # -- client side (event loop) ------------------------------------------------------------
 
