@@ -294,7 +294,7 @@ def check_layer_split(folder: Path, device_spec: str, cache: Path) -> list[Row]:
                         kv_cache_tokens=16384, cache_dir=cache)
     registry = build_registry(settings, ModelSources(ModelSource("check", folder), ()))
     split = registry.chat
-    held = {str(d): split.pool.layer_devices.count(d) for d in dict.fromkeys(split.pool.layer_devices)}
+    held = {str(d): split.runner.pool.layer_devices.count(d) for d in dict.fromkeys(split.runner.pool.layer_devices)}
     same = _same_answers_as_one_engine(registry, folder, devices[0], cache)
     spread = len(held) >= 2 or devices[0].type == "cpu"  # the CPUs of cpu,cpu all read as "cpu"
     ok = same == 16 and spread and hasattr(split.model, "_hf_hook")

@@ -15,7 +15,8 @@ from glm_api.errors import BadRequestError, ContextLengthError
 from glm_api.protocol.openai import Completion, CompletionChoice, CompletionRequest, OpenAIUsage
 from glm_api.serving.chat import ChatCall, ChatEvent, ChatRun, ChatService
 from glm_api.serving.merge import merge
-from glm_api.serving.openai_chat import sampling_fields, system_fingerprint
+from glm_api.serving.openai_chat import system_fingerprint
+from glm_api.serving.openai_chat_call import sampling_fields
 from glm_api.serving.structured import output_constraint
 from glm_api.serving.tokenize import check_token_ids
 

@@ -19,8 +19,8 @@ from tests.engines.test_chat_batching import collect
 
 
 def test_engine_without_a_prefix_cache_when_turned_off(smollm2):
-    assert not TransformersChatEngine(smollm2, "m", prefix_cache_tokens=0).blocks.prefix_caching
-    assert TransformersChatEngine(smollm2, "m").blocks.prefix_caching
+    assert not TransformersChatEngine(smollm2, "m", prefix_cache_tokens=0).kv.prefix_caching
+    assert TransformersChatEngine(smollm2, "m").kv.prefix_caching
 
 
 # -- through the engine, on SmolLM2 ----------------------------------------------------------

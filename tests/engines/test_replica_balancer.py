@@ -46,7 +46,7 @@ def make_router(loaded, *, max_running: int = 4, max_waiting: int = 8, model=Non
         for _ in range(2)
     ]
     if model is not None:
-        engines[1].model = model
+        engines[1].runner.model = model
     return ReplicaBalancer(engines, ["cpu", "cpu"])
 
 
@@ -316,7 +316,7 @@ def test_registry_loads_the_chat_model_once_per_listed_device(tiny_llama_dir, ti
     assert isinstance(router, ReplicaBalancer) and router.devices == ["cpu", "cpu"]
     first, second = (r.engine for r in router.replicas)
     assert first.model is not second.model  # loaded twice
-    assert first.pool is not second.pool and first.blocks is not second.blocks  # own KV and prefix cache
+    assert first.runner.pool is not second.runner.pool and first.kv is not second.kv  # own KV and prefix cache
     assert first.max_running == second.max_running == 2  # the limits hold per replica
     assert registry.chat_engine("tiny") is router and router.context_length == first.context_length
     assert next(registry.embeddings["bert"].loaded.model.parameters()).device == torch.device("cpu")
