@@ -1,16 +1,11 @@
-"""The chat engine: a transformers causal LM served with iteration-level (continuous) batching.
+"""The chat engine loop: a transformers causal LM served with continuous batching.
 
-This module is the engine loop: the worker thread, the queues and their lock, admission, abort,
-and the one path by which a request leaves (:meth:`TransformersChatEngine._finish`: finished,
-aborted, failed or at shutdown). Each other job has one home: what a step computes in
-:mod:`scheduler`, the pool's blocks and the prefix cache in :mod:`kv_cache_manager`, the packed
-forward in :mod:`model_runner`, the next tokens in :mod:`sampler`, text, stop strings, finish
-reasons and chunks in :mod:`output_processor`.
-
-Each turn of the loop holds the lock that ``generate`` and ``abort`` take on the event loop
-only for bookkeeping (retire aborted requests, plan the step); with it released, it does the
-block copies the plan implies, runs the forward, samples and streams. Output crosses back to the
-event loop through each request's asyncio queue, one thread hop per loop per step.
+Here: the worker thread, the queues and their lock, admission, abort, and
+:meth:`TransformersChatEngine._finish`, the one way a request leaves. Elsewhere, one home each:
+:mod:`scheduler` (what a step computes), :mod:`kv_cache_manager` (blocks, prefix cache),
+:mod:`model_runner` (the forward), :mod:`sampler` (next tokens), :mod:`output_processor` (text,
+stop strings, finish reasons, chunks). The lock that ``generate``/``abort`` take on the event
+loop covers bookkeeping only; block copies, the forward, sampling and streaming run without it.
 """
 
 from __future__ import annotations
@@ -168,8 +163,7 @@ class TransformersChatEngine(EngineThread):
     def generate(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str
     ) -> AsyncIterator[GenerationChunk]:
-        """Admission: refused here, before any byte is sent, when the prompt could never fit the
-        pool (400) or the queue is full (429)."""
+        """Admission: a prompt that could never fit the pool (400) or a full queue (429) is refused here."""
         self.check_health()
         if len(prompt_ids) >= self.row_limit:  # it could never get a token out of the pool
             raise ContextLengthError(

@@ -119,7 +119,8 @@ class KVCacheManager:
             while (seq.num_hashed_blocks + 1) * bs <= seq.num_computed_tokens:
                 start = seq.num_hashed_blocks * bs
                 tokens = tuple(seq.token_ids[start : start + bs])
-                seq.last_digest = self.blocks.cache_block(seq.block_table[seq.num_hashed_blocks], seq.last_digest, tokens)
+                block = seq.block_table[seq.num_hashed_blocks]
+                seq.last_digest = self.blocks.cache_block(block, seq.last_digest, tokens)
                 seq.num_hashed_blocks += 1
 
     # -- device work (worker thread, lock released) ---------------------------------------------

@@ -152,5 +152,6 @@ def size_pool(
     )
     if len(held) > 1:
         for d, layers in held.items():
-            log.info("  KV cache on %s: %d layers, %s", d, layers, byte_size(usable * shape.bytes_per_layer_token * layers))
+            size = byte_size(usable * shape.bytes_per_layer_token * layers)
+            log.info("  KV cache on %s: %d layers, %s", d, layers, size)
     return blocks

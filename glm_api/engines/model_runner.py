@@ -85,10 +85,10 @@ class ModelRunner:
     def execute(self, scheduled: Seq[tuple[Sequence, int]]) -> StepOutput:
         """One forward over ``n`` new tokens of each sequence (their blocks are allocated and
         their ``num_computed_tokens`` not yet advanced)."""
-        rows = [
-            ScheduledRow(seq.block_table, seq.num_computed_tokens, seq.token_ids[seq.num_computed_tokens : seq.num_computed_tokens + n])
-            for seq, n in scheduled
-        ]
+        rows = []
+        for seq, n in scheduled:
+            past = seq.num_computed_tokens
+            rows.append(ScheduledRow(seq.block_table, past, seq.token_ids[past : past + n]))
         step = PagedStep.build(self.pool, rows)
         # Logits only where a sequence's last known token is computed: decoding ones and finished prompts.
         sampling = [i for i, (seq, n) in enumerate(scheduled) if seq.num_computed_tokens + n == len(seq.token_ids)]

@@ -26,7 +26,9 @@ class OutputProcessor:
         self.stats = stats
         self.outbox = Outbox()
 
-    def process(self, rows: Sequence[EngineRequest], tokens: Sequence[int]) -> list[tuple[EngineRequest, GenerationChunk]]:
+    def process(
+        self, rows: Sequence[EngineRequest], tokens: Sequence[int]
+    ) -> list[tuple[EngineRequest, GenerationChunk]]:
         """Take each row's new token and stream its text; returns the finished rows with their
         last chunk, for the engine to retire and send."""
         finished = []

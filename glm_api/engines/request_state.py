@@ -1,8 +1,8 @@
 """A chat request inside the engine, and the stream its client reads.
 
 The worker thread owns an :class:`EngineRequest` (its output, sampling state, grammar matcher and
-:class:`~glm_api.engines.sequence.Sequence`, its place in the KV pool); the client's side is :func:`stream_output`, which reads what the worker
-puts in the request's queue on the event loop.
+:class:`~glm_api.engines.sequence.Sequence`, its place in the KV pool); the client's side is
+:func:`stream_output`, which reads what the worker puts in the request's queue on the event loop.
 """
 
 from __future__ import annotations

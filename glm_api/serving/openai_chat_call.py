@@ -58,7 +58,10 @@ def chat_call(req: ChatCompletionRequest, engine: ChatEngine) -> tuple[ChatCall,
 
 
 def call_with(
-    req: ChatCompletionRequest, messages: list[dict[str, Any]], tools: list[dict] | None, constraint: Constraint | None = None
+    req: ChatCompletionRequest,
+    messages: list[dict[str, Any]],
+    tools: list[dict] | None,
+    constraint: Constraint | None = None,
 ) -> ChatCall:
     """The ChatCall of ``req``'s sampling parameters over the given messages, tools and constraint."""
     return ChatCall(
