@@ -412,7 +412,7 @@ def kv_bytes_per_token(args) -> tuple[int, str]:
         from transformers import AutoConfig
 
         from glm_api.config import Settings
-        from glm_api.engines.kv_pool import KVShape
+        from glm_api.kv_memory import KVShape
         from glm_api.families.detect import _gguf_file
         from glm_api.families.transformers_lm import gguf_cache_folder
         from glm_api.registry import resolve_model_sources

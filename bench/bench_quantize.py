@@ -90,7 +90,7 @@ def child(checkpoint: Path, dtype_name: str, mode: str, tokens: int, streams: in
 
     import glm_api.families.chatglm3  # noqa: F401  (imports before the baseline)
     from glm_api.engines.base import SamplingParams
-    from glm_api.engines.transformers_engine import TransformersChatEngine
+    from glm_api.engines.chat_engine import TransformersChatEngine
     from glm_api.families.detect import load_chat_model
 
     dtype = getattr(torch, dtype_name)

@@ -113,7 +113,8 @@ async def load(url: str, streams: int, max_tokens: int, constrained: bool) -> tu
 def grammar_timings(cache_dir: str) -> tuple[float, float, float, float]:
     from glm_api.config import Settings
     from glm_api.devices import resolve_device
-    from glm_api.engines.grammar import Constraint, GrammarCompiler
+    from glm_api.engines.base import Constraint
+    from glm_api.engines.grammar import GrammarCompiler
     from glm_api.families.detect import load_chat_model
     from glm_api.registry import resolve_model_sources
 

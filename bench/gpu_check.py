@@ -81,7 +81,7 @@ class Row:
 
 
 def engine_for(loaded, **kwargs):
-    from glm_api.engines.transformers_engine import TransformersChatEngine
+    from glm_api.engines.chat_engine import TransformersChatEngine
 
     kwargs.setdefault("kv_cache_tokens", 16384)  # not "what GPU memory allows": other models share it
     return TransformersChatEngine(loaded, "check", **kwargs)
@@ -183,7 +183,7 @@ def check_precision(name: str, folder: Path, device: torch.device, cache: Path) 
     return rows
 
 
-QUANT_COSINE = {"int8": 0.99, "w8a8": 0.99, "int4": 0.95}  # as tests/engines/test_quantize.py
+QUANT_COSINE = {"int8": 0.99, "w8a8": 0.99, "int4": 0.95}  # as tests/families/test_quantize.py
 
 
 def check_quantize(folder: Path, device: torch.device, cache: Path) -> list[Row]:
@@ -250,7 +250,7 @@ def check_batching_and_prefix(folder: Path, device: torch.device, cache: Path) -
 def check_replicas(folder: Path, device_spec: str, cache: Path) -> list[Row]:
     from glm_api.config import Settings
     from glm_api.devices import resolve_devices
-    from glm_api.engines.router import ReplicaRouter
+    from glm_api.engines.replica_balancer import ReplicaBalancer
     from glm_api.registry import ModelSource, ModelSources, build_registry
 
     devices = resolve_devices(device_spec)
@@ -260,7 +260,7 @@ def check_replicas(folder: Path, device_spec: str, cache: Path) -> list[Row]:
                         cache_dir=cache)
     registry = build_registry(settings, ModelSources(ModelSource("check", folder), ()))
     router = registry.chat
-    assert isinstance(router, ReplicaRouter)
+    assert isinstance(router, ReplicaBalancer)
     same = _same_answers_as_one_engine(registry, folder, devices[0], cache)
     per_replica = [r.engine.stats.finished["length"] + r.engine.stats.finished["stop"] for r in router.replicas]
     ok = same == 16 and all(n > 0 for n in per_replica)
@@ -294,7 +294,7 @@ def check_layer_split(folder: Path, device_spec: str, cache: Path) -> list[Row]:
                         kv_cache_tokens=16384, cache_dir=cache)
     registry = build_registry(settings, ModelSources(ModelSource("check", folder), ()))
     split = registry.chat
-    held = {str(d): split.pool.layer_devices.count(d) for d in dict.fromkeys(split.pool.layer_devices)}
+    held = {str(d): split.runner.pool.layer_devices.count(d) for d in dict.fromkeys(split.runner.pool.layer_devices)}
     same = _same_answers_as_one_engine(registry, folder, devices[0], cache)
     spread = len(held) >= 2 or devices[0].type == "cpu"  # the CPUs of cpu,cpu all read as "cpu"
     ok = same == 16 and spread and hasattr(split.model, "_hf_hook")

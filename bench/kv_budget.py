@@ -23,7 +23,7 @@ import torch
 
 from bench.common import print_table
 from glm_api.config import Settings
-from glm_api.engines.kv_pool import KVShape, kv_tokens_for_memory, step_reserve_bytes
+from glm_api.kv_memory import KVShape, kv_tokens_for_memory, step_reserve_bytes
 
 GB, GIB = 10**9, 2**30
 

@@ -12,7 +12,11 @@ from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
 
+from glm_api.batch_runner import BatchRunner
 from glm_api.errors import EngineUnavailableError
+from glm_api.security import request_api_key
+from glm_api.serving import batches
+from glm_api.storage import Storage
 from glm_api.state import AppState, Services
 
 T = TypeVar("T")
@@ -37,6 +41,28 @@ async def get_request_id(request: Request) -> str:
 AppStateDep = Annotated[AppState, Depends(get_app_state)]
 ServicesDep = Annotated[Services, Depends(get_services)]
 RequestIdDep = Annotated[str, Depends(get_request_id)]
+
+
+# The Batch API's store and runner (opened on first use) and the owner of what a request makes.
+async def get_batch_storage(state: AppStateDep) -> Storage:
+    storage, _ = await state.batches.open()
+    return storage
+
+
+async def get_batch_runner(state: AppStateDep) -> BatchRunner:
+    _, runner = await state.batches.open()
+    return runner
+
+
+async def get_batch_owner(request: Request, state: AppStateDep) -> str:
+    """With API keys on, what a key makes is that key's alone."""
+    keys_on = bool(state.settings.api_keys or state.settings.api_key_file)
+    return batches.owner_of(request_api_key(request.scope)) if keys_on else ""
+
+
+BatchStorageDep = Annotated[Storage, Depends(get_batch_storage)]
+BatchRunnerDep = Annotated[BatchRunner, Depends(get_batch_runner)]
+BatchOwnerDep = Annotated[str, Depends(get_batch_owner)]
 
 
 async def until_disconnect(request: Request, work: Awaitable[T], poll_seconds: float = 0.25) -> T:

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import torch
 
-from glm_api.engines.kv_pool import DEFAULT_CPU_KV_TOKENS, KVShape, step_reserve_bytes
+from glm_api.kv_memory import DEFAULT_CPU_KV_TOKENS, KVShape, step_reserve_bytes
 from glm_api.units import byte_size
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from glm_api.engines.router import replicas_of
+from glm_api.engines.replica_balancer import replicas_of
 from glm_api.engines.stats import ChatEngineStats, EmbeddingEngineStats
 from glm_api.engines.stats import Histogram as StatHistogram
 from glm_api.registry import ModelRegistry

@@ -18,7 +18,6 @@ from typing import Any
 from glm_api.config import Settings
 from glm_api.registry import ModelRegistry
 from glm_api.serving.openai_completions import MAX_PROMPTS
-from glm_api.serving.tokenize import vocab_limit
 
 Schema = dict[str, Any]
 
@@ -59,7 +58,7 @@ def state_model_limits(components: dict[str, Schema], registry: ModelRegistry) -
     chat = registry.chat
     chat_name = chat.model_name if chat is not None else None
     embedding_default = registry.embedding_engine(None).model_name if registry.embeddings else None
-    vocab = {name: vocab_limit(engine) for name, engine in _tokenizer_owners(registry).items()}
+    vocab = {name: engine.vocab_size for name, engine in _tokenizer_owners(registry).items()}
 
     detokenize = components["DetokenizeRequest"]
     _per_model(detokenize, chat_name, {

@@ -193,6 +193,15 @@ class ModelRegistry:
         for engine in [*self.embeddings.values(), *self.rerankers.values()]:
             engine.check_health()
 
+    def replica_status(self) -> list[dict] | None:
+        """Each chat replica's state and load (index, device, state, running, waiting) when the
+        chat model runs as several replicas; None otherwise."""
+        from glm_api.engines.replica_balancer import ReplicaBalancer, replicas_of
+
+        if not isinstance(self.chat, ReplicaBalancer):
+            return None
+        return [replica.status() for replica in replicas_of(self.chat)]
+
     def chat_engine(self, name: str | None) -> ChatEngine:
         """The chat engine; a name that is not the loaded chat model is a 404, never a swap."""
         if self.chat is None:
@@ -243,11 +252,11 @@ class ModelRegistry:
 def build_registry(settings: Settings, sources: ModelSources | None = None) -> ModelRegistry:
     """Load every model (blocking: seconds to minutes) and wrap each in its engine. With several
     devices in ``--device`` the chat model is loaded once per device, one engine each, behind a
-    :class:`~glm_api.engines.router.ReplicaRouter`, or with ``--device-map`` once, split by layers
+    :class:`~glm_api.engines.replica_balancer.ReplicaBalancer`, or with ``--device-map`` once, split by layers
     over them, in one engine; embedding models load on the first device (or
     ``--embedding-device``)."""
     from glm_api.engines.embedding_engine import BatchingEmbeddingEngine
-    from glm_api.engines.router import ReplicaRouter
+    from glm_api.engines.replica_balancer import ReplicaBalancer
     from glm_api.families.embedding import load_embedding_model
 
     sources = sources or resolve_model_sources(settings)
@@ -262,7 +271,7 @@ def build_registry(settings: Settings, sources: ModelSources | None = None) -> M
         engines = [
             _load_chat_replica(settings, sources.chat, device, i, len(devices)) for i, device in enumerate(devices)
         ]
-        chat = engines[0] if len(engines) == 1 else ReplicaRouter(engines, [str(d) for d in devices])
+        chat = engines[0] if len(engines) == 1 else ReplicaBalancer(engines, [str(d) for d in devices])
     device = resolve_device(settings.embedding_device) if settings.embedding_device else devices[0]
     dtype = resolve_dtype(settings.dtype, device)
     embeddings: dict[str, EmbeddingEngine] = {}
@@ -326,7 +335,7 @@ def _load_chat_replica(
 ) -> ChatEngine:
     """The chat model loaded on one device (or split over ``split``'s devices), in its own
     engine (own KV pool and prefix cache)."""
-    from glm_api.engines.transformers_engine import TransformersChatEngine
+    from glm_api.engines.chat_engine import TransformersChatEngine
     from glm_api.families.detect import load_chat_model
 
     dtype = resolve_dtype(settings.dtype, device)

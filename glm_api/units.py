@@ -1,4 +1,5 @@
-"""Byte counts written for people: the start-up logs' sizes of weights, KV caches and budgets."""
+"""Sizes: byte counts written for people (the start-up logs' sizes of weights, KV caches and
+budgets), and how many fixed-size units (KV blocks, file pages) hold a count."""
 
 from __future__ import annotations
 
@@ -9,3 +10,8 @@ def byte_size(size: float) -> str:
         if abs(size) >= scale:
             return f"{size / scale:.2f} {unit}"
     return f"{size:.0f} B"
+
+
+def ceil_div(count: int, size: int) -> int:
+    """Units of ``size`` that hold ``count`` (the last one maybe partly filled)."""
+    return -(-count // size)

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from glm_api.app import create_app
 from glm_api.config import Settings
 from glm_api.engines.embedding_engine import BatchingEmbeddingEngine
-from glm_api.engines.transformers_engine import TransformersChatEngine
+from glm_api.engines.chat_engine import TransformersChatEngine
 from glm_api.families.base import LoadedChatModel, LoadedEmbeddingModel
 from glm_api.families.embedding import load_embedding_model, packaged_embedding_path
 from glm_api.families.detect import load_chat_model

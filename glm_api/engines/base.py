@@ -15,6 +15,19 @@ import numpy as np
 from glm_api.families.base import ChatTemplate
 
 FinishReason = Literal["stop", "length", "abort"]
+ConstraintKind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What the output must match. ``spec``: a JSON Schema as JSON text, a regex, a JSON list of
+    choices, or a Lark grammar; empty for ``json_object``. ``param`` names the request field a
+    refusal points at. Plain data: the serving layer builds it without importing torch; a chat
+    engine compiles it (:meth:`ChatEngine.compile_constraint`)."""
+
+    kind: ConstraintKind
+    spec: str = ""
+    param: str = "response_format"
 
 
 @dataclass(frozen=True)
@@ -29,7 +42,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
-    grammar: Any = None  # engines.grammar.CompiledGrammar: the output must match it
+    grammar: Any = None  # what ChatEngine.compile_constraint returned: the output must match it
 
     @property
     def greedy(self) -> bool:
@@ -48,10 +61,39 @@ class GenerationChunk:
     cached_tokens: int = 0  # prompt tokens taken from the prefix cache instead of prefilled
 
 
-class ChatEngine(Protocol):
+@dataclass(frozen=True)
+class EngineInfo:
+    """What an engine serves, for fingerprints and logs: the family, where the weights came from,
+    their dtype."""
+
+    family: str
+    source: str
+    dtype: str
+
+
+class Tokenizing(Protocol):
+    """The model's own tokenizer, as ``/tokenize`` and ``/detokenize`` use it (cheap, any thread)."""
+
+    model_name: str
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Each text's ids as the model sees them by default, special tokens included."""
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str | None]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    @property
+    def vocab_size(self) -> int | None:
+        """Rows of the model's input embedding: an id at or past it is not the model's."""
+
+
+class ChatEngine(Tokenizing, Protocol):
     model_name: str
     context_length: int
     template: ChatTemplate
+
+    def describe(self) -> EngineInfo: ...
 
     def start(self) -> None: ...
 
@@ -70,8 +112,8 @@ class ChatEngine(Protocol):
 
     def abort(self, request_id: str) -> None: ...
 
-    def compile_constraint(self, constraint: Any) -> Any:
-        """A structured-output constraint (``engines.grammar.Constraint``) compiled for this
+    def compile_constraint(self, constraint: Constraint) -> Any:
+        """A structured-output constraint compiled for this
         model's vocabulary, to pass as ``SamplingParams.grammar``. Blocking; a constraint that
         cannot be enforced raises :class:`glm_api.errors.BadRequestError`."""
 
@@ -88,7 +130,7 @@ class EmbeddingResult:
     token_counts: list[int]
 
 
-class EmbeddingEngine(Protocol):
+class EmbeddingEngine(Tokenizing, Protocol):
     model_name: str
     dimensions: int
     max_seq_length: int
@@ -103,7 +145,3 @@ class EmbeddingEngine(Protocol):
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         """Tokens per text before truncation (cheap, thread-safe: tokenizer only)."""
-
-    def tokenize(self, texts: list[str]) -> list[list[int]]: ...
-
-    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]: ...

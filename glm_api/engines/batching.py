@@ -24,7 +24,7 @@ from typing import Any, Generic, TypeVar
 import torch
 
 from glm_api.engines.stats import EmbeddingEngineStats
-from glm_api.engines.worker import WorkerThread
+from glm_api.engines.engine_thread import EngineThread
 from glm_api.errors import EngineUnavailableError, InternalError, RateLimitError
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class _Job(Generic[Item]):
         self.remaining = len(self.items)
 
 
-class BatchingEngine(WorkerThread, Generic[Item, Result]):
+class BatchingEngine(EngineThread, Generic[Item, Result]):
     """One model behind one queue of items, run in dynamic batches by a worker thread."""
 
     _kind = "encoder engine"

@@ -45,6 +45,13 @@ class BatchingEmbeddingEngine(BatchingEngine[str, EmbeddingResult]):
     def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
         return self.loaded.model.tokenizer.convert_ids_to_tokens(ids)
 
+    def decode(self, ids: list[int]) -> str:
+        return family.decode(self.loaded, ids)
+
+    @property
+    def vocab_size(self) -> int | None:
+        return family.vocab_size(self.loaded)
+
     async def embed(self, texts: list[str]) -> EmbeddingResult:
         return await self._submit(texts)
 

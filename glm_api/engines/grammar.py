@@ -25,30 +25,18 @@ import json
 import re
 import threading
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import llguidance
 import llguidance.hf
 import llguidance.torch
 import torch
 
+from glm_api.engines.base import Constraint
 from glm_api.errors import BadRequestError
-
-ConstraintKind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
 
 #: Compiled grammars kept per engine (by constraint): a deployment reuses a few schemas.
 GRAMMAR_CACHE_SIZE = 256
-
-
-@dataclass(frozen=True)
-class Constraint:
-    """What the output must match. ``spec``: a JSON Schema as JSON text, a regex, a JSON list of
-    choices, or a Lark grammar; empty for ``json_object``. ``param`` names the request field a
-    refusal points at."""
-
-    kind: ConstraintKind
-    spec: str = ""
-    param: str = "response_format"
 
 
 @dataclass(frozen=True)

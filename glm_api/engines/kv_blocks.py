@@ -11,20 +11,27 @@ tensors (vLLM's ``BlockPool`` / nano-vllm's ``BlockManager`` are the models):
   Blocks that hold nothing findable are reused first, then cached ones least recently freed
   first; at most ``cached_blocks`` free blocks stay cached, so the memory the server has
   touched stays near what its rows hold plus that bound;
-- a full block is known by a hash of its tokens chained to the hash of the block before it, so
-  one hash names a whole beginning. A lookup walks a prompt's full blocks until the first miss;
+- a full block is known by a digest (BLAKE2b, 128 bits) of its tokens chained to the digest of
+  the block before it, so one digest names a whole beginning, and two different beginnings
+  never share one in practice (Python's ``hash()`` of a tuple, 64 bits and not made to resist
+  collisions, would splice another prompt's keys into a request on a collision); a hit's tokens
+  are compared too. A lookup walks a prompt's full blocks until the first miss;
   after it, the block that shares the most of the next tokens can be *copied* (so a system
   prompt that ends in the middle of a block is still reused to the token).
 
 Block 0 is never handed out: block tables are padded with it, and it stays zero.
-It belongs to the engine's worker thread: nothing here is locked.
+Only the :mod:`kv_cache_manager` uses it, under the engine's lock: nothing here is locked.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from glm_api.units import ceil_div
 
 NULL_BLOCK = 0
 
@@ -33,9 +40,9 @@ NULL_BLOCK = 0
 class Block:
     id: int
     refs: int = 0
-    hash: int | None = None  # set once the block is full and hashed
-    parent: int | None = None  # hash of the block before it (None: the first block of a prompt)
-    tokens: tuple[int, ...] = ()  # what a hashed block holds, checked on every hit
+    digest: bytes | None = None  # set once the block is cached (full, or a finished row's last)
+    parent: bytes | None = None  # digest of the block before it (None: the first block of a prompt)
+    tokens: tuple[int, ...] = ()  # what a cached block holds, checked on every hit
 
 
 @dataclass
@@ -70,11 +77,11 @@ class BlockManager:
         self.blocks[NULL_BLOCK].refs = 1  # padding target: never free, never written
         # Free blocks holding nothing findable, in reuse order (recycled ones first, then blocks
         # never used yet, whose memory the OS has not even backed), and free blocks still
-        # findable by hash, least recently freed first.
+        # findable by digest, least recently freed first.
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(1, num_blocks))
         self._cached: OrderedDict[int, None] = OrderedDict()
-        self._by_hash: dict[int, int] = {}
-        self._children: dict[int | None, set[int]] = {}  # parent hash -> hashed blocks after it
+        self._by_digest: dict[bytes, int] = {}
+        self._children: dict[bytes | None, set[int]] = {}  # parent digest -> cached blocks after it
         self._used_once = [False] * num_blocks
 
     @property
@@ -95,7 +102,7 @@ class BlockManager:
         return self.num_blocks - self.num_free
 
     def blocks_for(self, tokens: int) -> int:
-        return -(-tokens // self.block_size)
+        return ceil_div(tokens, self.block_size)
 
     # -- prefix lookup -------------------------------------------------------------------------
 
@@ -106,15 +113,15 @@ class BlockManager:
         if not self.prefix_caching:
             return hit
         bs, limit = self.block_size, len(tokens) - 1
-        parent: int | None = None
+        parent: bytes | None = None
         while (len(hit.blocks) + 1) * bs <= limit:
             start = len(hit.blocks) * bs
             chunk = tuple(tokens[start : start + bs])
-            block_id = self._by_hash.get(_chain(parent, chunk))
-            if block_id is None or self.blocks[block_id].tokens != chunk:
+            block_id = self._by_digest.get(chain_digest(parent, chunk))
+            if block_id is None or self.blocks[block_id].tokens != chunk or self.blocks[block_id].parent != parent:
                 break
             hit.blocks.append(block_id)
-            parent = self.blocks[block_id].hash
+            parent = self.blocks[block_id].digest
         start = len(hit.blocks) * bs
         rest = tokens[start : min(limit, start + bs)]
         best = 0
@@ -163,7 +170,7 @@ class BlockManager:
             block.refs -= 1
             if block.refs > 0:
                 continue
-            if block.hash is None:  # nothing findable in it: reuse it first
+            if block.digest is None:  # nothing findable in it: reuse it first
                 self._free[block_id] = None
                 self._free.move_to_end(block_id, last=False)
             else:
@@ -174,30 +181,35 @@ class BlockManager:
             self._free[block_id] = None
             self._free.move_to_end(block_id, last=False)
 
-    def register(self, block_id: int, parent: int | None, tokens: tuple[int, ...]) -> int:
-        """Record that a block holds ``tokens`` after the beginning ``parent``; its hash. A full
+    def cache_block(self, block_id: int, parent: bytes | None, tokens: tuple[int, ...]) -> bytes:
+        """Record that a block holds ``tokens`` after the beginning ``parent``; its digest. A full
         block can then be shared whole; a partly filled one (a finished row's last) only copied."""
         block = self.blocks[block_id]
-        digest = _chain(parent, tokens)
-        if not self.prefix_caching or block.hash is not None:
-            return block.hash if block.hash is not None else digest
-        block.hash, block.parent, block.tokens = digest, parent, tokens
-        self._by_hash.setdefault(digest, block_id)
+        if block.digest is not None:
+            return block.digest
+        digest = chain_digest(parent, tokens)
+        if not self.prefix_caching:
+            return digest
+        block.digest, block.parent, block.tokens = digest, parent, tokens
+        self._by_digest.setdefault(digest, block_id)
         self._children.setdefault(parent, set()).add(block_id)
         return digest
 
     def _forget(self, block: Block) -> None:
-        if block.hash is None:
+        if block.digest is None:
             return
-        if self._by_hash.get(block.hash) == block.id:
-            del self._by_hash[block.hash]
+        if self._by_digest.get(block.digest) == block.id:
+            del self._by_digest[block.digest]
         siblings = self._children.get(block.parent)
         if siblings is not None:
             siblings.discard(block.id)
             if not siblings:
                 del self._children[block.parent]
-        block.hash, block.parent, block.tokens = None, None, ()
+        block.digest, block.parent, block.tokens = None, None, ()
 
 
-def _chain(parent: int | None, tokens: tuple[int, ...]) -> int:
-    return hash((parent, tokens))
+def chain_digest(parent: bytes | None, tokens: tuple[int, ...]) -> bytes:
+    """The digest of a block holding ``tokens`` after the beginning whose digest is ``parent``."""
+    h = hashlib.blake2b(parent or bytes(16), digest_size=16)  # fixed framing: 16 bytes, then the ids
+    h.update(array("q", tokens).tobytes())
+    return h.digest()

@@ -19,37 +19,12 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
-
 import torch
 
+from glm_api.kv_memory import DEFAULT_CPU_KV_TOKENS, KVShape, kv_tokens_for_memory, step_reserve_bytes
+from glm_api.units import byte_size, ceil_div
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class KVShape:
-    layers: int
-    kv_heads: int
-    head_dim: int
-    dtype: torch.dtype
-
-    @classmethod
-    def of(cls, config, dtype: torch.dtype) -> "KVShape":
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        heads = text.num_attention_heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        kv_heads = getattr(text, "num_key_value_heads", None) or heads
-        return cls(text.num_hidden_layers, kv_heads, head_dim, dtype)
-
-    @property
-    def bytes_per_layer_token(self) -> int:
-        """Keys and values of one token in one layer."""
-        return 2 * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
-
-    @property
-    def bytes_per_token(self) -> int:
-        """Keys and values of one token in every layer."""
-        return self.layers * self.bytes_per_layer_token
 
 
 def per_layer(device: torch.device | Sequence[torch.device], layers: int) -> list[torch.device]:
@@ -119,20 +94,7 @@ class KVPool:
 
 def blocks_for_budget(tokens: int, block_size: int) -> int:
     """Blocks that hold ``tokens`` tokens, plus the padding block."""
-    return -(-tokens // block_size) + 1
-
-
-def kv_tokens_for_memory(total: int, used: int, utilization: float, reserve: int, bytes_per_token: int) -> int:
-    """KV tokens that fit in ``utilization`` of a device's ``total`` bytes after ``used`` (the
-    weights, loaded) and ``reserve`` (a step's activations): vLLM's rule, without its profiling
-    pass."""
-    return max(0, int(total * utilization) - used - reserve) // bytes_per_token
-
-
-def step_reserve_bytes(step_tokens: int, hidden_size: int, dtype: torch.dtype) -> int:
-    """Activations of one step on a GPU: the packed tokens' hidden states and MLP intermediates,
-    a generous 32 hidden sizes each, plus 512 MiB for the allocator and the logits."""
-    return step_tokens * hidden_size * torch.finfo(dtype).bits // 8 * 32 + 512 * 2**20
+    return ceil_div(tokens, block_size) + 1
 
 
 def gpu_kv_tokens(
@@ -144,15 +106,10 @@ def gpu_kv_tokens(
     tokens = kv_tokens_for_memory(total, total - free, utilization, reserve_bytes, per_token)
     if tokens <= 0:
         raise MemoryError(
-            f"no memory left on {device} for the KV cache: {(total - free) / 2**30:.1f} GiB used of {total / 2**30:.1f} GiB "
+            f"no memory left on {device} for the KV cache: {byte_size(total - free)} used of {byte_size(total)} "
             f"at utilization {utilization}; use a smaller dtype or raise --gpu-memory-utilization"
         )
     return tokens
-
-
-#: Without ``--kv-cache-tokens`` on a CPU: the pool's pages are backed only as blocks are used,
-#: so a generous budget costs address space, not memory.
-DEFAULT_CPU_KV_TOKENS = 65536
 
 
 def size_pool(
@@ -182,18 +139,19 @@ def size_pool(
     blocks = blocks_for_budget(tokens, block_size)
     usable = (blocks - 1) * block_size
     log.info(
-        "KV cache of %s: %d blocks of %d tokens = %d tokens, %.2f GiB (%d bytes a token); "
+        "KV cache of %s: %d blocks of %d tokens = %d tokens, %s (%d bytes a token); "
         "%.1f full %d-token contexts fit",
         model_name,
         blocks - 1,
         block_size,
         usable,
-        usable * shape.bytes_per_token / 2**30,
+        byte_size(usable * shape.bytes_per_token),
         shape.bytes_per_token,
         usable / context_length,
         context_length,
     )
     if len(held) > 1:
         for d, layers in held.items():
-            log.info("  KV cache on %s: %d layers, %.2f GiB", d, layers, usable * shape.bytes_per_layer_token * layers / 2**30)
+            size = byte_size(usable * shape.bytes_per_layer_token * layers)
+            log.info("  KV cache on %s: %d layers, %s", d, layers, size)
     return blocks

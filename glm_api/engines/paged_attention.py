@@ -40,6 +40,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from glm_api.engines.kv_blocks import NULL_BLOCK
 from glm_api.engines.kv_pool import KVPool
+from glm_api.units import ceil_div
 
 ATTENTION_NAME = "glm_api_paged"
 
@@ -148,7 +149,7 @@ class PagedStep:
                 place(i)
             lengths = [rows[i].past + 1 for i in bucket]
             kv_len = max(lengths)
-            n_blocks = -(-kv_len // bs)
+            n_blocks = ceil_div(kv_len, bs)
             table = [b for i in bucket for b in _padded(rows[i].table, n_blocks)]
             q_pos = torch.tensor(lengths, device=device)[:, None] - 1
             mask = None
@@ -163,7 +164,7 @@ class PagedStep:
             place(i)
             row = rows[i]
             q_len, kv_len = len(row.new_ids), row.past + len(row.new_ids)
-            n_blocks = -(-kv_len // bs)
+            n_blocks = ceil_div(kv_len, bs)
             q_pos = torch.arange(row.past, kv_len, device=device)[None, :]
             mask = None
             if row.past:  # causal, aligned at the end: query k sees keys up to past + k

@@ -1,8 +1,8 @@
 """A chat request inside the engine, and the stream its client reads.
 
-The worker thread owns an :class:`EngineRequest` (its tokens, sampling state, grammar matcher and
-place in the KV pool); the client's side is :func:`stream_output`, which reads what the worker
-puts in the request's queue on the event loop.
+The worker thread owns an :class:`EngineRequest` (its output, sampling state, grammar matcher and
+:class:`~glm_api.engines.sequence.Sequence`, its place in the KV pool); the client's side is
+:func:`stream_output`, which reads what the worker puts in the request's queue on the event loop.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 from glm_api.engines.base import GenerationChunk, SamplingParams
 from glm_api.engines.detokenizer import IncrementalDetokenizer
-from glm_api.engines.scheduler import RowKV
+from glm_api.engines.sequence import Sequence
 
 
 @dataclass(eq=False)  # identity: requests are found in lists by object, never by value
@@ -28,7 +28,7 @@ class EngineRequest:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     detok: IncrementalDetokenizer
-    kv: RowKV
+    seq: Sequence
     generator: torch.Generator | None = None
     output_ids: list[int] = field(default_factory=list)
     seen: torch.Tensor | None = None  # [V] bool: ids in prompt or output (repetition penalty)

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from glm_api.families.json_file import read_json
 from glm_api.families.base import LoadedEmbeddingModel
 
 logger = logging.getLogger(__name__)
@@ -64,13 +65,6 @@ def packaged_embedding_path() -> Path | None:
     return folder if (folder / "modules.json").is_file() else None
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path} is not readable JSON: {exc}") from exc
-
-
 def _transformer_subdir(folder: Path, modules: Any) -> Path:
     """The folder of the first (Transformer) module listed in a ``modules.json``."""
     if not isinstance(modules, list) or not modules or not all(isinstance(m, dict) for m in modules):
@@ -93,7 +87,7 @@ def _check_transformer_folder(folder: Path, *, require_encoder: bool) -> dict[st
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise ValueError(f"{folder} has no config.json: not a transformers model folder")
-    config = _read_json(config_path)
+    config = read_json(config_path, "model config")
     if not isinstance(config, dict):
         raise ValueError(f"{config_path} is not a JSON object")
 
@@ -146,7 +140,7 @@ def detect_embedding_family(path: Path) -> str:
     modules_json = path / "modules.json"
     if modules_json.is_file():
         # The ST config says how to pool, so decoder backbones (last-token pooling) are fine here.
-        _check_transformer_folder(_transformer_subdir(path, _read_json(modules_json)), require_encoder=False)
+        _check_transformer_folder(_transformer_subdir(path, read_json(modules_json, "sentence-transformers modules")), require_encoder=False)
         return FAMILY_SENTENCE_TRANSFORMERS
 
     _check_transformer_folder(path, require_encoder=True)
@@ -175,7 +169,7 @@ def _folder_max_seq_length(transformer_dir: Path) -> int | None:
     config_path = transformer_dir / "sentence_bert_config.json"
     if not config_path.is_file():
         return None
-    value = _read_json(config_path).get("max_seq_length")
+    value = read_json(config_path, "sentence-transformers config").get("max_seq_length")
     return value if isinstance(value, int) and value > 0 else None
 
 
@@ -217,7 +211,7 @@ def load_embedding_model(
             local_files_only=True,
             model_kwargs={"dtype": dtype},
         )
-        transformer_dir = _transformer_subdir(path, _read_json(path / "modules.json"))
+        transformer_dir = _transformer_subdir(path, read_json(path / "modules.json", "sentence-transformers modules"))
     else:
         transformer = Transformer(
             str(path),
@@ -349,6 +343,17 @@ def tokenize(loaded: LoadedEmbeddingModel, texts: list[str]) -> list[list[int]]:
     if not texts:
         return []
     return _unpad(_preprocess(loaded.model, texts))
+
+
+def decode(loaded: LoadedEmbeddingModel, ids: list[int]) -> str:
+    return loaded.model.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def vocab_size(loaded: LoadedEmbeddingModel) -> int | None:
+    """Rows of the transformer's input embedding (the first sentence-transformers module's)."""
+    inner = getattr(loaded.model._first_module(), "auto_model", None)
+    embeddings = getattr(inner, "get_input_embeddings", None)
+    return embeddings().num_embeddings if embeddings is not None else None
 
 
 def count_tokens(loaded: LoadedEmbeddingModel, texts: list[str]) -> list[int]:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from glm_api.units import ceil_div
+
 _MADV_DONTNEED = 4
 
 
@@ -56,7 +58,7 @@ class MappedFile:
             storage = tensor.untyped_storage()
             start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
         page = mmap.PAGESIZE
-        start, end = start // page * page, -(-end // page) * page  # neighbours re-read from the file if needed
+        start, end = start // page * page, ceil_div(end, page) * page  # neighbours re-read from the file if needed
         for low, high in self.ranges:
             lo, hi = max(start, low), min(end, high)
             if lo < hi:

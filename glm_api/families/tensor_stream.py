@@ -8,7 +8,6 @@ blocks, and its file pages are given back as soon as it is consumed
 
 from __future__ import annotations
 
-import json
 import pickle
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from glm_api.families.json_file import read_json
 from glm_api.families.mapped_pages import MappedFile
 from glm_api.families.quantize import QUANTIZED
 
@@ -123,10 +123,7 @@ def check_all_loaded(model: nn.Module, source: Path) -> None:
 
 
 def _read_index(path: Path) -> dict[str, Any]:
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: weight index is not readable JSON ({exc})") from exc
+    index = read_json(path, "weight index")
     if not isinstance(index, dict):
         raise ValueError(f"{path}: weight index is not a JSON object")  # noqa: TRY004 - a bad file, as ValueError
     return index

@@ -7,7 +7,6 @@ because the conversion takes ~20 s and the cached folder reloads in ~3 s.
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 import shutil
@@ -21,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from glm_api.families.json_file import read_json
 from glm_api.families.base import LoadedChatModel
 from glm_api.families.hf_template import HFChatTemplate, template_text
 from glm_api.families.quantize import QuantMode, quantize_model
@@ -45,10 +45,7 @@ def read_config(path: Path) -> dict[str, Any]:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ValueError(f"{path} has no config.json, so it is not a transformers model folder")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{config_file} is not valid JSON: {exc}") from exc
+    config = read_json(config_file, "model config")
     if not isinstance(config, dict):
         raise ValueError(f"{config_file} is not a JSON object")
     return config

@@ -6,7 +6,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from glm_api.deps import AppStateDep
-from glm_api.engines.router import ReplicaRouter, replicas_of
 from glm_api.errors import EngineUnavailableError
 
 router = APIRouter(tags=["operations"])
@@ -22,8 +21,9 @@ async def health(state: AppStateDep) -> JSONResponse:
     body: dict = {"status": "ok"}
     if state.services is not None:
         registry = state.services.registry
-        if isinstance(registry.chat, ReplicaRouter):
-            body["replicas"] = [replica.status() for replica in replicas_of(registry.chat)]
+        replicas = registry.replica_status()
+        if replicas is not None:
+            body["replicas"] = replicas
             if any(replica["state"] != "ok" for replica in body["replicas"]):
                 body["status"] = "degraded"
         try:

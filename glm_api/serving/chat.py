@@ -14,8 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from glm_api.config import Settings
-from glm_api.engines.base import ChatEngine, GenerationChunk, SamplingParams
-from glm_api.engines.grammar import Constraint
+from glm_api.engines.base import ChatEngine, Constraint, GenerationChunk, SamplingParams
 from glm_api.errors import BadRequestError, ContextLengthError
 from glm_api.families.base import ParsedOutput, ToolCall
 from glm_api.registry import ModelRegistry

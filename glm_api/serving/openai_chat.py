@@ -1,7 +1,8 @@
 """/v1/chat/completions over the shared ChatService: OpenAI messages in, OpenAI shapes out.
 
-Everything that can fail deterministically fails in :func:`start_chat`, before the 200,
-grammar compilation included.
+The request becomes one engine call in :mod:`glm_api.serving.openai_chat_call`; this module
+admits it and shapes the answer. Everything that can fail deterministically fails in
+:func:`start_chat`, before the 200, grammar compilation included.
 
 ``response_format`` (``json_object``, ``json_schema``) and the ``structured_outputs`` extra are
 enforced by constrained decoding (:mod:`glm_api.serving.structured`): the answer parses and
@@ -14,15 +15,13 @@ tool syntax.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
 
 from glm_api import __version__
-from glm_api.errors import BadRequestError
+from glm_api.engines.base import ChatEngine
 from glm_api.families.base import ToolCall
 from glm_api.protocol.openai import (
     ChatChoiceOut,
@@ -31,111 +30,26 @@ from glm_api.protocol.openai import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatDelta,
-    ChatMessageIn,
     ChatMessageOut,
     FunctionCallOut,
-    NamedToolChoice,
     OpenAIUsage,
-    SamplingRequest,
     ToolCallDelta,
     ToolCallOut,
-    ToolDef,
 )
-from glm_api.serving.chat import ChatCall, ChatRun, ChatService
-from glm_api.serving.messages import check_content
-from glm_api.serving.structured import (
-    native_tool_call_constraint,
-    output_constraint,
-    parse_tool_call,
-    tool_call_constraint,
-    with_json_instruction,
-    with_tool_instruction,
-)
-
-#: OpenAI's default, where the seed route keeps the seed's 1.1.
-OPENAI_REPETITION_PENALTY = 1.0
+from glm_api.serving.chat import ChatRun, ChatService
+from glm_api.serving.openai_chat_call import chat_call
+from glm_api.serving.structured import parse_tool_call
 
 
-def system_fingerprint(engine: Any) -> str:
+def system_fingerprint(engine: ChatEngine) -> str:
     """Stable while the same weights are served the same way: name, family, source, dtype."""
-    facts = (
-        engine.model_name,
-        getattr(engine, "family", ""),
-        getattr(engine, "source", ""),
-        getattr(getattr(engine, "model", None), "dtype", ""),
-        __version__,
-    )
+    info = engine.describe()
+    facts = (engine.model_name, info.family, info.source, info.dtype, __version__)
     return "fp_" + hashlib.sha256("|".join(map(str, facts)).encode()).hexdigest()[:10]
 
 
 def new_tool_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
-
-
-def tool_dicts(tools: list[ToolDef] | None) -> list[dict[str, Any]] | None:
-    return [t.model_dump(exclude_none=True) for t in tools] if tools else None
-
-
-def openai_messages(messages: list[ChatMessageIn]) -> list[dict[str, Any]]:
-    """OpenAI messages -> the internal dicts of :mod:`glm_api.families.base`."""
-    names: dict[str, str] = {}  # tool_call_id -> function name, for tool results
-    out: list[dict[str, Any]] = []
-    for index, m in enumerate(messages):
-        check_content(index, m.role, m.content, m.tool_calls)
-        role = {"developer": "system", "function": "tool"}.get(m.role, m.role)
-        message: dict[str, Any] = {"role": role, "content": m.text()}
-        if m.role == "assistant" and m.tool_calls:
-            message["tool_calls"] = [ToolCall(c.function.name, c.function.arguments, c.id) for c in m.tool_calls]
-            names.update({c.id: c.function.name for c in m.tool_calls if c.id})
-        if role == "tool":
-            name = m.name or names.get(m.tool_call_id or "")
-            if name:
-                message["name"] = name
-            if m.tool_call_id:
-                message["tool_call_id"] = m.tool_call_id
-        out.append(message)
-    return out
-
-
-def _offered_tools(req: ChatCompletionRequest) -> list[dict[str, Any]] | None:
-    """The tools the model is shown, after ``tool_choice``."""
-    if not req.tools or req.tool_choice == "none":
-        return None
-    if isinstance(req.tool_choice, NamedToolChoice):
-        wanted = req.tool_choice.function.name
-        named = [t for t in req.tools if t.function.name == wanted]
-        if not named:
-            raise BadRequestError(f"tool_choice names {wanted!r}, which is not in tools", param="tool_choice")
-        return tool_dicts(named)
-    return tool_dicts(req.tools)
-
-
-def sampling_fields(req: SamplingRequest) -> dict[str, Any]:
-    """ChatCall fields from the sampling parameters chat and completions share (OpenAI defaults)."""
-    return {
-        "model": req.model,
-        "temperature": 1.0 if req.temperature is None else req.temperature,
-        "top_p": 1.0 if req.top_p is None else req.top_p,
-        "top_k": req.top_k or 0,
-        "repetition_penalty": req.repetition_penalty or OPENAI_REPETITION_PENALTY,
-        "presence_penalty": req.presence_penalty or 0.0,
-        "frequency_penalty": req.frequency_penalty or 0.0,
-        "seed": req.seed,
-        "stop": list(req.stop or []),
-        "n": req.n or 1,
-    }
-
-
-def chat_call(
-    req: ChatCompletionRequest, messages: list[dict[str, Any]], tools: list[dict] | None, constraint=None
-) -> ChatCall:
-    return ChatCall(
-        messages=messages,
-        tools=tools,
-        max_tokens=req.max_completion_tokens or req.max_tokens,
-        constraint=constraint,
-        **sampling_fields(req),
-    )
 
 
 @dataclass
@@ -154,38 +68,14 @@ class ChatPlan:
 
 async def start_chat(service: ChatService, req: ChatCompletionRequest, request_id: str) -> ChatPlan:
     engine = service.registry.chat_engine(req.model)  # 404 before anything else
-    messages = openai_messages(req.messages)
-    forced = bool(req.tools) and (req.tool_choice == "required" or isinstance(req.tool_choice, NamedToolChoice))
-    if forced:
-        if req.response_format is not None and req.response_format.type != "text" or req.structured_outputs:
-            raise BadRequestError("a forced tool call cannot also follow response_format", param="tool_choice")
-        offered = _offered_tools(req) or []
-        native = native_tool_call_constraint(engine.template.tool_call_syntax, offered)
-        if native is not None:  # the family's own syntax, read by its own parser
-            call = chat_call(req, messages, offered, native)
-            forced = False
-        else:
-            call = chat_call(req, with_tool_instruction(messages, offered), None, tool_call_constraint(offered))
-    else:
-        tools = _offered_tools(req)
-        if tools and not engine.template.supports_tools:
-            raise BadRequestError(
-                f"model {engine.model_name!r} has a chat format without tools; send no tools, "
-                '(or tool_choice "none"), or force one with tool_choice "required" or a named function',
-                param="tools",
-            )
-        constraint = output_constraint(req, req.response_format)
-        if constraint is not None and constraint.kind in ("json_object", "json_schema"):
-            messages = with_json_instruction(messages)
-        call = chat_call(req, messages, tools, constraint)
-    prompt = await service.prepare(call)
-    run = await service.start_prompt(prompt.engine, prompt.ids, call, request_id, tools_enabled=prompt.tools_enabled)
+    call, forced = chat_call(req, engine)
+    run = await service.start(call, request_id)
     return ChatPlan(
         run=run,
         n=call.n,
         id=f"chatcmpl-{request_id}",
         created=int(time.time()),
-        fingerprint=system_fingerprint(prompt.engine),
+        fingerprint=system_fingerprint(engine),
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
         forced_tool=forced,
     )

@@ -15,9 +15,10 @@ from glm_api.errors import BadRequestError, ContextLengthError
 from glm_api.protocol.openai import Completion, CompletionChoice, CompletionRequest, OpenAIUsage
 from glm_api.serving.chat import ChatCall, ChatEvent, ChatRun, ChatService
 from glm_api.serving.merge import merge
-from glm_api.serving.openai_chat import sampling_fields, system_fingerprint
+from glm_api.serving.openai_chat import system_fingerprint
+from glm_api.serving.openai_chat_call import sampling_fields
 from glm_api.serving.structured import output_constraint
-from glm_api.serving.tokenize import check_token_ids, vocab_limit
+from glm_api.serving.tokenize import check_token_ids
 
 #: Prompts per request; each is its own engine request (times n), so this bounds the fan-out.
 MAX_PROMPTS = 32
@@ -48,7 +49,7 @@ def _prompts(req: CompletionRequest) -> list[str | list[int]]:
 
 def _encode(engine, prompts: list[str | list[int]], echo: bool) -> tuple[list[list[int]], list[str]]:
     """Prompt ids, and the prompt texts to echo ("" each without echo). Blocking: a thread."""
-    limit = vocab_limit(engine)
+    limit = engine.vocab_size
     ids, texts = [], []
     for prompt in prompts:
         if isinstance(prompt, str):

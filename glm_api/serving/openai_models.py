@@ -9,7 +9,7 @@ from glm_api.protocol.openai import ModelCard, ModelList
 from glm_api.protocol.tokenizer import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from glm_api.registry import ModelRegistry
 from glm_api.serving.chat import ChatCall, ChatService
-from glm_api.serving.openai_chat import openai_messages, tool_dicts
+from glm_api.serving.openai_chat_call import openai_messages, tool_dicts
 from glm_api.serving.tokenize import TokenizeService
 
 

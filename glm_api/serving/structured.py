@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from glm_api.engines.grammar import Constraint
+from glm_api.engines.base import Constraint
 from glm_api.errors import BadRequestError
 from glm_api.families.base import ToolCall
 from glm_api.protocol.openai import ResponseFormat, SamplingRequest

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+from glm_api.engines.base import Tokenizing
 from glm_api.errors import BadRequestError
 from glm_api.registry import ModelRegistry
 
@@ -30,17 +31,12 @@ class TokenizeService:
         return owner.model_name, await asyncio.to_thread(decode_ids, owner, ids)
 
     @staticmethod
-    def _tokenize(owner, text: str, limit: int | None) -> Tokens:
+    def _tokenize(owner: Tokenizing, text: str, limit: int | None) -> Tokens:
         """The text as the model's own tokenizer encodes it by default, special tokens included
         (vLLM's add_special_tokens default; the seed's ChatGLM3 ids began with [gMASK] sop too).
         ``limit`` cuts the whole list."""
-        if hasattr(owner, "template"):  # a chat engine
-            ids = owner.template.encode(text, add_special_tokens=True)[:limit]
-            tokens = owner.template.convert_ids_to_tokens(ids)
-        else:
-            ids = owner.tokenize([text])[0][:limit]
-            tokens = owner.convert_ids_to_tokens(ids)
-        return Tokens(owner.model_name, ids, tokens)
+        ids = owner.tokenize([text])[0][:limit]
+        return Tokens(owner.model_name, ids, owner.convert_ids_to_tokens(ids))
 
 
 def check_token_ids(convert_ids_to_tokens, ids: list[int], limit: int | None, param: str) -> list[str]:
@@ -54,26 +50,7 @@ def check_token_ids(convert_ids_to_tokens, ids: list[int], limit: int | None, pa
     return tokens
 
 
-def vocab_limit(owner) -> int | None:
-    """Rows of the model's input embedding, where the engine exposes its model (else None)."""
-    model = getattr(owner, "model", None) or getattr(getattr(owner, "loaded", None), "model", None)
-    embeddings = getattr(model, "get_input_embeddings", None)
-    if embeddings is None:  # a SentenceTransformer: its first module holds the transformer
-        inner = getattr(getattr(model, "_first_module", lambda: None)(), "auto_model", None)
-        embeddings = getattr(inner, "get_input_embeddings", None)
-    table = embeddings() if embeddings is not None else None
-    return getattr(table, "num_embeddings", None)
-
-
-def embedding_tokenizer(engine):
-    """The HF tokenizer of an embedding engine (the engine interface has no ``decode``)."""
-    return engine.loaded.model.tokenizer
-
-
-def decode_ids(owner, ids: list[int], param: str = "tokens") -> str:
+def decode_ids(owner: Tokenizing, ids: list[int], param: str = "tokens") -> str:
     """Text of ids for the chat model or an embedding model, refusing ids it does not have."""
-    if hasattr(owner, "template"):  # a chat engine
-        check_token_ids(owner.template.convert_ids_to_tokens, ids, vocab_limit(owner), param)
-        return owner.template.decode(ids)
-    check_token_ids(owner.convert_ids_to_tokens, ids, vocab_limit(owner), param)
-    return embedding_tokenizer(owner).decode(ids, skip_special_tokens=True)
+    check_token_ids(owner.convert_ids_to_tokens, ids, owner.vocab_size, param)
+    return owner.decode(ids)

@@ -208,7 +208,7 @@ def test_error_after_the_stream_started_raises_in_the_sdk(smollm2):
 
     settings = make_settings()
     registry = make_registry(smollm2, {}, settings)
-    registry.chat.model = _FailsAfterFirstStep(smollm2.model)
+    registry.chat.runner.model = _FailsAfterFirstStep(smollm2.model)
     with TestClient(create_app(settings, registry)) as client:
         sdk = OpenAI(base_url="http://testserver/v1", api_key="x", max_retries=0, http_client=client)
         stream = sdk.chat.completions.create(

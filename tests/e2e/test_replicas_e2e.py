@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from glm_api.engines.base import SamplingParams
-from glm_api.engines.transformers_engine import TransformersChatEngine
+from glm_api.engines.chat_engine import TransformersChatEngine
 from tests.api.test_metrics import value
 from tests.e2e.conftest import start_server, stop_server
 from tests.engines.test_chat_batching import collect

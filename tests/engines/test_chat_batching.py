@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from glm_api.engines.base import SamplingParams
-from glm_api.engines.transformers_engine import TransformersChatEngine
+from glm_api.engines.chat_engine import TransformersChatEngine
 from glm_api.errors import InternalError, RateLimitError
 from tests.conftest import make_registry, make_settings
 
@@ -194,7 +194,7 @@ class _FailsOnce:
 
 def test_a_failed_step_fails_its_requests_and_the_engine_serves_on(smollm2, prompts):
     engine = TransformersChatEngine(smollm2, "smollm2", max_running=4)
-    engine.model = _FailsOnce(smollm2.model)
+    engine.runner.model = _FailsOnce(smollm2.model)
     engine.start()
     try:
         async def scenario():

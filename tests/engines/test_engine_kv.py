@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from glm_api.engines.base import SamplingParams
-from glm_api.engines.transformers_engine import TransformersChatEngine
+from glm_api.engines.chat_engine import TransformersChatEngine
 from glm_api.errors import ContextLengthError, EngineUnavailableError
 from tests.engines.test_chat_batching import QUESTIONS, collect
 
@@ -100,7 +100,7 @@ class _OutOfMemoryOnce:
 
 def test_an_out_of_memory_step_fails_the_chunked_row_and_the_others_go_on(smollm2, prompts):
     engine = TransformersChatEngine(smollm2, "smollm2")
-    engine.model = _OutOfMemoryOnce(smollm2.model)
+    engine.runner.model = _OutOfMemoryOnce(smollm2.model)
     engine.start()
     try:
 
@@ -122,4 +122,4 @@ def test_an_out_of_memory_step_fails_the_chunked_row_and_the_others_go_on(smollm
     assert engine.model.raised
     assert survivor == alone.ids  # the decoding row lost nothing
     assert after.finish_reason in {"stop", "length"}
-    assert engine.blocks.num_used == 0
+    assert engine.kv.num_used == 0

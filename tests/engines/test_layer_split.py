@@ -16,7 +16,7 @@ from glm_api.device_map import SKIP_KEYS, LayerSplit
 from glm_api.engines.base import SamplingParams
 from glm_api.engines.kv_pool import KVPool, KVShape
 from glm_api.engines.paged_attention import PagedStep, ScheduledRow, install
-from glm_api.engines.transformers_engine import TransformersChatEngine
+from glm_api.engines.chat_engine import TransformersChatEngine
 from glm_api.families.chatglm3 import load_chatglm3
 from glm_api.families.detect import load_chat_model
 from glm_api.registry import ModelSource, ModelSources, build_registry

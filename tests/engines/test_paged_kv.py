@@ -1,7 +1,7 @@
 """The paged KV cache: block bookkeeping, and every row's logits equal to the row run alone.
 
-The parity tests drive the engine's own scheduler and paged step over real tiny models (the
-engine's worker loop adds only sampling and streaming around them): rows join at random steps,
+The parity tests drive the engine's own scheduler, KV cache manager and model runner over real
+tiny models (the engine's loop adds only sampling and streaming around them): rows join at random steps,
 prefill in chunks that cross block edges, decode beside each other, are preempted when the pool
 runs short and recomputed, and start after beginnings found in the pool. Each logit vector is
 compared with the same sequence run alone through the model's stock attention.
@@ -17,10 +17,13 @@ import pytest
 import torch
 from transformers import GlmConfig, GlmForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from glm_api.engines.kv_blocks import NULL_BLOCK, BlockManager
+from glm_api.engines.kv_blocks import NULL_BLOCK, BlockManager, chain_digest
+from glm_api.engines.kv_cache_manager import KVCacheManager
 from glm_api.engines.kv_pool import KVPool, KVShape
-from glm_api.engines.paged_attention import PagedStep, ScheduledRow, install
-from glm_api.engines.scheduler import RowKV, Scheduler
+from glm_api.engines.model_runner import ModelRunner
+from glm_api.engines.paged_attention import install
+from glm_api.engines.scheduler import Scheduler
+from glm_api.engines.sequence import Sequence
 
 CPU = torch.device("cpu")
 
@@ -45,11 +48,11 @@ def test_blocks_are_counted_shared_and_given_back():
 
 
 def _fill(blocks: BlockManager, tokens: list[int]) -> list[int]:
-    """A row that computed ``tokens``: its full blocks registered, as the scheduler does."""
+    """A row that computed ``tokens``: its full blocks cached, as the KV cache manager does."""
     table, _ = blocks.allocate(blocks.blocks_for(len(tokens)))
     parent = None
     for i in range(len(tokens) // blocks.block_size):
-        parent = blocks.register(table[i], parent, tuple(tokens[i * 4 : i * 4 + 4]))
+        parent = blocks.cache_block(table[i], parent, tuple(tokens[i * 4 : i * 4 + 4]))
     return table
 
 
@@ -87,6 +90,21 @@ def test_cached_blocks_are_bounded_and_taken_back_before_reuse():
     assert blocks.lookup(list(range(50, 58)) + [99]).tokens(4) == 8
 
 
+def test_blocks_are_found_by_a_digest_of_their_tokens_chained_to_their_beginning():
+    blocks = BlockManager(16, 4, cached_blocks=8)
+    a = _fill(blocks, [1, 2, 3, 4, 5, 6, 7, 8])
+    first = chain_digest(None, (1, 2, 3, 4))
+    assert blocks.blocks[a[0]].digest == first and len(first) == 16
+    assert blocks.blocks[a[1]].digest == chain_digest(first, (5, 6, 7, 8)) != chain_digest(None, (5, 6, 7, 8))
+    # The same block of tokens after another beginning is another digest: never a hit.
+    b = _fill(blocks, [9, 9, 9, 9, 5, 6, 7, 8])
+    assert blocks.blocks[b[1]].digest != blocks.blocks[a[1]].digest
+    blocks.release(a)
+    blocks.release(b)
+    assert blocks.lookup([9, 9, 9, 9, 5, 6, 7, 8, 0]).blocks == b
+    assert blocks.lookup([1, 2, 3, 4, 5, 6, 7, 8, 0]).blocks == a
+
+
 # -- parity with the model alone -------------------------------------------------------------
 
 
@@ -118,18 +136,18 @@ def _stock_and_paged(kind: str):
 class _Row:
     def __init__(self, ids: list[int], prompt_len: int, join: int) -> None:
         self.full, self.join = ids, join
-        self.kv = RowKV(ids=list(ids[:prompt_len]))
+        self.seq = Sequence(token_ids=list(ids[:prompt_len]))
         self.seen: dict[int, torch.Tensor] = {}  # position -> logits of the next token
 
 
 class _Harness:
-    """The engine's step loop without sampling: each row is fed its predetermined tokens."""
+    """The engine's step (scheduler, KV cache manager, model runner) without sampling: each row
+    is fed its predetermined tokens."""
 
     def __init__(self, model, *, blocks: int, block_size: int, chunk: int, cached_blocks: int = 0, max_running=64):
-        self.model = model
-        self.pool = KVPool(KVShape.of(model.config, torch.float32), blocks, block_size, CPU)
-        self.blocks = BlockManager(blocks, block_size, cached_blocks=cached_blocks)
-        self.scheduler = Scheduler(self.blocks, self.pool, max_running=max_running, chunk_tokens=chunk)
+        self.runner = ModelRunner(model, KVPool(KVShape.of(model.config, torch.float32), blocks, block_size, CPU))
+        self.kv = KVCacheManager(self.runner.pool, cached_blocks=cached_blocks)
+        self.scheduler = Scheduler(self.kv, max_running=max_running, chunk_tokens=chunk)
         self.running: list[_Row] = []
         self.waiting: deque[_Row] = deque()
         self.steps = 0
@@ -137,25 +155,24 @@ class _Harness:
     @torch.inference_mode()
     def step(self) -> None:
         plan = self.scheduler.schedule(self.running, self.waiting)
-        if not plan.rows:
+        if not plan.scheduled:
             return
-        rows = [
-            ScheduledRow(r.kv.table, r.kv.computed, r.kv.ids[r.kv.computed : r.kv.computed + n]) for r, n in plan.rows
-        ]
-        step = PagedStep.build(self.pool, rows)
-        out = self.model(**step.model_inputs(), logits_to_keep=torch.tensor(step.last_index))
-        self.scheduler.computed(plan.rows)
+        self.kv.apply(self.kv.take_block_ops())
+        scheduled = [(row.seq, n) for row, n in plan.scheduled]
+        out = self.runner.execute(scheduled)
+        self.kv.computed(scheduled)
         self.steps += 1
-        for k, (row, n) in enumerate(plan.rows):
-            kv = row.kv
-            if kv.computed < len(kv.ids):
-                continue  # a chunk in the middle of a prompt: no logits wanted
-            row.seen[kv.computed - 1] = out.logits[0, k].clone()
-            if len(kv.ids) < len(row.full):
-                kv.ids.append(row.full[len(kv.ids)])
+        # Logits come only for rows whose last known token was computed (no mid-prompt chunks).
+        assert out.sampling == [k for k, (seq, _) in enumerate(scheduled) if seq.num_computed_tokens == len(seq.token_ids)]
+        for k, logits in zip(out.sampling, out.logits if out.sampling else []):
+            row = plan.scheduled[k][0]
+            seq = row.seq
+            row.seen[seq.num_computed_tokens - 1] = logits.clone()
+            if len(seq.token_ids) < len(row.full):
+                seq.token_ids.append(row.full[len(seq.token_ids)])
             else:
                 self.running.remove(row)
-                self.scheduler.free(kv)
+                self.kv.free(seq)
 
     def run(self, rows: list[_Row], max_steps: int = 2000) -> None:
         for t in range(max_steps):
@@ -194,7 +211,7 @@ def test_rows_joining_chunked_and_leaving_see_what_they_see_alone(kind):
     harness = _Harness(model, blocks=200, block_size=4, chunk=7)
     harness.run(rows)
     _assert_alone(reference, rows, lens)
-    assert harness.blocks.num_used == 0
+    assert harness.kv.num_used == 0
 
 
 @pytest.mark.parametrize("kind", ["llama", "glm"])
@@ -216,7 +233,7 @@ def test_rows_after_beginnings_found_in_the_pool_see_what_they_see_alone(kind):
     harness = _Harness(model, blocks=300, block_size=4, chunk=64, cached_blocks=100)
     harness.run(rows)
     _assert_alone(reference, rows, lens)
-    cached = [r.kv.cached for r in rows]
+    cached = [r.seq.num_cached_tokens for r in rows]
     assert max(cached) >= len(system) and sum(c >= len(system) for c in cached) >= len(rows) // 2, cached
 
 

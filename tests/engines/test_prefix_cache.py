@@ -12,15 +12,15 @@ import asyncio
 from glm_api.engines.base import SamplingParams
 from glm_api.engines.kv_blocks import common_length
 from glm_api.engines.scheduler import MIN_SHARED_TOKENS
-from glm_api.engines.transformers_engine import TransformersChatEngine
+from glm_api.engines.chat_engine import TransformersChatEngine
 from glm_api.registry import PACKAGED_CHAT_NAME
 from tests.api.test_metrics import scrape, value
 from tests.engines.test_chat_batching import collect
 
 
 def test_engine_without_a_prefix_cache_when_turned_off(smollm2):
-    assert not TransformersChatEngine(smollm2, "m", prefix_cache_tokens=0).blocks.prefix_caching
-    assert TransformersChatEngine(smollm2, "m").blocks.prefix_caching
+    assert not TransformersChatEngine(smollm2, "m", prefix_cache_tokens=0).kv.prefix_caching
+    assert TransformersChatEngine(smollm2, "m").kv.prefix_caching
 
 
 # -- through the engine, on SmolLM2 ----------------------------------------------------------

@@ -271,8 +271,8 @@ def test_a_constrained_row_and_free_rows_decoded_together_get_what_they_get_alon
     import asyncio
 
     from glm_api.engines.base import SamplingParams
-    from glm_api.engines.grammar import Constraint
-    from glm_api.engines.transformers_engine import TransformersChatEngine
+    from glm_api.engines.base import Constraint
+    from glm_api.engines.chat_engine import TransformersChatEngine
     from tests.engines.test_chat_batching import QUESTIONS, collect
 
     engine = TransformersChatEngine(smollm2, "smollm2", max_running=8)

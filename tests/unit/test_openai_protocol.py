@@ -22,14 +22,8 @@ from glm_api.protocol.openai import ChatCompletionRequest, CompletionRequest, Em
 from glm_api.protocol.tokenizer import TokenizeRequest
 from glm_api.serving.chat import ChatEvent, ChatRun
 from glm_api.serving.structured import tool_call_constraint, with_json_instruction
-from glm_api.serving.openai_chat import (
-    ChatPlan,
-    _offered_tools,
-    chat_call,
-    chat_response,
-    chat_stream,
-    openai_messages,
-)
+from glm_api.serving.openai_chat import ChatPlan, chat_response, chat_stream
+from glm_api.serving.openai_chat_call import _offered_tools, call_with, openai_messages
 from glm_api.serving.openai_completions import _prompts
 from glm_api.serving.openai_embeddings import base64_floats, shorten
 from glm_api.serving.sse import _framed
@@ -76,13 +70,13 @@ async def drain(stream) -> list[dict]:
 
 def test_unknown_fields_and_nulls_are_accepted():
     req = chat_request(temperature=None, top_p=None, n=None, stop=None, seed=None, store=True, metadata={"a": 1})
-    call = chat_call(req, openai_messages(req.messages), None)
+    call = call_with(req, openai_messages(req.messages), None)
     assert (call.temperature, call.top_p, call.n, call.stop, call.repetition_penalty) == (1.0, 1.0, 1, [], 1.0)
 
 
 def test_max_completion_tokens_wins_over_max_tokens():
     req = chat_request(max_tokens=50, max_completion_tokens=5, presence_penalty=0.5, frequency_penalty=-0.5, top_k=3)
-    call = chat_call(req, [], None)
+    call = call_with(req, [], None)
     assert (call.max_tokens, call.presence_penalty, call.frequency_penalty, call.top_k) == (5, 0.5, -0.5, 3)
 
 

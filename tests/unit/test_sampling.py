@@ -7,7 +7,7 @@ import itertools
 import torch
 
 from glm_api.engines.base import SamplingParams
-from glm_api.engines.sampling import apply_penalties, sample_token
+from glm_api.engines.sampler import apply_penalties, sample_token
 
 
 def test_extreme_but_valid_parameters_always_give_a_token():

@@ -9,7 +9,6 @@ read, so the weights never exist twice in memory (beyond one shard's file pages)
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from glm_api.families.json_file import read_json
 from glm_api.families.base import LoadedChatModel
 from glm_api.families.chatglm3.template import ChatGLM3Template
 from glm_api.families.chatglm3.tokenizer import ChatGLM3Tokenizer
@@ -76,15 +76,6 @@ class ChatGLM3Config:
         return self.num_attention_heads * d, self.kv_groups * d, self.kv_groups * d
 
 
-def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"{path}: {what} not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: {what} is not readable JSON ({exc})") from exc
-
-
 def _is_chatglm_config(raw: Any) -> bool:
     return isinstance(raw, dict) and (
         raw.get("model_type") == "chatglm" or "ChatGLMModel" in (raw.get("architectures") or [])
@@ -99,14 +90,14 @@ def is_chatglm3_folder(path: str | Path) -> bool:
     """
     folder = Path(path)
     try:
-        raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raw = read_json(folder / "config.json", "config")
+    except ValueError:
         return False
     if not _is_chatglm_config(raw) or "kv_channels" not in raw:
         return False
     try:
-        tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        tokenizer_config = read_json(folder / "tokenizer_config.json", "tokenizer config")
+    except ValueError:
         tokenizer_config = {}
     return "ChatGLM4" not in str(tokenizer_config.get("tokenizer_class", ""))
 
@@ -114,7 +105,7 @@ def is_chatglm3_folder(path: str | Path) -> bool:
 def read_chatglm3_config(folder: Path) -> ChatGLM3Config:
     """Validated fields of ``folder/config.json``; ValueError naming the file and the field."""
     path = folder / "config.json"
-    raw = _read_json(path, "config")
+    raw = read_json(path, "config")
     if not _is_chatglm_config(raw):
         raise ValueError(f"{path}: not a ChatGLM3 config (expected model_type 'chatglm' / architecture 'ChatGLMModel')")
 

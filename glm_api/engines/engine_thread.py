@@ -7,7 +7,7 @@ import threading
 from glm_api.errors import EngineUnavailableError
 
 
-class WorkerThread:
+class EngineThread:
     """Owns one daemon thread running ``self._loop``; subclasses set ``self._dead`` with the
     reason when the loop dies, and wait on ``self._cv`` for work or ``self._stopping``."""
 

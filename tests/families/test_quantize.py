@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from glm_api.engines.base import SamplingParams
-from glm_api.engines.grammar import Constraint
-from glm_api.engines.transformers_engine import TransformersChatEngine
+from glm_api.engines.base import Constraint
+from glm_api.engines.chat_engine import TransformersChatEngine
 from glm_api.families import quantize as q
 from glm_api.families.tensor_stream import iter_checkpoint
 from glm_api.families.detect import load_chat_model

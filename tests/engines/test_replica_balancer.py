@@ -20,9 +20,9 @@ from fastapi.testclient import TestClient
 from glm_api.app import create_app
 from glm_api.devices import resolve_devices
 from glm_api.engines.base import SamplingParams
-from glm_api.engines.grammar import Constraint
-from glm_api.engines.router import ReplicaRouter
-from glm_api.engines.transformers_engine import TransformersChatEngine
+from glm_api.engines.base import Constraint
+from glm_api.engines.replica_balancer import ReplicaBalancer
+from glm_api.engines.chat_engine import TransformersChatEngine
 from glm_api.errors import EngineUnavailableError, RateLimitError
 from glm_api.registry import ModelRegistry, ModelSource, ModelSources, build_registry
 from tests.api.test_metrics import scrape, value
@@ -38,7 +38,7 @@ SYSTEM = (
 )
 
 
-def make_router(loaded, *, max_running: int = 4, max_waiting: int = 8, model=None) -> ReplicaRouter:
+def make_router(loaded, *, max_running: int = 4, max_waiting: int = 8, model=None) -> ReplicaBalancer:
     """Two replicas of the same weights (sharing the loaded tensors: this is about routing;
     the registry test below loads once per device). ``model`` replaces replica 1's model."""
     engines = [
@@ -46,8 +46,8 @@ def make_router(loaded, *, max_running: int = 4, max_waiting: int = 8, model=Non
         for _ in range(2)
     ]
     if model is not None:
-        engines[1].model = model
-    return ReplicaRouter(engines, ["cpu", "cpu"])
+        engines[1].runner.model = model
+    return ReplicaBalancer(engines, ["cpu", "cpu"])
 
 
 @pytest.fixture
@@ -236,7 +236,7 @@ def test_a_dead_replica_leaves_the_rotation(smollm2, caplog):
         async def scenario():
             with pytest.raises(EngineUnavailableError):  # the request in flight fails with it (503)
                 await collect(router.replicas[1].engine, prompt, GREEDY, "on-the-dying-replica")
-            with caplog.at_level(logging.ERROR, logger="glm_api.engines.router"):
+            with caplog.at_level(logging.ERROR, logger="glm_api.engines.replica_balancer"):
                 router.check_health()  # one replica left: still healthy
             places = []
             for i in range(3):
@@ -313,10 +313,10 @@ def test_registry_loads_the_chat_model_once_per_listed_device(tiny_llama_dir, ti
     sources = ModelSources(ModelSource("tiny", tiny_llama_dir), (ModelSource("bert", tiny_bert_dir),))
     registry = build_registry(settings, sources)
     router = registry.chat
-    assert isinstance(router, ReplicaRouter) and router.devices == ["cpu", "cpu"]
+    assert isinstance(router, ReplicaBalancer) and router.devices == ["cpu", "cpu"]
     first, second = (r.engine for r in router.replicas)
     assert first.model is not second.model  # loaded twice
-    assert first.pool is not second.pool and first.blocks is not second.blocks  # own KV and prefix cache
+    assert first.runner.pool is not second.runner.pool and first.kv is not second.kv  # own KV and prefix cache
     assert first.max_running == second.max_running == 2  # the limits hold per replica
     assert registry.chat_engine("tiny") is router and router.context_length == first.context_length
     assert next(registry.embeddings["bert"].loaded.model.parameters()).device == torch.device("cpu")

@@ -19,9 +19,9 @@ import torch
 
 from glm_api.engines.base import SamplingParams
 from glm_api.engines.paged_attention import install
-from glm_api.engines.transformers_engine import TransformersChatEngine
+from glm_api.engines.chat_engine import TransformersChatEngine
 from glm_api.families.chatglm3 import load_chatglm3
-from tests.engines.test_chatglm3_checkpoint import raw_checkpoint, reference_logits
+from tests.families.test_chatglm3_checkpoint import raw_checkpoint, reference_logits
 from tests.engines.test_paged_kv import _Harness, _Row
 from tests.fixtures.chatglm3_tiny import build_tiny_chatglm3
 

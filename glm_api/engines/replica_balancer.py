@@ -1,11 +1,11 @@
 """One chat engine over several replicas of the same model, one per device.
 
-:class:`ReplicaRouter` implements the :class:`~glm_api.engines.base.ChatEngine` interface, so
+:class:`ReplicaBalancer` implements the :class:`~glm_api.engines.base.ChatEngine` interface, so
 the serving layer cannot tell it from one engine; the registry builds it when ``--device``
 lists more than one device. Each replica is a whole engine with its own worker thread, KV pool
 and prefix cache (vLLM's ``--data-parallel-size``, SGLang's ``--dp-size``, in one process).
 
-Where a new request goes (decided on the event loop, in :meth:`ReplicaRouter.generate`):
+Where a new request goes (decided on the event loop, in :meth:`ReplicaBalancer.generate`):
 
 1. replicas whose worker died or stopped are out of rotation (logged once, shown by ``/health``);
 2. replicas whose queue is full are skipped: the admission limits (``--max-running``,
@@ -31,14 +31,14 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from glm_api.engines.base import ChatEngine, GenerationChunk, SamplingParams
+from glm_api.engines.base import ChatEngine, EngineInfo, GenerationChunk, SamplingParams
 from glm_api.errors import APIError, ContextLengthError, EngineUnavailableError, RateLimitError
 
 log = logging.getLogger(__name__)
 
 
-class RoutableEngine(ChatEngine, Protocol):
-    """What the router reads of each replica besides the chat-engine interface."""
+class BalancedEngine(ChatEngine, Protocol):
+    """What the balancer reads of each replica besides the chat-engine interface."""
 
     @property
     def queue_full(self) -> bool: ...
@@ -51,9 +51,9 @@ class RoutableEngine(ChatEngine, Protocol):
 @dataclass(eq=False)
 class Replica:
     index: int  # its place in --device: the label in logs, /health and /metrics
-    engine: Any  # a RoutableEngine (or, from replicas_of, any ChatEngine)
+    engine: Any  # a BalancedEngine (or, from replicas_of, any ChatEngine)
     device: str
-    down: str | None = None  # why it cannot serve; a router's replica never comes back
+    down: str | None = None  # why it cannot serve; a balancer's replica never comes back
 
     def status(self) -> dict[str, Any]:
         """For ``/health``."""
@@ -69,19 +69,17 @@ class Replica:
         return out
 
 
-class ReplicaRouter:
-    def __init__(self, engines: Sequence[RoutableEngine], devices: Sequence[str], *, prefix_affinity: bool = True) -> None:
+class ReplicaBalancer:
+    def __init__(self, engines: Sequence[BalancedEngine], devices: Sequence[str], *, prefix_affinity: bool = True) -> None:
         if not engines or len(engines) != len(devices):
-            raise ValueError("a router needs one device name per replica, and at least one replica")
+            raise ValueError("a balancer needs one device name per replica, and at least one replica")
         first = engines[0]
         names = {e.model_name for e in engines}
         if len(names) > 1:
-            raise ValueError(f"replicas of one router serve one model, not {sorted(names)}")
+            raise ValueError(f"replicas of one balancer serve one model, not {sorted(names)}")
         self.model_name = first.model_name
         self.context_length = first.context_length
         self.template = first.template
-        self.family = getattr(first, "family", None)
-        self.source = getattr(first, "source", None)
         self.replicas = [Replica(i, engine, device) for i, (engine, device) in enumerate(zip(engines, devices))]
         self.prefix_affinity = prefix_affinity
         self.rejected = 0  # requests refused because every replica was full
@@ -93,6 +91,24 @@ class ReplicaRouter:
     def model(self) -> Any:
         """The first replica's model (every replica holds the same weights)."""
         return self.replicas[0].engine.model
+
+    # -- what it serves and its tokenizer: every replica's is the same ---------------------------
+
+    def describe(self) -> EngineInfo:
+        return self.replicas[0].engine.describe()
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        return self.replicas[0].engine.tokenize(texts)
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str | None]:
+        return self.replicas[0].engine.convert_ids_to_tokens(ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.replicas[0].engine.decode(ids)
+
+    @property
+    def vocab_size(self) -> int | None:
+        return self.replicas[0].engine.vocab_size
 
     @property
     def devices(self) -> list[str]:
@@ -219,9 +235,9 @@ class ReplicaRouter:
 
 
 def replicas_of(engine: Any) -> list[Replica]:
-    """The replicas behind a chat engine, current state included: a router's, or a single
+    """The replicas behind a chat engine, current state included: a balancer's, or a single
     engine as replica 0."""
-    if isinstance(engine, ReplicaRouter):
+    if isinstance(engine, ReplicaBalancer):
         engine.refresh()
         return list(engine.replicas)
     replica = Replica(0, engine, str(getattr(engine, "device", "")))

@@ -1,0 +1,97 @@
+"""The model runner: one engine step as one forward of the model over the paged KV pool.
+
+It owns what the device sees: the model, its device and dtype, and the KV pool's tensors. Given
+the scheduler's plan (each sequence and how many of its tokens to compute), it packs the new
+tokens of every sequence into one ``[1, T]`` step (:class:`~glm_api.engines.paged_attention.
+PagedStep`: positions, the slots the new keys/values go to, the attention groups), runs the
+forward, and returns the logits of the sequences that sample a token now (decoding ones, and
+prompts whose last chunk this is). Nothing else in the engine calls the model: a compiled or
+graph-captured step, or another attention backend, plugs in here (nano-vllm's and vLLM's
+``ModelRunner``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+
+from glm_api.engines.kv_pool import KVPool, layer_devices, size_pool
+from glm_api.engines.paged_attention import PagedStep, ScheduledRow, install
+from glm_api.engines.sequence import Sequence
+from glm_api.kv_memory import KVShape
+
+
+@dataclass
+class StepOutput:
+    """``sampling[i]`` is the index (in the plan) of the sequence whose next-token logits are
+    ``logits[i]``; ``logits`` is None when no sequence samples this step."""
+
+    sampling: list[int]
+    logits: torch.Tensor | None
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, pool: KVPool) -> None:
+        install(model)
+        self.model = model
+        self.pool = pool
+        self.device = next(model.parameters()).device
+        self._keep_device = self.device
+        if hasattr(model, "_hf_hook"):  # split over devices (glm_api/device_map.py)
+            # Steps are built on the first layer's device and the hooks bring the logits back
+            # there; the last hidden states stay on the last device, so the rows to keep are
+            # picked with an index on the CPU (one that any device's tensor accepts).
+            self.device, self._keep_device = pool.device, torch.device("cpu")
+
+    @classmethod
+    def for_model(
+        cls,
+        model: torch.nn.Module,
+        model_name: str,
+        *,
+        context_length: int,
+        block_size: int,
+        kv_cache_tokens: int | None,
+        gpu_memory_utilization: float,
+        step_tokens: int,
+    ) -> ModelRunner:
+        """The runner with a pool sized for ``model`` (each layer's keys and values beside it: all
+        on one device, unless the model is split)."""
+        shape = KVShape.of(model.config, next(model.parameters()).dtype)
+        devices = layer_devices(model, shape.layers)
+        num_blocks = size_pool(
+            shape,
+            devices,
+            block_size=block_size,
+            kv_cache_tokens=kv_cache_tokens,
+            context_length=context_length,
+            gpu_memory_utilization=gpu_memory_utilization,
+            step_tokens=step_tokens,
+            hidden_size=model.config.get_text_config().hidden_size,
+            model_name=model_name,
+        )
+        return cls(model, KVPool(shape, num_blocks, block_size, devices))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_input_embeddings().num_embeddings
+
+    def execute(self, scheduled: Seq[tuple[Sequence, int]]) -> StepOutput:
+        """One forward over ``n`` new tokens of each sequence (their blocks are allocated and
+        their ``num_computed_tokens`` not yet advanced)."""
+        rows = []
+        for seq, n in scheduled:
+            past = seq.num_computed_tokens
+            rows.append(ScheduledRow(seq.block_table, past, seq.token_ids[past : past + n]))
+        step = PagedStep.build(self.pool, rows)
+        # Logits only where a sequence's last known token is computed: decoding ones and finished prompts.
+        sampling = [i for i, (seq, n) in enumerate(scheduled) if seq.num_computed_tokens + n == len(seq.token_ids)]
+        keep = torch.tensor([step.last_index[i] for i in sampling], dtype=torch.long, device=self._keep_device)
+        out = self.model(**step.model_inputs(), logits_to_keep=keep)
+        return StepOutput(sampling, out.logits[0] if sampling else None)

@@ -1,0 +1,23 @@
+"""A sequence's place in the KV cache: every token it knows and the blocks that hold them.
+
+Torch-free plain data (nano-vllm's ``Sequence``, vLLM's ``Request`` bookkeeping): the
+:mod:`scheduler` and the :mod:`kv_cache_manager` read and change it under the engine's lock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(eq=False)
+class Sequence:
+    token_ids: list[int]  # the prompt, then the output so far
+    block_table: list[int] = field(default_factory=list)  # its blocks of the pool, in order
+    num_computed_tokens: int = 0  # tokens whose keys/values are in the pool
+    num_hashed_blocks: int = 0  # leading blocks in the prefix cache (full, digested)
+    last_digest: bytes | None = None  # digest of the last of those: the parent of the next block
+    num_cached_tokens: int | None = None  # prompt tokens found in the pool at first admission
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
