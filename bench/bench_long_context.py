@@ -6,7 +6,7 @@
     python bench/bench_long_context.py --url http://127.0.0.1:8100 --pid 1234
 
 Phases, all against the same server, each baseline measured in this run (in the order (a),
-(c0), (b), (c), (c1)):
+(c0), (b), (c), (c1), (e0), (e)):
 
 (a) ``--short-streams`` (16) short greedy streams alone (prompts of ~64 tokens, ``--short-max-tokens``
     each): aggregate tokens/s and per-stream inter-token gaps;
@@ -39,6 +39,12 @@ Phases, all against the same server, each baseline measured in this run (in the 
     length) decoding alone over a window of ``--alone-seconds``, starting after the same
     ``--settle-tokens``, so at ~70 tokens of context; (c) / (c0) mixes the prefill's cost with
     the streams' own context growth, and has no goal;
+(e) short requests arriving while a long prompt prefills: a third ~``--long-tokens``
+    conversation is sent alone, and ``--late-delay`` (2) seconds later, before its first token,
+    ``--short-streams`` new short streams: their time to first token p50 against (a)'s (goal:
+    at most 2x), their tokens/s against (a)'s (goal: at least 0.8x), and the long prompt's time
+    to first token against (e0), the same conversation's length sent alone just before (goal: at
+    most 2x). ``--late-only`` runs (a), (e0) and (e) alone (about two minutes);
 (d) the server's RSS (psutil, the process and its children, sampled every 0.1 s): growth from
     just before (b) to the peak during (b), against the long conversation's own KV bytes plus
     0.5 GB (10^9 bytes).
@@ -450,6 +456,91 @@ async def short_phase(client: Client, name: str, prompts: list[list[dict]], max_
     return Phase(name, started, max(shorts_done, long.ended if long else 0.0), results, tokens, long)
 
 
+async def late_phase(client: Client, name: str, prompts: list[list[dict]], max_tokens: int,
+                     long_messages: list[dict], long_max_tokens: int, delay: float) -> Phase:
+    """The long conversation alone, then (after ``delay`` seconds; none with no prompts) the short
+    streams, while it is still prefilling. The phase's clock starts when the shorts are sent."""
+    long = StreamResult()
+    long_task = asyncio.create_task(client.stream(long_messages, long_max_tokens, long))
+    if not prompts:
+        await long_task
+        return Phase(name, long.sent, long.ended, [long], await client.tokens_of(long, long_max_tokens), long)
+    await asyncio.sleep(delay)
+    if long.times:
+        print(f"warning: {name}: the long prompt's first token came before the short requests were sent")
+    results = [StreamResult() for _ in prompts]
+    started = time.perf_counter()
+    await asyncio.gather(*[client.stream(m, max_tokens, r) for m, r in zip(prompts, results)])
+    shorts_done = time.perf_counter()
+    await long_task
+    tokens = sum([await client.tokens_of(r, max_tokens) for r in results])
+    return Phase(name, started, max(shorts_done, long.ended), results, tokens, long)
+
+
+def ttft_p50(phase: Phase) -> float:
+    return percentile([r.times[0] - r.sent for r in phase.streams if r.times], 50)
+
+
+def long_ttft(phase: Phase) -> float:
+    return phase.long.times[0] - phase.long.sent if phase.long and phase.long.times else float("nan")
+
+
+async def late_phases(client: Client, meter: "CpuMeter", args, long_alone: list[dict], long_late: list[dict],
+                      prompts: list[list[dict]]) -> tuple[Phase, Phase]:
+    """(e0) and (e): a long conversation alone, then another with short requests arriving late."""
+    since = meter.snapshot()
+    e0 = await late_phase(client, "(e0) long alone", [], 0, long_alone, args.long_max_tokens, 0)
+    e0.others_cpu = meter.others_share(since)
+    print(f"  {e0.name}: TTFT {long_ttft(e0):.1f} s{_busy(e0)}", flush=True)
+    await asyncio.sleep(0.5)
+    since = meter.snapshot()
+    e = await late_phase(client, "(e) long, then short", prompts, args.short_max_tokens, long_late,
+                         args.long_max_tokens, args.late_delay)
+    e.others_cpu = meter.others_share(since)
+    print(f"  {e.name}: shorts' TTFT p50 {ttft_p50(e):.2f} s, {e.tokens_per_s:.1f} tok/s; long TTFT "
+          f"{long_ttft(e):.1f} s{_busy(e)}", flush=True)
+    return e0, e
+
+
+def late_rows(a: Phase, e0: Phase, e: Phase) -> list[list]:
+    ttft_ratio, speed_ratio, long_ratio = ttft_p50(e) / ttft_p50(a), e.tokens_per_s / a.tokens_per_s, long_ttft(e) / long_ttft(e0)
+    return [
+        ["(a) short streams alone, TTFT p50 s", ttft_p50(a), "baseline", ""],
+        ["(e) short streams sent during a long prefill, TTFT p50 s", ttft_p50(e), "", ""],
+        ["(e) / (a) TTFT p50", ttft_ratio, "<= 2.00", _verdict(ttft_ratio <= 2.0)],
+        ["(e) / (a) short streams' tok/s", speed_ratio, ">= 0.80", _verdict(speed_ratio >= 0.8)],
+        ["(e0) long prompt alone, TTFT s", long_ttft(e0), "baseline", ""],
+        ["(e) / (e0) long prompt's TTFT", long_ratio, "<= 2.00", _verdict(long_ratio <= 2.0)],
+    ]
+
+
+async def measure_late(client: Client, pid: int | None, args) -> int:
+    """``--late-only``: (a), (e0) and (e)."""
+    short_a = await short_prompts(client, args.short_streams, "a", args.short_prompt_tokens)
+    short_e = await short_prompts(client, args.short_streams, "e", args.short_prompt_tokens)
+    long_e0, tokens_e0 = await long_conversation(client, "E", args.long_tokens)
+    long_e, tokens_e = await long_conversation(client, "F", args.long_tokens)
+    warm_long, _ = await long_conversation(client, "W", min(args.long_tokens, 700))
+    await short_phase(client, "warm-up", short_a[:2], 4, warm_long, 2)
+    meter = CpuMeter(pid)
+    since = meter.snapshot()
+    a = await short_phase(client, "(a) short alone", short_a, args.short_max_tokens, None, 0)
+    a.others_cpu = meter.others_share(since)
+    print(f"  {a.name}: TTFT p50 {ttft_p50(a):.2f} s, {a.tokens_per_s:.1f} tok/s{_busy(a)}", flush=True)
+    e0, e = await late_phases(client, meter, args, long_e0, long_e, short_e)
+    print()
+    print(f"{machine_line()}; long prompts {tokens_e0} / {tokens_e} tokens; short: {args.short_streams} streams x "
+          f"{args.short_max_tokens} tokens, sent {args.late_delay:.1f} s after the long one; server args: "
+          f"{' '.join(args.server_args) or '-'}")
+    print()
+    rows = late_rows(a, e0, e)
+    print_table(["figure", "value", "goal", "result"], rows)
+    busy = [p.others_cpu for p in (a, e0, e) if p.others_cpu == p.others_cpu]
+    if busy and max(busy) > 0.1:
+        print(f"warning: other processes used up to {max(busy):.0%} of the machine's CPU during a phase")
+    return 0 if all(r[3] != "FAIL" for r in rows) else 1
+
+
 async def paused_phase(client: Client, name: str, prompts: list[list[dict]], max_tokens: int, settle: int,
                        long_messages: list[dict] | None, long_max_tokens: int, alone_seconds: float) -> Phase:
     """``prompts`` decoding; once each has ``settle`` tokens, the window opens: the long
@@ -566,6 +657,8 @@ def context_range(phase: Phase, prompt_tokens: list[int]) -> tuple[int, int]:
 async def measure(url: str, pid: int | None, args) -> int:
     client = Client(url, connections=args.short_streams + args.paused_streams + 4)
     try:
+        if args.late_only:
+            return await measure_late(client, pid, args)
         return await _measure(client, url, pid, args)
     finally:
         await client.close()
@@ -578,6 +671,9 @@ async def _measure(client: Client, url: str, pid: int | None, args) -> int:
     paused = [await short_prompts(client, args.paused_streams, tag, args.short_prompt_tokens) for tag in "cd"]
     long_b, long_b_tokens = await long_conversation(client, "B", args.long_tokens)
     long_c, long_c_tokens = await long_conversation(client, "C", args.long_tokens)
+    long_e0, _ = await long_conversation(client, "E", args.long_tokens)
+    long_e, _ = await long_conversation(client, "F", args.long_tokens)
+    short_e = await short_prompts(client, args.short_streams, "e", args.short_prompt_tokens)
     warm_long, _ = await long_conversation(client, "W", min(args.long_tokens, 700))
     prompt_sizes = [await client.prompt_tokens(m) for m in short_a]
     paused_sizes = [[await client.prompt_tokens(m) for m in group] for group in paused]
@@ -631,6 +727,7 @@ async def _measure(client: Client, url: str, pid: int | None, args) -> int:
         print(f"  {same.name}: median gap at (c)'s window's positions {percentile(gaps_same, 50) * 1000:.0f} ms"
               f"{_busy(same)}", flush=True)
         await asyncio.sleep(0.5)
+        e0, e = await late_phases(client, meter, args, long_e0, long_e, short_e)
         rss_end = sampler.rss_now()
     with httpx.Client(timeout=10) as http:
         metrics_end = kv_metrics(http, url)
@@ -665,13 +762,14 @@ async def _measure(client: Client, url: str, pid: int | None, args) -> int:
         rows += [
             ["(d) RSS growth during (b), MB", growth_b / 1e6, f"<= {limit / 1e6:.0f}", _verdict(growth_b <= limit)],
         ]
+    rows += late_rows(a, e0, e)
     table_goals = rows
 
     # (c1)'s counterpart of a window: the longest time a stream took over its compared positions.
     same_span = max((r.time_between(*p) for r, p in zip(same.streams, positions) if p), default=float("nan"))
     details = []
     for phase, gaps, span in ((a, None, None), (b, None, None), (alone, gaps_alone, None), (c, gaps_c, None),
-                              (same, gaps_same, same_span)):
+                              (same, gaps_same, same_span), (e, None, None)):
         if gaps is None:
             gaps = [g for r in phase.streams for g in r.gaps]
         if span is None and phase.window:
@@ -699,7 +797,7 @@ async def _measure(client: Client, url: str, pid: int | None, args) -> int:
           "of (c)'s, and the longest time a stream took over them):")
     print_table(["phase", "streams", "tokens", "wall / window s", "tok/s", "TTFT p50 s", "gap p50 ms", "gap p95 ms",
                  "max gap s", "long TTFT s", "long total s", "others' CPU"], details)
-    busy = [p.others_cpu for p in (a, b, alone, c, same) if p.others_cpu == p.others_cpu]
+    busy = [p.others_cpu for p in (a, b, alone, c, same, e0, e) if p.others_cpu == p.others_cpu]
     if busy and max(busy) > 0.1:
         print(f"warning: other processes used up to {max(busy):.0%} of the machine's CPU during a phase: "
               "the figures above are not the server's alone")
@@ -768,6 +866,8 @@ def main() -> int:
                    help="max_tokens of the (c) streams: enough to outlast the prefill (they leave after it)")
     p.add_argument("--settle-tokens", type=int, default=4, help="tokens each (c) stream has before the window opens")
     p.add_argument("--alone-seconds", type=float, default=6.0, help="window of the (c0) baseline")
+    p.add_argument("--late-delay", type=float, default=2.0, help="(e): seconds between the long prompt and the shorts")
+    p.add_argument("--late-only", action="store_true", help="run only (a), (e0) and (e)")
     p.add_argument("--kv-bytes-per-token", type=int,
                    help="KV bytes per token of the served model (default: from its config.json)")
     args, server_args = p.parse_known_args()

@@ -53,9 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk-tokens", type=int,
                    help="prompt tokens prefilled per engine step between decode steps (default 512)")
     p.add_argument("--prefill-time-share", type=float,
-                   help="while streams decode, the most of the engine's time long prompts' chunks may add (default 0.15; 1: no limit)")
+                   help="while other requests decode or wait, the share of the engine's time long prompts' chunks get (default 0.15; 1: no pacing)")
     p.add_argument("--prefill-step-ms", type=float,
-                   help="while streams decode, how long a step carrying a prompt chunk may last (default 500)")
+                   help="how long a step carrying a long prompt's chunk may last, so a newcomer waits little (default 500)")
     p.add_argument("--gpu-memory-utilization", type=float,
                    help="share of the GPU's memory for the weights and the KV cache (default 0.9)")
     p.add_argument("--api-key", metavar="KEY", action="append", dest="api_keys",

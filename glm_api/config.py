@@ -80,10 +80,10 @@ class Settings(BaseSettings):
     kv_block_size: int = Field(16, ge=1, le=1024, description="tokens per KV block")
     prefill_chunk_tokens: int = Field(512, ge=1, description="prompt tokens prefilled per engine step, all rows together")
     prefill_time_share: float = Field(
-        0.15, gt=0.0, le=1.0, description="while streams decode, the most of the engine's time long prompts' chunks may add"
+        0.15, gt=0.0, le=1.0, description="while other requests decode or wait, the share of engine time long prompts' chunks get"
     )
     prefill_step_ms: float = Field(
-        500.0, gt=0.0, description="while streams decode, a step with a prompt chunk aims to last at most this"
+        500.0, gt=0.0, description="a step with a long prompt's chunk aims to last at most this (a newcomer's wait)"
     )
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="share of GPU memory for weights + KV pool")
     max_prompt_tokens: int | None = Field(None, ge=1, description="cap below the model's context")

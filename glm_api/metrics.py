@@ -194,7 +194,8 @@ def _chat_families(model: str, replicas: list[tuple[str, ChatEngineStats]]) -> I
     finished = CounterMetricFamily(f"{PREFIX}_chat_requests_finished", "Finished generations by reason", labels=[*labels, "reason"])
     batch = HistogramMetricFamily(f"{PREFIX}_chat_batch_size", "Sequences per decode step", labels=labels)
     ttft = HistogramMetricFamily(
-        f"{PREFIX}_chat_time_to_first_token_seconds", "From admission request to the first generated token", labels=labels
+        f"{PREFIX}_chat_time_to_first_token_seconds", "From arrival to the first generated token, by prompt length",
+        labels=[*labels, "prompt_tokens"],
     )
     steps = HistogramMetricFamily(
         f"{PREFIX}_chat_step_seconds", "Engine step time: a pause every running stream waits through", labels=labels
@@ -203,7 +204,8 @@ def _chat_families(model: str, replicas: list[tuple[str, ChatEngineStats]]) -> I
         for reason, count in sorted(stats.finished.items()):
             finished.add_metric([model, replica, reason], count)
         _add_histogram(batch, [model, replica], stats.batch_size)
-        _add_histogram(ttft, [model, replica], stats.ttft_seconds)
+        for prompt_class, histogram in stats.ttft_seconds.items():
+            _add_histogram(ttft, [model, replica, prompt_class], histogram)
         _add_histogram(steps, [model, replica], stats.step_seconds)
     yield from (finished, batch, ttft, steps)
 

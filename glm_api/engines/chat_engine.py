@@ -267,8 +267,9 @@ class TransformersChatEngine(EngineThread):
                     self._finish(req, chunk)
         seconds = time.perf_counter() - started
         prompt_tokens = sum(n for _, n in plan.scheduled if n > 1)
+        long_tokens = sum(n for req, n in plan.scheduled if n > 1 and self.scheduler.is_long(req.seq))
         decode_rows = sum(1 for _, n in plan.scheduled if n == 1)
-        self.scheduler.pacer.observe(seconds, prompt_tokens, decode_rows)
+        self.scheduler.pacer.observe(seconds, prompt_tokens, decode_rows, long_tokens)
         self.stats.step_seconds.observe(seconds)
         self.stats.steps += 1
         self.stats.prefills += prompt_tokens > 0

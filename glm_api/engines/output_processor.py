@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from glm_api.engines.base import FinishReason, GenerationChunk
 from glm_api.engines.outbox import Outbox
 from glm_api.engines.request_state import EngineRequest
-from glm_api.engines.stats import ChatEngineStats
+from glm_api.engines.stats import ChatEngineStats, prompt_class
 
 
 class OutputProcessor:
@@ -37,7 +37,7 @@ class OutputProcessor:
             req.seq.token_ids.append(token)
             if req.first_token_at is None:
                 req.first_token_at = time.monotonic()
-                self.stats.ttft_seconds.observe(req.first_token_at - req.arrived)
+                self.stats.ttft_seconds[prompt_class(len(req.prompt_ids))].observe(req.first_token_at - req.arrived)
             reason = self._finish_reason(req, token)
             chunk = self.chunk(req, req.detok.take(final=reason is not None), [token], reason)
             if reason is None:

@@ -19,9 +19,21 @@ and 16 short streams ran at 0.24 of their speed alone. So, while any sequence is
 
 Only prompts longer than a chunk are paced (the scheduler's rule): a prompt that fits in one
 chunk costs the streams one bounded step, and a burst of short requests must not trickle in.
-With nothing decoding, prompts get full ``chunk_tokens`` chunks every step. The price is a
-later first token for a long prompt that arrives while others stream: it gets ``time_share``
-of the machine until they finish. It belongs to the engine's worker thread.
+Short prompts that arrive while a long one prefills count as competing work too (they are about
+to decode): they start in the next step, and the long prompt's chunks are paced beside them.
+
+With nothing else running, a long prompt's chunks are still sized to ``step_seconds``: a
+request that arrives mid-step waits for that step to end, so a step must stay short (on this
+CPU a 512-token chunk at 6k tokens of context lasts ~3 s; on a GPU a full chunk takes tens of
+milliseconds, and the cap never binds).
+
+Only long prompts' tokens count against ``time_share``: short prompts' prefill is not the long
+prompt's doing, and counting it would let a steady stream of short requests hold a long prompt
+back for ever. So the bound on how long a long prompt can be held back: whatever arrives, it
+gets about ``time_share`` of the engine's time (a chunk whenever its recent share is below it),
+and all of it when nothing competes; its time to first token is at most about its time alone
+divided by ``time_share``, plus the other requests' own prefill steps. It belongs to the
+engine's worker thread.
 """
 
 from __future__ import annotations
@@ -45,30 +57,48 @@ class PrefillPacer:
         self._total_time = 0.0
         self._decode_step: float | None = None  # seconds of a decode-only step
         self._token_cost: float | None = None  # seconds a prompt token adds to a step with decode rows
+        self._prefill_cost: float | None = None  # seconds a prompt token takes in a prefill-only step
 
-    def budget(self, decoding: bool) -> int:
-        """Prompt tokens the next step may carry."""
-        if not decoding or self.time_share >= 1.0:
+    def budget(self, competing: bool) -> int:
+        """Long-prompt tokens the next step may carry; ``competing``: other sequences decode or
+        short prompts wait to start."""
+        if self.time_share >= 1.0:
             return self.chunk_tokens
+        if not competing:  # all the engine's time, in steps short enough for a newcomer to wait
+            if self._prefill_cost is None:
+                return self.chunk_tokens
+            return self._sized(self.step_seconds, self._prefill_cost)
         if self._total_time > 0 and self._prefill_time / self._total_time > self.time_share:
             return 0
         if self._token_cost is None:
             return min(self.chunk_tokens, FIRST_CHUNK_TOKENS)
-        room = self.step_seconds - (self._decode_step or 0.0)
-        return max(MIN_CHUNK_TOKENS, min(self.chunk_tokens, int(room / self._token_cost)))
+        return self._sized(self.step_seconds - (self._decode_step or 0.0), self._token_cost)
 
-    def observe(self, seconds: float, prompt_tokens: int, decode_rows: int) -> None:
-        """A step took ``seconds``, carrying ``prompt_tokens`` prompt tokens beside ``decode_rows``."""
+    def _sized(self, room: float, token_cost: float) -> int:
+        return max(MIN_CHUNK_TOKENS, min(self.chunk_tokens, int(room / token_cost)))
+
+    def observe(self, seconds: float, prompt_tokens: int, decode_rows: int, long_tokens: int | None = None) -> None:
+        """A step took ``seconds``, carrying ``prompt_tokens`` prompt tokens (``long_tokens`` of
+        them from long prompts; default: all) beside ``decode_rows``."""
+        long_tokens = prompt_tokens if long_tokens is None else long_tokens
         decay = math.exp(-seconds / WINDOW_SECONDS)
-        # What prompt tokens cost the decoding rows: the step's time beyond a decode-only step.
+        # What prompt tokens cost the decoding rows: the step's time beyond a decode-only step;
+        # the long prompts' part of it counts against their share.
         extra = seconds - (self._decode_step or 0.0) if decode_rows else seconds
-        self._prefill_time = self._prefill_time * decay + (max(extra, 0.0) if prompt_tokens else 0.0)
+        long_part = max(extra, 0.0) * long_tokens / prompt_tokens if prompt_tokens else 0.0
+        self._prefill_time = self._prefill_time * decay + long_part
         self._total_time = self._total_time * decay + seconds
         if decode_rows and not prompt_tokens:
             self._decode_step = seconds if self._decode_step is None else 0.7 * self._decode_step + 0.3 * seconds
         elif decode_rows and prompt_tokens:
-            extra = max(seconds - (self._decode_step or 0.0), 1e-6) / prompt_tokens
-            if self._token_cost is None or extra >= self._token_cost:
-                self._token_cost = extra  # dearer tokens (a longer past) count at once
-            else:  # a cheap step moves it slowly: one low reading would size the next chunk long
-                self._token_cost = 0.8 * self._token_cost + 0.2 * extra
+            self._token_cost = _cautious(self._token_cost, max(extra, 1e-6) / prompt_tokens)
+        elif prompt_tokens:  # a prefill-only step: what a token costs with nothing beside it
+            self._prefill_cost = _cautious(self._prefill_cost, seconds / prompt_tokens)
+
+
+def _cautious(estimate: float | None, reading: float) -> float:
+    """Dearer tokens (a longer past) count at once; a cheap step moves the estimate slowly: one
+    low reading would size the next chunk long."""
+    if estimate is None or reading >= estimate:
+        return reading
+    return 0.8 * estimate + 0.2 * reading

@@ -10,7 +10,11 @@ Every step (vLLM v1's policy, not nano-vllm's prefill-only steps, which stall st
    from its prompt and the tokens it already sent (its client sees nothing but a pause);
 3. waiting requests start, first come first served, while the step has prompt budget, the batch
    has room and the pool has free blocks for the whole prompt (minus what the prefix cache
-   already holds) plus a small reserve for the running rows' growth.
+   already holds) plus a small reserve for the running rows' growth;
+4. short prompts (a chunk or less) come before long ones: a short request that arrives while a
+   long prompt prefills starts in the next step beside it, not after its last chunk (vLLM's
+   ``long_prefill_token_threshold`` has the same aim). The long prompt keeps what the pacer
+   grants it, so a stream of short requests cannot starve it (the bound: :mod:`pacing`).
 
 The scheduler is policy only: it reads the sequences' state and the KV cache manager's counts,
 asks the manager for blocks, and returns a :class:`SchedulerPlan`; it holds no tensors and does
@@ -64,49 +68,78 @@ class Scheduler:
     def capacity_tokens(self) -> int:
         return (self.kv.num_blocks - self.watermark) * self.kv.block_size
 
+    def is_long(self, seq: Sequence) -> bool:
+        """A prompt longer than a chunk: prefilled over several steps, paced, and never ahead of
+        a short prompt."""
+        return len(seq.token_ids) > self.chunk_tokens
+
     def schedule(self, running: list[Scheduled], waiting: deque[Scheduled]) -> SchedulerPlan:
         """Plan the next step; moves admitted requests into ``running`` and preempted ones back
-        to the front of ``waiting``."""
+        to the front of ``waiting``.
+
+        Claims on the step's prompt budget, in order: running requests' decode tokens and short
+        prompts' chunks, waiting short prompts, running long prompts' chunks (within what the
+        pacer grants them, which shorter prompts never take: see :mod:`pacing`), waiting long
+        prompts. So a short request arriving while a long prompt prefills starts in the next
+        step, beside it."""
         plan = SchedulerPlan()
-        # Prompt tokens this step may carry: any prompt within ``budget``; a long one (longer than
-        # a chunk) also within ``paced``, what the pacer allows beside decoding rows.
-        budget = paced = self.chunk_tokens
-        if self.pacer is not None:
-            paced = self.pacer.budget(decoding=any(r.seq.num_uncomputed_tokens == 1 for r in running))
-
-        def tokens_for(seq: Sequence, left: int) -> int:
-            if left == 1:
-                return 1
-            return min(left, budget if len(seq.token_ids) <= self.chunk_tokens else min(budget, paced))
-
+        budget = self.chunk_tokens
+        competing = any(r.seq.num_uncomputed_tokens == 1 for r in running) or any(
+            not self.is_long(r.seq) for r in waiting
+        )
+        paced = self.pacer.budget(competing) if self.pacer is not None else self.chunk_tokens
+        long_prefills: list[Scheduled] = []
         for req in list(running):
             if req not in running:  # preempted earlier in this loop
                 continue
             seq = req.seq
             left = seq.num_uncomputed_tokens
-            n = tokens_for(seq, left)
-            if n == 0:
+            if left > 1 and self.is_long(seq):
+                long_prefills.append(req)  # its blocks were all allocated at admission
                 continue
-            if not self._grow(req, seq.num_computed_tokens + n, running, waiting, plan):
+            n = min(left, budget) if left > 1 else 1
+            if n == 0 or not self._grow(req, seq.num_computed_tokens + n, running, waiting, plan):
                 continue
-            if left > 1:
-                budget -= n
-                paced -= n if len(seq.token_ids) > self.chunk_tokens else 0
+            budget -= n if left > 1 else 0
             plan.scheduled.append((req, n))
         if plan.preempted:  # the pool is short: let the running rows finish first
             return plan
+        # What the pacer grants the running long prompts is theirs; shorter prompts take the rest.
+        grant = min(paced, sum(r.seq.num_uncomputed_tokens for r in long_prefills))
         prefilling = [req.seq.token_ids for req, n in plan.scheduled if n > 1]
+        budget = grant + self._admit_waiting(plan, running, waiting, prefilling, budget - grant, paced, long=False)
+        for req in long_prefills:
+            n = min(req.seq.num_uncomputed_tokens, budget, paced)
+            if n > 0:
+                budget -= n
+                paced -= n
+                plan.scheduled.append((req, n))
+                prefilling.append(req.seq.token_ids)
+        self._admit_waiting(plan, running, waiting, prefilling, budget, paced, long=True)
+        return plan
+
+    def _admit_waiting(
+        self, plan: SchedulerPlan, running: list, waiting: deque, prefilling: list, budget: int, paced: int, *,
+        long: bool,
+    ) -> int:
+        """Start waiting requests (the short ones; any, with ``long``) first come first served
+        while the step has budget, the batch has room and the pool has blocks; returns the
+        budget left."""
         skipped = 0
         while len(waiting) > skipped and budget > 0 and len(running) < self.max_running:
             req = waiting[skipped]
             seq = req.seq
+            if not long and self.is_long(seq):
+                skipped += 1
+                continue
             hit = self.kv.lookup(seq.token_ids)
             found = hit.tokens(self.kv.block_size)
             if any(common_length(seq.token_ids, ids) - found >= MIN_SHARED_TOKENS for ids in prefilling):
                 skipped += 1  # next step, that beginning is in the pool
                 continue
             left = len(seq.token_ids) - found
-            if tokens_for(seq, left) == 0:
+            n = min(left, budget, paced) if self.is_long(seq) else min(left, budget)
+            if n == 0:
                 skipped += 1  # a long prompt waiting for the pacer: shorter ones may go first
                 continue
             need = self.kv.blocks_for(len(seq.token_ids)) - len(hit.blocks)
@@ -114,14 +147,13 @@ class Scheduler:
                 break
             del waiting[skipped]
             self.kv.admit(seq, hit, need)
-            n = tokens_for(seq, left)
             budget -= n
-            paced -= n if len(seq.token_ids) > self.chunk_tokens else 0
+            paced -= n if self.is_long(seq) else 0
             running.append(req)
             plan.admitted.append(req)
             plan.scheduled.append((req, n))
             prefilling.append(seq.token_ids)
-        return plan
+        return budget
 
     def _grow(self, req: Scheduled, tokens: int, running: list, waiting: deque, plan: SchedulerPlan) -> bool:
         """Blocks for ``tokens`` tokens of ``req``, preempting the newest requests if needed;

@@ -15,6 +15,13 @@ BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256)
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 # A step is a pause every running stream waits through: the paced prefill aims at 0.5 s.
 STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0)
+# Time to first token by prompt length: a long prompt's first token is slow by nature and must
+# not hide a short prompt's wait behind it (nor the reverse).
+PROMPT_CLASSES = ((512, "1-512"), (2048, "513-2048"), (8192, "2049-8192"), (None, "8193+"))
+
+
+def prompt_class(tokens: int) -> str:
+    return next(name for bound, name in PROMPT_CLASSES if bound is None or tokens <= bound)
 
 
 class Histogram:
@@ -52,7 +59,10 @@ class ChatEngineStats:
     rejected: int = 0  # requests refused with 429 because the queue was full
     finished: Counter = field(default_factory=Counter)  # by finish reason
     batch_size: Histogram = field(default_factory=lambda: Histogram(BATCH_SIZE_BUCKETS))  # rows per decode step
-    ttft_seconds: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))  # arrival to first token
+    # arrival to first token, by prompt_class
+    ttft_seconds: dict[str, Histogram] = field(
+        default_factory=lambda: {name: Histogram(TTFT_BUCKETS) for _, name in PROMPT_CLASSES}
+    )
     step_seconds: Histogram = field(default_factory=lambda: Histogram(STEP_BUCKETS))  # one forward + sampling
 
 
