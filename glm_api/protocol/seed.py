@@ -6,33 +6,14 @@ existing clients depend on them.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
-from glm_api.protocol.common import (
-    MaxTokens,
-    SEED_RANGE,
-    RepetitionPenalty,
-    Stop,
-    Temperature,
-    TopP,
-    Usage,
-    WireModel,
-    stated,
-)
-
-
-def _content_is_required(schema: dict[str, Any]) -> None:
-    """The spec states what serving enforces for every seed role (the seed has no tool_calls,
-    so an assistant turn is text too): content is a string, present and not null."""
-    schema["properties"]["content"] = {"type": "string", "title": "Content"}
-    schema["required"] = [*schema.get("required", []), "content"]
+from glm_api.protocol.common import MaxTokens, RepetitionPenalty, Stop, Temperature, TopP, Usage, WireModel
 
 
 class SeedMessage(WireModel):
-    model_config = ConfigDict(json_schema_extra=_content_is_required)
-
     role: Literal["system", "user", "assistant", "observation", "function", "tool"]
     content: str | None = None  # required: serving refuses it missing or null, naming messages[i].content
     metadata: str | None = None
@@ -51,7 +32,7 @@ class SeedChatRequest(WireModel):
     stop: Stop = None
     stop_token_ids: list[int] | None = None
     repetition_penalty: RepetitionPenalty = 1.1
-    seed: Annotated[int, Field(**SEED_RANGE)] | None = None
+    seed: int | None = None
     return_function_call: bool = False
 
     @model_validator(mode="after")
@@ -103,7 +84,7 @@ class SeedChatResponse(BaseModel):
 
 class SeedEmbeddingRequest(WireModel):
     model: str | None = None
-    prompt: str | Annotated[list[str], stated(minItems=1)]
+    prompt: str | list[str]
     normalize: bool = False
 
     @field_validator("prompt")
