@@ -14,8 +14,10 @@ from glm_api.errors import APIError, BadRequestError, InternalError, Unsupported
 log = logging.getLogger(__name__)
 
 
-def _render(error: APIError, status: int | None = None) -> JSONResponse:
-    return JSONResponse(error.to_dict(), status_code=status or error.status_code, headers=error.headers())
+def _render(error: APIError, status: int | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(
+        error.to_dict(), status_code=status or error.status_code, headers={**error.headers(), **(headers or {})}
+    )
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -54,7 +56,8 @@ def install_error_handlers(app: FastAPI) -> None:
         error = BadRequestError(str(exc.detail), code=str(exc.status_code))
         if exc.status_code == 404:
             error.code = "not_found"
-        return _render(error, exc.status_code)
+        # Starlette's own headers travel on: its 405 lists the route's methods in Allow (RFC 9110).
+        return _render(error, exc.status_code, exc.headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

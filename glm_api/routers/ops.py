@@ -45,7 +45,16 @@ async def ready(state: AppStateDep) -> JSONResponse:
     return JSONResponse({"status": "ready"})
 
 
-@router.get("/metrics")
+#: Prometheus' text exposition format (prometheus_client's CONTENT_TYPE_LATEST), not JSON.
+METRICS_RESPONSE = {
+    200: {
+        "description": "Prometheus text exposition format",
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    }
+}
+
+
+@router.get("/metrics", response_class=Response, responses=METRICS_RESPONSE)
 async def metrics(request: Request) -> Response:
     """Prometheus text format: requests by route and status, engine queues, batches, TTFT, tokens."""
     body, content_type = request.app.state.metrics.render()
