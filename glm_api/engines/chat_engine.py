@@ -31,7 +31,7 @@ from glm_api.engines.sampler import Sampler, needs_per_row_sampling
 from glm_api.engines.scheduler import Scheduler, SchedulerPlan
 from glm_api.engines.sequence import Sequence
 from glm_api.engines.stats import ChatEngineStats
-from glm_api.errors import ContextLengthError, EngineUnavailableError, InternalError, RateLimitError
+from glm_api.errors import BadRequestError, ContextLengthError, EngineUnavailableError, InternalError, RateLimitError
 from glm_api.families.base import LoadedChatModel
 from glm_api.units import ceil_div
 
@@ -165,6 +165,8 @@ class TransformersChatEngine(EngineThread):
     ) -> AsyncIterator[GenerationChunk]:
         """Admission: a prompt that could never fit the pool (400) or a full queue (429) is refused here."""
         self.check_health()
+        if not prompt_ids:  # nothing to compute the first token from (a prompt that tokenised to nothing)
+            raise BadRequestError("the prompt is empty after tokenisation: there is nothing to generate from", param="prompt")
         if len(prompt_ids) >= self.row_limit:  # it could never get a token out of the pool
             raise ContextLengthError(
                 f"the prompt has {len(prompt_ids)} tokens; this server's KV cache holds at most "

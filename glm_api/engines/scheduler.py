@@ -95,9 +95,9 @@ class Scheduler:
             seq = req.seq
             left = seq.num_uncomputed_tokens
             if left > 1 and self.is_long(seq):
-                long_prefills.append(req)  # its blocks were all allocated at admission
+                long_prefills.append(req)  # after the short prompts (its blocks: see below)
                 continue
-            n = min(left, budget) if left > 1 else 1
+            n = min(left, budget) if left > 1 else left
             if n == 0 or not self._grow(req, seq.num_computed_tokens + n, running, waiting, plan):
                 continue
             budget -= n if left > 1 else 0
@@ -110,6 +110,11 @@ class Scheduler:
         budget = grant + self._admit_waiting(plan, running, waiting, prefilling, budget - grant, paced, long=False)
         for req in long_prefills:
             n = min(req.seq.num_uncomputed_tokens, budget, paced)
+            need = self.kv.blocks_for(req.seq.num_computed_tokens + n) - len(req.seq.block_table)
+            if need > 0:  # never preempts here: the requests admitted above are in this plan
+                if not self.kv.can_allocate(need):
+                    continue
+                self.kv.grow(req.seq, need)
             if n > 0:
                 budget -= n
                 paced -= n
