@@ -228,7 +228,7 @@ def test_stop_ends_the_stream_and_frees_the_slot(tab):
     page.fill("#prompt", "Tell me a long story about a lighthouse keeper.")
     page.click("#send")
     page.wait_for_function(
-        "() => (document.querySelector('.message.assistant .message-body')?.textContent.length || 0) > 10",
+        "() => (document.querySelector('.message.assistant .message-body')?.innerText.length || 0) > 10",
         timeout=30_000,
     )
     assert running_sequences(tab.server) == 1
