@@ -24,6 +24,10 @@ class EngineThread:
         raise NotImplementedError
 
     def start(self) -> None:
+        """Start the worker thread; a second start while it runs does nothing (two threads over
+        one engine would both schedule and step the same sequences)."""
+        if self._thread is not None and self._thread.is_alive():
+            return
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name=f"{self._kind}-{self.model_name}", daemon=True)
         self._thread.start()
