@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from glm_api.families import embedding
+from glm_api.families.json_file import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def detect_cross_encoder(path: Path) -> str:
         raise ValueError(f"rerank model path {path} is not a folder")
     modules_json = path / "modules.json"
     if modules_json.is_file():
-        modules = json.loads(modules_json.read_text(encoding="utf-8"))
+        modules = read_json(modules_json, "sentence-transformers modules")
         custom = [m.get("type") for m in modules if not str(m.get("type", "")).startswith("sentence_transformers.")]
         if custom:
             raise ValueError(f"{path} uses the custom module {custom[0]!r}: it needs remote code, which is not allowed")
