@@ -268,13 +268,10 @@ class TransformersChatEngine(EngineThread):
                 for req, chunk in finished:
                     self._finish(req, chunk)
         seconds = time.perf_counter() - started
-        prompt_tokens = sum(n for _, n in plan.scheduled if n > 1)
-        long_tokens = sum(n for req, n in plan.scheduled if n > 1 and self.scheduler.is_long(req.seq))
-        decode_rows = sum(1 for _, n in plan.scheduled if n == 1)
-        self.scheduler.pacer.observe(seconds, prompt_tokens, decode_rows, long_tokens)
+        self.scheduler.observe(plan, seconds)
         self.stats.step_seconds.observe(seconds)
         self.stats.steps += 1
-        self.stats.prefills += prompt_tokens > 0
+        self.stats.prefills += any(n > 1 for _, n in plan.scheduled)
         self.stats.batch_size.observe(len(plan.scheduled))
 
     def _out_of_memory(self, plan: SchedulerPlan) -> None:

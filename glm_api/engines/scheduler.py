@@ -50,6 +50,7 @@ class SchedulerPlan:
     scheduled: list[tuple[Scheduled, int]] = field(default_factory=list)  # request, tokens it computes
     admitted: list[Scheduled] = field(default_factory=list)
     preempted: list[Scheduled] = field(default_factory=list)
+    long_tokens: int = 0  # prompt tokens of long prompts (as classified when planned), for the pacer
 
 
 class Scheduler:
@@ -95,7 +96,7 @@ class Scheduler:
             seq = req.seq
             left = seq.num_uncomputed_tokens
             if left > 1 and self.is_long(seq):
-                long_prefills.append(req)  # after the short prompts (its blocks: see below)
+                long_prefills.append(req)  # after the short prompts; its blocks came at admission
                 continue
             n = min(left, budget) if left > 1 else left
             if n == 0 or not self._grow(req, seq.num_computed_tokens + n, running, waiting, plan):
@@ -110,15 +111,11 @@ class Scheduler:
         budget = grant + self._admit_waiting(plan, running, waiting, prefilling, budget - grant, paced, long=False)
         for req in long_prefills:
             n = min(req.seq.num_uncomputed_tokens, budget, paced)
-            need = self.kv.blocks_for(req.seq.num_computed_tokens + n) - len(req.seq.block_table)
-            if need > 0:  # never preempts here: the requests admitted above are in this plan
-                if not self.kv.can_allocate(need):
-                    continue
-                self.kv.grow(req.seq, need)
             if n > 0:
                 budget -= n
                 paced -= n
                 plan.scheduled.append((req, n))
+                plan.long_tokens += n if n > 1 else 0
                 prefilling.append(req.seq.token_ids)
         self._admit_waiting(plan, running, waiting, prefilling, budget, paced, long=True)
         return plan
@@ -134,7 +131,8 @@ class Scheduler:
         while len(waiting) > skipped and budget > 0 and len(running) < self.max_running:
             req = waiting[skipped]
             seq = req.seq
-            if not long and self.is_long(seq):
+            is_long = self.is_long(seq)
+            if not long and is_long:
                 skipped += 1
                 continue
             hit = self.kv.lookup(seq.token_ids)
@@ -143,7 +141,7 @@ class Scheduler:
                 skipped += 1  # next step, that beginning is in the pool
                 continue
             left = len(seq.token_ids) - found
-            n = min(left, budget, paced) if self.is_long(seq) else min(left, budget)
+            n = min(left, budget, paced) if is_long else min(left, budget)
             if n == 0:
                 skipped += 1  # a long prompt waiting for the pacer: shorter ones may go first
                 continue
@@ -153,12 +151,21 @@ class Scheduler:
             del waiting[skipped]
             self.kv.admit(seq, hit, need)
             budget -= n
-            paced -= n if self.is_long(seq) else 0
+            if is_long:
+                paced -= n
+                plan.long_tokens += n if n > 1 else 0
             running.append(req)
             plan.admitted.append(req)
             plan.scheduled.append((req, n))
             prefilling.append(seq.token_ids)
         return budget
+
+    def observe(self, plan: SchedulerPlan, seconds: float) -> None:
+        """After the step: what it carried and how long it took, for the pacer."""
+        if self.pacer is not None:
+            prompt_tokens = sum(n for _, n in plan.scheduled if n > 1)
+            decode_rows = sum(1 for _, n in plan.scheduled if n == 1)
+            self.pacer.observe(seconds, prompt_tokens, decode_rows, plan.long_tokens)
 
     def _grow(self, req: Scheduled, tokens: int, running: list, waiting: deque, plan: SchedulerPlan) -> bool:
         """Blocks for ``tokens`` tokens of ``req``, preempting the newest requests if needed;

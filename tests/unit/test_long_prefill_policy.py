@@ -49,11 +49,10 @@ class _Sim:
         plan = self.scheduler.schedule(self.running, self.waiting)
         self.plans.append(plan)
         prompt = sum(n for _, n in plan.scheduled if n > 1)
-        long = sum(n for r, n in plan.scheduled if n > 1 and self.scheduler.is_long(r.seq))
         decode = sum(1 for _, n in plan.scheduled if n == 1)
         seconds = 0.02 + 0.002 * prompt + 0.0005 * decode
         self.clock += seconds
-        self.long_seconds += 0.002 * long
+        self.long_seconds += 0.002 * plan.long_tokens
         self.kv.apply(self.kv.take_block_ops())
         self.kv.computed([(r.seq, n) for r, n in plan.scheduled])
         for req, n in plan.scheduled:
@@ -67,7 +66,7 @@ class _Sim:
                 self.kv.free(req.seq)
             else:
                 req.seq.token_ids.append(7)
-        self.pacer.observe(seconds, prompt, decode, long)
+        self.scheduler.observe(plan, seconds)
         self.step_no += 1
 
 
