@@ -43,6 +43,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     grammar: Any = None  # what ChatEngine.compile_constraint returned: the output must match it
+    priority: int = 0  # 0 interactive; batch lines 1: queued behind, preempted first
 
     @property
     def greedy(self) -> bool:

@@ -28,7 +28,7 @@ from glm_api.engines.output_processor import OutputProcessor
 from glm_api.engines.pacing import PrefillPacer
 from glm_api.engines.request_state import EngineRequest, stream_output
 from glm_api.engines.sampler import Sampler, needs_per_row_sampling
-from glm_api.engines.scheduler import Scheduler, SchedulerPlan
+from glm_api.engines.scheduler import Scheduler, SchedulerPlan, enqueue
 from glm_api.engines.sequence import Sequence
 from glm_api.engines.stats import ChatEngineStats
 from glm_api.errors import BadRequestError, ContextLengthError, EngineUnavailableError, InternalError, RateLimitError
@@ -194,7 +194,7 @@ class TransformersChatEngine(EngineThread):
                     f"{len(self._waiting)} waiting; retry shortly",
                     retry_after=1,
                 )
-            self._waiting.append(request)
+            enqueue(self._waiting, request)
             self._cv.notify()
         return stream_output(queue, lambda: self.abort(request_id))
 

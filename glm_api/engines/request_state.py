@@ -40,6 +40,10 @@ class EngineRequest:
     arrived: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
 
+    @property
+    def priority(self) -> int:
+        return self.params.priority
+
 
 async def stream_output(queue: asyncio.Queue, abandon: Callable[[], None]) -> AsyncIterator[GenerationChunk]:
     """The request's chunks as the worker sends them; ``abandon`` (the engine's abort) runs when

@@ -5,8 +5,9 @@ Every step (vLLM v1's policy, not nano-vllm's prefill-only steps, which stall st
 1. each running row gets its next token if it is decoding, or its next prompt chunk if it is
    still prefilling (chunks share ``chunk_tokens`` per step, fewer while rows decode: see
    :mod:`pacing`), so streams keep flowing while a long prompt arrives;
-2. a decoding row that needs a new block and finds none free preempts the newest running row:
-   its blocks are released and it goes back to the front of the queue, to be recomputed later
+2. a decoding row that needs a new block and finds none free preempts the newest running row
+   of the lowest priority (batch lines before interactive requests): its blocks are released
+   and it goes back to the front of its priority's place in the queue, to be recomputed later
    from its prompt and the tokens it already sent (its client sees nothing but a pause);
 3. waiting requests start, first come first served, while the step has prompt budget, the batch
    has room and the pool has free blocks for the whole prompt (minus what the prefix cache
@@ -43,6 +44,18 @@ MIN_SHARED_TOKENS = 16
 
 class Scheduled(Protocol):
     seq: Sequence
+    priority: int  # 0 interactive; higher runs later and is preempted first (batch lines)
+
+
+def enqueue(waiting: deque, req: Scheduled, *, front: bool = False) -> None:
+    """Queue ``req`` behind every waiting request of its priority or a more urgent one (at the
+    front of its own priority with ``front``), so an interactive request never waits behind a
+    batch line."""
+    for i, other in enumerate(waiting):
+        if other.priority > req.priority or (front and other.priority == req.priority):
+            waiting.insert(i, req)
+            return
+    waiting.append(req)
 
 
 @dataclass
@@ -173,9 +186,12 @@ class Scheduler:
         seq = req.seq
         need = self.kv.blocks_for(tokens) - len(seq.block_table)
         while need > 0 and not self.kv.can_allocate(need):
-            victim = running[-1]
+            lowest = max(r.priority for r in running)
+            victim = next(r for r in reversed(running) if r.priority == lowest)
             self.preempt(victim, running, waiting)
             plan.preempted.append(victim)
+            # A lower-priority victim may be older than ``req`` and already planned.
+            plan.scheduled = [(r, n) for r, n in plan.scheduled if r is not victim]
             if victim is req:
                 return False
         if need > 0:
@@ -183,8 +199,9 @@ class Scheduler:
         return True
 
     def preempt(self, req: Scheduled, running: list, waiting: deque) -> None:
-        """Recompute later: its blocks go back (still findable), it goes to the front of the queue."""
+        """Recompute later: its blocks go back (still findable), it goes to the front of its
+        priority's place in the queue."""
         running.remove(req)
         self.kv.free(req.seq)
-        waiting.appendleft(req)
+        enqueue(waiting, req, front=True)
         self.preemptions += 1

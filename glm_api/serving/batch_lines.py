@@ -20,6 +20,9 @@ from glm_api.protocol.openai import ChatCompletionRequest, CompletionRequest, Em
 from glm_api.serving import openai_chat, openai_completions, openai_embeddings
 from glm_api.state import Services
 
+#: The engine's priority of batch lines: queued behind interactive requests, preempted first.
+BATCH_PRIORITY = 1
+
 REQUESTS = {
     "/v1/chat/completions": ChatCompletionRequest,
     "/v1/completions": CompletionRequest,
@@ -123,10 +126,10 @@ async def execute(services: Services, endpoint: str, body: dict[str, Any], reque
         raise BadRequestError("stream is not supported in a batch", param="stream")
     try:
         if endpoint == "/v1/chat/completions":
-            plan = await openai_chat.start_chat(services.chat, req, request_id)
+            plan = await openai_chat.start_chat(services.chat, req, request_id, priority=BATCH_PRIORITY)
             response = await openai_chat.chat_response(plan)
         elif endpoint == "/v1/completions":
-            plan = await openai_completions.start_completion(services.chat, req, request_id)
+            plan = await openai_completions.start_completion(services.chat, req, request_id, priority=BATCH_PRIORITY)
             response = await openai_completions.completion_response(plan)
         else:
             response = await openai_embeddings.create_embeddings(services.embeddings, req)

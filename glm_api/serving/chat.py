@@ -42,6 +42,7 @@ class ChatCall:
     stop_token_ids: list[int] = field(default_factory=list)
     n: int = 1
     constraint: Constraint | None = None  # structured outputs: the grammar the answer must match
+    priority: int = 0  # the engine's: 0 interactive, 1 a batch line (queued behind, preempted first)
 
 
 @dataclass
@@ -236,6 +237,7 @@ class ChatService:
             seed=call.seed,
             stop=tuple(call.stop),
             stop_token_ids=tuple(call.stop_token_ids),
+            priority=call.priority,
         )
 
 

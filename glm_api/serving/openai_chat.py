@@ -66,9 +66,12 @@ class ChatPlan:
     tool_ids: dict[tuple[int, int], str] = field(default_factory=dict)
 
 
-async def start_chat(service: ChatService, req: ChatCompletionRequest, request_id: str) -> ChatPlan:
+async def start_chat(
+    service: ChatService, req: ChatCompletionRequest, request_id: str, *, priority: int = 0
+) -> ChatPlan:
     engine = service.registry.chat_engine(req.model)  # 404 before anything else
     call, forced = chat_call(req, engine)
+    call.priority = priority
     run = await service.start(call, request_id)
     return ChatPlan(
         run=run,

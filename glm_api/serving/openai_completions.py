@@ -62,7 +62,9 @@ def _encode(engine, prompts: list[str | list[int]], echo: bool) -> tuple[list[li
     return ids, texts
 
 
-async def start_completion(service: ChatService, req: CompletionRequest, request_id: str) -> CompletionPlan:
+async def start_completion(
+    service: ChatService, req: CompletionRequest, request_id: str, *, priority: int = 0
+) -> CompletionPlan:
     engine = service.registry.chat_engine(req.model)
     engine.check_health()
     prompts = _prompts(req)
@@ -74,6 +76,7 @@ async def start_completion(service: ChatService, req: CompletionRequest, request
         max_tokens=req.max_tokens or DEFAULT_MAX_TOKENS,
         constraint=output_constraint(req, req.response_format),
         **sampling_fields(req),
+        priority=priority,
     )
     runs: list[ChatRun] = []
     try:

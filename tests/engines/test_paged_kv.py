@@ -134,8 +134,8 @@ def _stock_and_paged(kind: str):
 
 
 class _Row:
-    def __init__(self, ids: list[int], prompt_len: int, join: int) -> None:
-        self.full, self.join = ids, join
+    def __init__(self, ids: list[int], prompt_len: int, join: int, priority: int = 0) -> None:
+        self.full, self.join, self.priority = ids, join, priority
         self.seq = Sequence(token_ids=list(ids[:prompt_len]))
         self.seen: dict[int, torch.Tensor] = {}  # position -> logits of the next token
 
@@ -151,10 +151,13 @@ class _Harness:
         self.running: list[_Row] = []
         self.waiting: deque[_Row] = deque()
         self.steps = 0
+        self.victims: list[tuple[_Row, bool]] = []  # preempted, and whether a batch row was running
 
     @torch.inference_mode()
     def step(self) -> None:
+        batch_running = any(r.priority for r in self.running)
         plan = self.scheduler.schedule(self.running, self.waiting)
+        self.victims += [(r, batch_running) for r in plan.preempted]
         if not plan.scheduled:
             return
         self.kv.apply(self.kv.take_block_ops())
@@ -221,6 +224,21 @@ def test_preempted_rows_are_recomputed_to_the_same_logits(kind):
     harness = _Harness(model, blocks=24, block_size=4, chunk=16)  # 92 tokens for ~10 rows of up to 52
     harness.run(rows)
     assert harness.scheduler.preemptions > 0
+    _assert_alone(reference, rows, lens)
+
+
+@pytest.mark.parametrize("kind", ["llama", "glm"])
+def test_batch_rows_are_preempted_before_interactive_ones_and_recomputed_to_the_same_logits(kind):
+    reference, model = _stock_and_paged(kind)
+    rows, lens = _random_rows(random.Random(2), 10)
+    for row in sorted(rows, key=lambda r: r.join)[: len(rows) // 2]:
+        row.priority = 1  # batch lines, there first: the newest rows are interactive ones
+    harness = _Harness(model, blocks=24, block_size=4, chunk=16)
+    harness.run(rows)
+    assert harness.victims, "the pool was never short"
+    # While a batch row runs, the victim is always one (even when an interactive row is newer).
+    assert all(victim.priority == 1 for victim, batch_running in harness.victims if batch_running)
+    assert any(victim.priority == 1 for victim, _ in harness.victims)
     _assert_alone(reference, rows, lens)
 
 

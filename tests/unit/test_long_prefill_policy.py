@@ -14,7 +14,7 @@ import torch
 from glm_api.engines.kv_cache_manager import KVCacheManager
 from glm_api.engines.kv_pool import KVPool, KVShape
 from glm_api.engines.pacing import PrefillPacer
-from glm_api.engines.scheduler import Scheduler
+from glm_api.engines.scheduler import Scheduler, enqueue
 from glm_api.engines.sequence import Sequence
 
 CHUNK = 256
@@ -28,6 +28,7 @@ class _Req:
         self.prompt = prompt
         self.first_token_step: int | None = None
         self.done_step: int | None = None
+        self.priority = 0
 
 
 class _Sim:
@@ -129,3 +130,22 @@ def test_a_steady_stream_of_short_requests_cannot_starve_a_long_prompt():
     assert n > 50 and len(sim.running) > 5  # the shorts really competed all along
     assert sim.clock <= alone_seconds / SHARE * 1.3
     assert sim.long_seconds / sim.clock >= SHARE * 0.7
+
+
+def test_interactive_requests_queue_ahead_of_batch_lines_and_a_preempted_row_keeps_its_place():
+    batch = [_Req(f"batch{i}", 40, 8, first_id=3_000_000 + 100 * i) for i in range(2)]
+    for req in batch:
+        req.priority = 1
+    waiting: deque = deque()
+    for req in batch:
+        enqueue(waiting, req)
+    late = _Req("interactive", 40, 8, first_id=4_000_000)
+    enqueue(waiting, late)
+    assert [r.name for r in waiting] == ["interactive", "batch0", "batch1"]
+    preempted = _Req("batch-preempted", 40, 8, first_id=5_000_000)
+    preempted.priority = 1
+    enqueue(waiting, preempted, front=True)  # back to the front of the batch lines, behind interactive
+    assert [r.name for r in waiting] == ["interactive", "batch-preempted", "batch0", "batch1"]
+    first = _Req("interactive-preempted", 40, 8, first_id=6_000_000)
+    enqueue(waiting, first, front=True)
+    assert waiting[0] is first
