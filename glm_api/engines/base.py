@@ -146,3 +146,6 @@ class EmbeddingEngine(Tokenizing, Protocol):
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         """Tokens per text before truncation (cheap, thread-safe: tokenizer only)."""
+
+    def clip_texts(self, texts: list[str], max_tokens: int) -> list[str]:
+        """Each text cut after its first ``max_tokens`` tokens (tokenizer only)."""

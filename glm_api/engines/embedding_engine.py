@@ -48,6 +48,9 @@ class BatchingEmbeddingEngine(BatchingEngine[str, EmbeddingResult]):
     def decode(self, ids: list[int]) -> str:
         return family.decode(self.loaded, ids)
 
+    def clip_texts(self, texts: list[str], max_tokens: int) -> list[str]:
+        return family.clip_texts(self.loaded, texts, max_tokens)
+
     @property
     def vocab_size(self) -> int | None:
         return family.vocab_size(self.loaded)

@@ -48,6 +48,9 @@ class RerankEngine(Protocol):
         """Per pair, the longest input the model would read without truncation, to compare with
         ``max_seq_length`` (blocking: tokenizer only)."""
 
+    def clip_texts(self, texts: list[str], max_tokens: int) -> list[str]:
+        """Each text cut after its first ``max_tokens`` tokens (blocking: tokenizer only)."""
+
 
 class BatchingRerankEngine(BatchingEngine[Pair, ScoreResult]):
     _kind = "rerank engine"
@@ -75,6 +78,9 @@ class BatchingRerankEngine(BatchingEngine[Pair, ScoreResult]):
 
     def count_tokens(self, pairs: list[Pair]) -> list[int]:
         return family.count_tokens(self.loaded, pairs)
+
+    def clip_texts(self, texts: list[str], max_tokens: int) -> list[str]:
+        return family.clip_texts(self.loaded, texts, max_tokens)
 
     # -- the batching queue's hooks (worker thread) ------------------------------------------
 
@@ -115,6 +121,9 @@ class CosineRerankEngine:
         texts = _distinct(t for pair in pairs for t in pair)
         counts = dict(zip(texts, self.embeddings.count_tokens(texts)))
         return [max(counts[a], counts[b]) for a, b in pairs]
+
+    def clip_texts(self, texts: list[str], max_tokens: int) -> list[str]:
+        return self.embeddings.clip_texts(texts, max_tokens)
 
     async def score(self, pairs: list[Pair]) -> ScoreResult:
         texts = _distinct(t for pair in pairs for t in pair)

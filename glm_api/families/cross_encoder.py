@@ -146,5 +146,6 @@ def count_tokens(loaded: LoadedCrossEncoder, pairs: list[Pair]) -> list[int]:
     return [len(ids) for ids in embedding._unpad(features)]
 
 
+clip_texts = embedding.clip_texts  # reads only ``loaded.model.tokenizer``
 token_lengths = embedding.token_lengths
 take_rows = embedding.take_rows  # reads only ``loaded.model.tokenizer``: shared as it is

@@ -349,6 +349,22 @@ def decode(loaded: LoadedEmbeddingModel, ids: list[int]) -> str:
     return loaded.model.tokenizer.decode(ids, skip_special_tokens=True)
 
 
+def clip_texts(loaded: LoadedEmbeddingModel, texts: list[str], max_tokens: int) -> list[str]:
+    """Each text cut after its first ``max_tokens`` tokens (special tokens not counted): the
+    original characters up to where that token ends (a fast tokenizer's offsets), not a decode
+    of the ids, which would lowercase or respace the text for some tokenizers."""
+    tokenizer = loaded.model.tokenizer
+    if not texts:
+        return []
+    if not tokenizer.is_fast:  # no offsets: the decoded ids are the closest text
+        ids = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+        return [t if len(i) <= max_tokens else tokenizer.decode(i[:max_tokens]) for t, i in zip(texts, ids)]
+    offsets = tokenizer(
+        texts, add_special_tokens=False, truncation=False, verbose=False, return_offsets_mapping=True
+    )["offset_mapping"]
+    return [t if len(o) <= max_tokens else t[: o[max_tokens - 1][1]] for t, o in zip(texts, offsets)]
+
+
 def vocab_size(loaded: LoadedEmbeddingModel) -> int | None:
     """Rows of the transformer's input embedding (the first sentence-transformers module's)."""
     inner = getattr(loaded.model._first_module(), "auto_model", None)

@@ -101,7 +101,10 @@ async def rerank(service: RerankService, req: RerankRequest, request_id: str) ->
 
 async def rerank_v2(service: RerankService, req: RerankV2Request, request_id: str) -> RerankV2Response:
     engine = service.engine(req.model)
-    result = await service.score(engine, [(req.query, d) for d in req.documents], truncate=True, param="documents")
+    documents = req.documents
+    if req.max_tokens_per_doc is not None:  # Cohere's: each document cut to its first N tokens
+        documents = await asyncio.to_thread(engine.clip_texts, documents, req.max_tokens_per_doc)
+    result = await service.score(engine, [(req.query, d) for d in documents], truncate=True, param="documents")
     results = [
         RerankV2Result(index=i, relevance_score=float(result.scores[i])) for i in ranked(result.scores, req.top_n)
     ]

@@ -152,6 +152,23 @@ def test_a_cross_encoder_serves_rerank_with_predicts_scores(reranker_client, tin
     assert by_name.status_code == 200 and by_name.json()["model"] == PACKAGED_EMBEDDING_NAME
 
 
+@pytest.mark.parametrize("client_name", ["cosine_client", "reranker_client"])
+def test_v2_max_tokens_per_doc_scores_each_documents_first_tokens(client_name, request):
+    """Cohere v2's ``max_tokens_per_doc``: a document is scored as its first N tokens. These
+    documents are words that each tokenizer keeps whole, so N tokens are the first N words."""
+    client = request.getfixturevalue(client_name)
+    query, documents = "the weather today", ["the weather is nice today", "a cat sat on the mat", "hello world"]
+    clipped = [" ".join(d.split()[:2]) for d in documents]
+    v2 = client.post("/v2/rerank", json={"query": query, "documents": documents, "max_tokens_per_doc": 2})
+    assert v2.status_code == 200, v2.text
+    got = {x["index"]: x["relevance_score"] for x in v2.json()["results"]}
+    by_hand = client.post("/v1/rerank", json={"query": query, "documents": clipped}).json()
+    expected = {x["index"]: x["relevance_score"] for x in by_hand["results"]}
+    assert got.keys() == expected.keys() and all(abs(got[i] - expected[i]) < 1e-6 for i in got)
+    whole = client.post("/v2/rerank", json={"query": query, "documents": documents}).json()
+    assert v2.json()["meta"]["tokens"]["input_tokens"] < whole["meta"]["tokens"]["input_tokens"]
+
+
 def test_models_list_rerank_models_with_their_kind(reranker_client):
     cards = {c["id"]: c for c in reranker_client.get("/v1/models").json()["data"]}
     assert cards["tiny-reranker"]["kind"] == "rerank" and cards["tiny-reranker"]["context_length"] == 64
