@@ -8,9 +8,11 @@ A batch's life (OpenAI's statuses)::
          |             '-> expired                      (its completion window passed)
          '-> failed                                     (no input to run)
 
-Interactive users come first. A line starts only on idle capacity: while the chat engine has
-a free slot (nobody waits), up to ``max_running`` lines when nothing else runs, and no more
-than ``share`` chat lines while interactive requests are present. When a request waits for a
+Interactive users come first. A line starts only on idle capacity: up to ``max_running``
+lines when nothing else runs (plus a quarter more queued in the chat engine, so a slot a line
+frees is taken in the engine's next step, not after the runner hears of it: the engine queues
+interactive requests ahead of them), and no more than ``share`` chat lines, with nobody waiting,
+while interactive requests are present. When a request waits for a
 slot while batch lines hold more than their share, the newest line is stopped (its engine
 request aborted; it stays pending and runs again first). Everything the runner learns comes
 from the engines' public interface (``num_running``, ``num_waiting``) and its own counts,
@@ -66,6 +68,7 @@ class BatchRunner:
         self.storage = storage
         self._services = services
         self.max_running = max_running
+        self.lookahead = max(1, max_running // 4)  # chat lines queued in the engine beyond its slots
         self.share = share
         self.shutdown_grace = shutdown_grace
         self.stats = BatchLineStats()
@@ -215,12 +218,12 @@ class BatchRunner:
     def _may_start(self, is_chat: bool) -> bool:
         """Idle capacity only: a free slot (nobody waits), and with interactive requests present
         no more than the batch share."""
-        if self.stats.running >= self.max_running:
-            return False
         if not is_chat:
-            return True
+            return self.stats.running < self.max_running
         waiting, others = self._chat_load()
-        return waiting == 0 and (others == 0 or self._chat_inflight < self.share)
+        if others == 0:  # only batch lines: keep a few queued so freed slots refill at once
+            return self.stats.running < self.max_running + self.lookahead
+        return self.stats.running < self.max_running and waiting == 0 and self._chat_inflight < self.share
 
     def _should_yield(self) -> bool:
         """Someone waits for a chat slot while batch lines hold more than their share."""
