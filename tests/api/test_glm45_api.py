@@ -110,6 +110,14 @@ def test_reasoning_effort_keeps_thinking_on_and_options_reach_the_template(clien
                                                                                  options={"enable_thinking": False}))
 
 
+def test_tokenize_counts_what_the_chat_request_costs(client):
+    for options in (None, {"enable_thinking": False}):
+        counted = client.post("/v1/tokenize", json={"messages": QUESTION, "chat_template_kwargs": options}).json()
+        extra = {"chat_template_kwargs": options} if options else {}
+        assert counted["count"] == chat(client, max_tokens=1, **extra).json()["usage"]["prompt_tokens"]
+        assert counted["tokens"] == template(client).encode_messages(QUESTION, options=options)
+
+
 def test_reserved_or_broken_template_options_are_400(client):
     for options in ({"add_generation_prompt": False}, {"tools": []}):
         response = client.post("/v1/chat/completions", json={"messages": QUESTION, "chat_template_kwargs": options})
