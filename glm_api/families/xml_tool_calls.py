@@ -135,6 +135,8 @@ class XmlToolParser:
             self._start_call(name)
             self._pending = self._pending[min(ends) :]
             return True
+        if VALUE_CLOSE not in self._pending and CALL_CLOSE not in self._pending:
+            return False  # a value still being written (a long one: no rescan of all of it)
         stripped = self._pending.lstrip()
         if stripped.startswith(CALL_CLOSE):
             self._pending = stripped[len(CALL_CLOSE) :]
