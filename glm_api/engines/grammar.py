@@ -66,7 +66,8 @@ def _after_reasoning(body: str, end: str) -> str:
     if end.startswith("<["):  # a token: no text can run into it
         prefix = f"start: /(?s:.*)/ {end} /\\n*/ @answer"
     else:  # text: the shortest reasoning that ends with it
-        prefix = f"start: reasoning /\\n*/ @answer\nreasoning[lazy]: /(?s:.*){re.escape(json.loads(end)).replace('/', chr(92) + '/')}/"
+        marker = re.escape(json.loads(end)).replace("/", "\\/")  # "/" ends a Lark regex
+        prefix = f"start: reasoning /\\n*/ @answer\nreasoning[lazy]: /(?s:.*){marker}/"
     return json.dumps({"grammars": [{"lark_grammar": prefix}, first, *grammars[1:]]})
 
 

@@ -83,8 +83,9 @@ class ChatMessageIn(WireModel):
 
     @model_validator(mode="after")
     def _one_reasoning(self) -> "ChatMessageIn":
-        if self.reasoning_content is not None and self.reasoning is not None and self.reasoning_content != self.reasoning:
-            raise ValueError("reasoning_content and reasoning are the same field under two names: give one, or equal ones")
+        both = self.reasoning_content is not None and self.reasoning is not None
+        if both and self.reasoning_content != self.reasoning:
+            raise ValueError("reasoning_content and reasoning are one field under two names: give one, or equal ones")
         return self
 
     @field_validator("content", mode="before")

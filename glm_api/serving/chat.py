@@ -137,8 +137,8 @@ class ChatRun:
                     parser.reasoning_tokens += len(chunk.token_ids)
                 if chunk.finish_reason is None:
                     if visible or reasoning or parts:
-                        yield ChatEvent(index, visible, prompt_tokens=chunk.prompt_tokens,
-                                        completion_tokens=chunk.completion_tokens, reasoning=reasoning, tool_parts=parts)
+                        yield ChatEvent(index, visible, prompt_tokens=chunk.prompt_tokens, reasoning=reasoning,
+                                        completion_tokens=chunk.completion_tokens, tool_parts=parts)
                     continue
                 parsed, rest, more_reasoning, more_parts = parser.finish()
                 reason = "tool_calls" if parsed.tool_calls and chunk.finish_reason != "length" else chunk.finish_reason
@@ -146,8 +146,8 @@ class ChatRun:
                 if index == 0:
                     self.cached_tokens = chunk.cached_tokens
                 yield ChatEvent(
-                    index, visible + rest, reason, list(parsed.tool_calls), chunk.prompt_tokens, chunk.completion_tokens,
-                    reasoning=reasoning + more_reasoning, tool_parts=parts + more_parts,
+                    index, visible + rest, reason, list(parsed.tool_calls), chunk.prompt_tokens,
+                    chunk.completion_tokens, reasoning=reasoning + more_reasoning, tool_parts=parts + more_parts,
                     reasoning_tokens=parser.reasoning_tokens if parsed.reasoning else 0,
                 )
                 return

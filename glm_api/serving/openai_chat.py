@@ -133,7 +133,8 @@ def _part_delta(plan: ChatPlan, index: int, part: ToolCallPart) -> ToolCallDelta
         return ToolCallDelta(index=part.index, function=FunctionCallDelta(arguments=part.arguments))
     call_id = plan.tool_ids.setdefault((index, part.index), new_tool_call_id())
     return ToolCallDelta(
-        index=part.index, id=call_id, type="function", function=FunctionCallDelta(name=part.name, arguments=part.arguments)
+        index=part.index, id=call_id, type="function",
+        function=FunctionCallDelta(name=part.name, arguments=part.arguments),
     )
 
 

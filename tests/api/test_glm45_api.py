@@ -173,12 +173,9 @@ def test_the_forced_call_grammar_takes_the_call_as_the_template_writes_it(client
         assert matcher.consume_token(token), matcher.get_error()
     assert matcher.is_accepting()
     wrong = written.replace("Paris", "Paris and London and Rome")  # over maxLength
-    matcher = llguidance.LLMatcher(engine.compile_constraint(constraint).tokenizer, constraint_grammar(engine, constraint))
+    compiled = engine.compile_constraint(constraint)
+    matcher = llguidance.LLMatcher(compiled.tokenizer, compiled.grammar)
     assert not all(matcher.consume_token(t) for t in tpl.tokenizer.encode(wrong, add_special_tokens=False))
-
-
-def constraint_grammar(engine, constraint) -> str:
-    return engine.compile_constraint(constraint).grammar
 
 
 def test_history_with_reasoning_goes_to_the_template(client):

@@ -181,7 +181,8 @@ def test_reasoning_never_parses_calls():
 
 @pytest.mark.parametrize(("style", "text"), [
     ("glm4", 'get_weather\n{"city": "Paris", "days": 3}'),
-    ("hermes", 'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}\n</tool_call>'),
+    ("hermes",
+     'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}\n</tool_call>'),
 ])
 def test_glm4_and_hermes_calls_stream_whole_and_equal_the_whole_parse(style, text, tiny_glm4_dir, tiny_llama_dir):
     from transformers import AutoTokenizer
