@@ -31,6 +31,7 @@ pytest_plugins = [
     "tests.fixtures.tiny_cross_encoders",
     "tests.fixtures.chatglm3_tiny",
     "tests.fixtures.chatglm3_tools",
+    "tests.fixtures.glm45_tiny",
 ]
 
 CPU = torch.device("cpu")

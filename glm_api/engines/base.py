@@ -28,6 +28,10 @@ class Constraint:
     kind: ConstraintKind
     spec: str = ""
     param: str = "response_format"
+    #: For a prompt that opened the model's thinking: the Lark expression of the marker that
+    #: closes it (``<[id]>`` for a token, else its text). Free reasoning up to it comes first;
+    #: the grammar constrains what follows. Empty: the grammar holds from the first token.
+    reasoning_end: str = ""
 
 
 @dataclass(frozen=True)

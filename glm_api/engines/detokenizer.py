@@ -48,8 +48,22 @@ class IncrementalDetokenizer:
             self.stopped = True
         return self.stopped
 
+    def _flush(self) -> None:
+        """At the end, ids still waiting for the rest of a character are text all the same (with
+        U+FFFD where bytes are missing), as the whole output decodes: never silently dropped."""
+        if self.stopped or self._read_offset >= len(self._ids):
+            return
+        prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        full = self._decode(self._ids[self._prefix_offset :])
+        self._prefix_offset = self._read_offset = len(self._ids)
+        if len(full) > len(prefix):
+            self.text += full[len(prefix) :]
+            self._check_stop()
+
     def take(self, final: bool = False) -> str:
         """Text not yet handed out that is safe to show now (all of it when ``final``)."""
+        if final:
+            self._flush()
         end = len(self.text)
         if not final and not self.stopped:
             end -= self._held_back()

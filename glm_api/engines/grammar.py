@@ -51,6 +51,27 @@ class CompiledGrammar:
 
 
 def _grammar_text(constraint: Constraint) -> str:
+    body = _answer_grammar(constraint)
+    return _after_reasoning(body, constraint.reasoning_end) if constraint.reasoning_end else body
+
+
+def _after_reasoning(body: str, end: str) -> str:
+    """Free reasoning, its closing marker and blank lines, then ``body``: one grammar whose
+    first part is a Lark rule that hands over to the answer's grammar (``@answer``)."""
+    if body.lstrip().startswith("{"):  # llguidance's JSON form: a list of grammars, the first the start
+        grammars = json.loads(body)["grammars"]
+    else:  # Lark text
+        grammars = [{"lark_grammar": body}]
+    first = {**grammars[0], "name": "answer"}
+    if end.startswith("<["):  # a token: no text can run into it
+        prefix = f"start: /(?s:.*)/ {end} /\\n*/ @answer"
+    else:  # text: the shortest reasoning that ends with it
+        marker = re.escape(json.loads(end)).replace("/", "\\/")  # "/" ends a Lark regex
+        prefix = f"start: reasoning /\\n*/ @answer\nreasoning[lazy]: /(?s:.*){marker}/"
+    return json.dumps({"grammars": [{"lark_grammar": prefix}, first, *grammars[1:]]})
+
+
+def _answer_grammar(constraint: Constraint) -> str:
     # Compact JSON: a weak model given free whitespace can wander in it for ever.
     defaults = {"whitespace_flexible": False}
     if constraint.kind == "json_object":

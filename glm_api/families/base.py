@@ -28,10 +28,22 @@ class ToolCall:
 
 @dataclass(frozen=True)
 class ParsedOutput:
-    """Model output split into plain text and tool calls (empty when it called none)."""
+    """Model output split into plain text, tool calls (empty when it called none) and the
+    reasoning written before the answer (empty for models that do not think, or skipped it)."""
 
     content: str
     tool_calls: list[ToolCall] = field(default_factory=list)
+    reasoning: str = ""
+
+
+@dataclass(frozen=True)
+class ToolCallPart:
+    """A piece of the ``index``-th call while it streams: its name on the first piece only, then
+    more of its arguments' JSON text; a call's pieces joined are its final arguments."""
+
+    index: int
+    name: str | None = None
+    arguments: str = ""
 
 
 class OutputParser(Protocol):
@@ -46,6 +58,25 @@ class OutputParser(Protocol):
     def feed(self, delta: str) -> str: ...
 
     def finish(self) -> ParsedOutput: ...
+
+
+@runtime_checkable
+class StreamingToolParser(Protocol):
+    """An :class:`OutputParser` that also streams its calls while they are written."""
+
+    def take_tool_parts(self) -> list[ToolCallPart]:
+        """Call pieces found since the last take (names before arguments, in order)."""
+
+
+@runtime_checkable
+class ReasoningParser(Protocol):
+    """An :class:`OutputParser` that splits the reasoning off the answer as it streams."""
+
+    #: True while the text fed is reasoning (the answer has not started).
+    reasoning_open: bool
+
+    def take_reasoning(self) -> str:
+        """Reasoning text found since the last take; all of them joined is ``finish().reasoning``."""
 
 
 class PassthroughParser:
@@ -70,12 +101,19 @@ class ChatTemplate(Protocol):
     stop_token_ids: frozenset[int]
     #: Whether the format can present tools to the model and parse its calls back.
     supports_tools: bool
-    #: "hermes" (<tool_call>{json}</tool_call>), "glm4" (name line, then JSON arguments) or None:
+    #: "hermes" (<tool_call>{json}</tool_call>), "glm4" (name line, then JSON arguments),
+    #: "glm45" (<tool_call>name<arg_key>k</arg_key><arg_value>v</arg_value></tool_call>) or None:
     #: the syntax a forced tool call is constrained to.
     tool_call_syntax: str | None
+    #: ("<think>", "</think>") for formats whose model reasons before it answers, else None.
+    thinking_markers: tuple[str, str] | None
 
-    def encode_messages(self, messages: list[dict[str, Any]], tools: list[dict] | None = None) -> list[int]:
+    def encode_messages(
+        self, messages: list[dict[str, Any]], tools: list[dict] | None = None, options: dict[str, Any] | None = None
+    ) -> list[int]:
         """Prompt ids for a conversation, ending with the assistant generation prompt.
+        ``options`` are the request's ``chat_template_kwargs`` (families without a jinja
+        template ignore them).
 
         Raises ``ValueError`` with a client-facing message for a conversation the format
         cannot express (the serving layer turns it into a 400).
@@ -92,8 +130,15 @@ class ChatTemplate(Protocol):
     def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
         """The token string of each id, one to one."""
 
-    def new_output_parser(self, tools_enabled: bool) -> "OutputParser":
-        """A fresh parser for one generation's raw text (see :class:`OutputParser`)."""
+    def prompt_opens_thinking(self, prompt_ids: list[int]) -> bool:
+        """Whether the prompt ends inside the model's thinking (its generation prompt opened it)."""
+
+    def new_output_parser(
+        self, tools_enabled: bool, tools: list[dict] | None = None, prompt_ids: list[int] | None = None
+    ) -> "OutputParser":
+        """A fresh parser for one generation's raw text (see :class:`OutputParser`). ``tools``
+        (OpenAI style) type the arguments of calls written as text; ``prompt_ids`` tell whether
+        the prompt already opened the model's thinking."""
 
 
 @dataclass

@@ -4,10 +4,11 @@ The tokenizer's own chat template formats conversations (``apply_chat_template``
 model whose folder ships a template works without family-specific code. A message's content
 is always text: the model's control tokens typed into it (``<|im_start|>system`` ...) are
 tokenised as the characters they are, never as the markers the template uses between turns,
-so a user cannot forge a turn of another role. Tool calls are parsed in the Hermes/Qwen
-``<tool_call>{json}</tool_call>`` style, the most common one in HF templates, or in GLM-4's
-``name\n{json}`` style when the template is GLM-4's; model output is only ever parsed with
-``json.loads``, never executed.
+so a user cannot forge a turn of another role. Tool calls are parsed in the syntax the template's own markers show
+(:mod:`template_features`): GLM-4.5+'s ``<arg_key>``/``<arg_value>`` XML, GLM-4's
+``name\n{json}``, else the Hermes/Qwen ``<tool_call>{json}</tool_call>`` style, the most common
+one in HF templates; model output is only ever parsed as data, never executed. Templates that
+think have the reasoning split off first (:mod:`reasoning`).
 """
 
 from __future__ import annotations
@@ -21,9 +22,21 @@ import jinja2
 from transformers import PreTrainedTokenizerBase
 
 from glm_api.families.base import OutputParser, ParsedOutput, PassthroughParser, ToolCall
+from glm_api.families.reasoning import ThinkingParser
+from glm_api.families.template_features import read_features, template_options
+from glm_api.families.xml_tool_calls import XmlToolParser
 
 _TOOL_OPEN = "<tool_call>"
 _TOOL_CLOSE = "</tool_call>"
+
+# Message fields that hold free text: rendered by stand-ins when they hold control tokens.
+_TEXT_FIELDS = ("content", "reasoning_content")
+# Markers the output parsers read: kept when decoding even where the tokenizer calls them special.
+_OUTPUT_MARKERS = (
+    "<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>",
+)
+# How many prompt tokens at the end can hold the generation prompt's "<think>".
+_PROMPT_TAIL = 16
 
 # Stand-ins for message contents while a template is rendered (Unicode private use area).
 _SLOT = "\ue000{}\ue001"
@@ -114,46 +127,74 @@ class HFChatTemplate:
         self.stop_token_ids: frozenset[int] = frozenset(stops)
         text = template_text(tokenizer)
         self.supports_tools: bool = bool(text) and "tools" in text
+        self.features = read_features(
+            text, self.supports_tools, lambda messages, tools: self._render(messages, tools, tokenize=False)
+        )
+        # How a call is written, for its parser and for grammars that force one (serving/structured.py).
         # GLM-4's templates: a reply is "<|assistant|>" + a metadata line (empty, or the name
-        # of the function called) + the text or the call's JSON arguments; tool results come
-        # back as <|observation|>.
-        self.glm_style: bool = bool(text) and "<|observation|>" in text and "<|assistant|>" in text
-        # How a call is written, for grammars that force one (see serving/structured.py).
-        self.tool_call_syntax: str | None = "glm4" if self.glm_style else "hermes" if self.supports_tools else None
+        # of the function called) + the text or the call's JSON arguments.
+        self.tool_call_syntax: str | None = self.features.tool_call_syntax
+        self.glm_style: bool = self.tool_call_syntax == "glm4"
+        self.thinking_markers: tuple[str, str] | None = self.features.thinking_markers
+        added = tokenizer.get_added_vocab()
+        #: Output markers that are one token of the vocabulary (grammars name them by id).
+        self.marker_token_ids: dict[str, int] = {m: added[m] for m in _OUTPUT_MARKERS if m in added}
+        special_ids = set(tokenizer.all_special_ids)
+        special_ids |= {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        kept = special_ids & set(self.marker_token_ids.values())
+        # Decoding drops special tokens; markers the parsers need stay, even where special.
+        self._dropped_ids: frozenset[int] | None = frozenset(special_ids - kept) if kept else None
         controls = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
         controls |= set(tokenizer.all_special_tokens)
         ordered = sorted((c for c in controls if c), key=len, reverse=True)
         self._controls = re.compile("|".join(map(re.escape, ordered))) if ordered else None
 
-    def encode_messages(self, messages: list[dict[str, Any]], tools: list[dict] | None = None) -> list[int]:
+    def encode_messages(
+        self, messages: list[dict[str, Any]], tools: list[dict] | None = None, options: dict[str, Any] | None = None
+    ) -> list[int]:
         if not template_text(self.tokenizer):
             raise ValueError("this model's tokenizer has no chat template, so it cannot format a chat")
+        kwargs = template_options(self.features, options)
         conversation, all_tools = _convert_messages(messages, tools)
         if all_tools and not self.supports_tools:
             # Ignoring them would silently answer a different question than the one asked.
             raise ValueError("this model's chat template does not support tools")
         if self._controls is not None:
-            others = [{k: v for k, v in m.items() if k != "content"} for m in conversation]
-            found = self._controls.search(json.dumps([others, all_tools], ensure_ascii=False))
-            if found:  # names, tool calls and tool schemas are rendered by the template as is
+            others = [{k: v for k, v in m.items() if k not in _TEXT_FIELDS} for m in conversation]
+            found = self._controls.search(json.dumps([others, all_tools, kwargs], ensure_ascii=False))
+            if found:  # names, tool calls, tool schemas and options are rendered by the template as is
                 raise ValueError(
-                    f"a tool schema, tool call or name contains the model's control token {found.group()!r}"
+                    f"a tool schema, tool call, name or template option contains the model's control token "
+                    f"{found.group()!r}"
                 )
-            if any(isinstance(m.get("content"), str) and self._controls.search(m["content"]) for m in conversation):
-                return self._encode_contents_as_text(conversation, all_tools)
+            if any(
+                isinstance(m.get(k), str) and self._controls.search(m[k]) for m in conversation for k in _TEXT_FIELDS
+            ):
+                return self._encode_contents_as_text(conversation, all_tools, kwargs)
         # The usual path, exactly what the model's own tooling gives.
-        encoded = self._render(conversation, all_tools, tokenize=True)
+        encoded = self._render(conversation, all_tools, tokenize=True, options=kwargs)
         return list(encoded["input_ids"])
 
-    def _render(self, conversation: list[dict[str, Any]], tools: list[dict] | None, tokenize: bool) -> Any:
+    def _render(
+        self,
+        conversation: list[dict[str, Any]],
+        tools: list[dict] | None,
+        tokenize: bool,
+        options: dict[str, Any] | None = None,
+    ) -> Any:
         try:
             return self.tokenizer.apply_chat_template(
-                conversation, tools=tools, add_generation_prompt=True, tokenize=tokenize, return_dict=tokenize
+                conversation, tools=tools, add_generation_prompt=True, tokenize=tokenize, return_dict=tokenize,
+                **(options or {}),
             )
         except jinja2.TemplateError as exc:  # raise_exception(...) in templates, e.g. bad roles
             raise ValueError(f"the chat template cannot format these messages: {exc}") from exc
+        except TypeError as exc:  # an option the template uses as something else (a number as a list...)
+            raise ValueError(f"the chat template cannot format these messages with these options: {exc}") from exc
 
-    def _encode_contents_as_text(self, conversation: list[dict[str, Any]], tools: list[dict] | None) -> list[int]:
+    def _encode_contents_as_text(
+        self, conversation: list[dict[str, Any]], tools: list[dict] | None, options: dict[str, Any]
+    ) -> list[int]:
         """Render with a stand-in for each content, then tokenise the template's text with its
         control tokens and each content with control tokens split into plain text.
 
@@ -164,13 +205,14 @@ class HFChatTemplate:
         contents: list[str] = []
         slotted = []
         for message in conversation:
-            content = message.get("content")
-            if isinstance(content, str) and content:
-                slotted.append({**message, "content": _SLOT.format(len(contents))})
-                contents.append(content)
-            else:
-                slotted.append(message)
-        text = self._render(slotted, tools, tokenize=False)
+            message = dict(message)
+            for key in _TEXT_FIELDS:
+                text = message.get(key)
+                if isinstance(text, str) and text:
+                    message[key] = _SLOT.format(len(contents))
+                    contents.append(text)
+            slotted.append(message)
+        text = self._render(slotted, tools, tokenize=False, options=options)
         ids: list[int] = []
         pos = 0
         for match in _SLOT_RE.finditer(text):
@@ -195,15 +237,37 @@ class HFChatTemplate:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        if self._dropped_ids is None:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode([i for i in ids if i not in self._dropped_ids], skip_special_tokens=False)
+
+    def prompt_opens_thinking(self, prompt_ids: list[int]) -> bool:
+        """Whether the generation prompt ends inside the thinking (``...<|assistant|><think>``)."""
+        if self.thinking_markers is None or not prompt_ids:
+            return False
+        opening, closing = self.thinking_markers
+        tail = self.tokenizer.decode(prompt_ids[-_PROMPT_TAIL:], skip_special_tokens=False)
+        start = tail.rfind(opening)
+        return start >= 0 and start > tail.rfind(closing) and not tail[start + len(opening) :].strip()
 
     def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
         return [self.tokenizer.convert_ids_to_tokens(i) for i in ids]
 
-    def new_output_parser(self, tools_enabled: bool) -> OutputParser:
+    def new_output_parser(
+        self, tools_enabled: bool, tools: list[dict] | None = None, prompt_ids: list[int] | None = None
+    ) -> OutputParser:
+        parser: OutputParser
         if self.glm_style:
-            return GlmToolParser(tools_enabled)
-        return HermesToolParser() if tools_enabled else PassthroughParser()
+            parser = GlmToolParser(tools_enabled)
+        elif not tools_enabled:
+            parser = PassthroughParser()
+        elif self.tool_call_syntax == "glm45":
+            parser = XmlToolParser(tools)
+        else:
+            parser = HermesToolParser()
+        if self.thinking_markers is None:
+            return parser
+        return ThinkingParser(parser, self.thinking_markers, self.prompt_opens_thinking(prompt_ids or []))
 
 
 # ---------------------------------------------------------------------------------------------

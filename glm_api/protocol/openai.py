@@ -76,6 +76,17 @@ class ChatMessageIn(WireModel):
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
+    #: An assistant turn's reasoning, as this server returns it (either name; vLLM and DeepSeek
+    #: send ``reasoning_content``, newer clients ``reasoning``): handed to the chat template.
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+
+    @model_validator(mode="after")
+    def _one_reasoning(self) -> "ChatMessageIn":
+        both = self.reasoning_content is not None and self.reasoning is not None
+        if both and self.reasoning_content != self.reasoning:
+            raise ValueError("reasoning_content and reasoning are one field under two names: give one, or equal ones")
+        return self
 
     @field_validator("content", mode="before")
     @classmethod
@@ -88,6 +99,9 @@ class ChatMessageIn(WireModel):
         elif value is not None and not isinstance(value, str):
             raise ValueError("content must be a string or a list of text parts")
         return value
+
+    def reasoning_text(self) -> str | None:
+        return self.reasoning_content if self.reasoning_content is not None else self.reasoning
 
     def text(self) -> str:
         if self.content is None:
@@ -196,6 +210,12 @@ class ChatCompletionRequest(SamplingRequest):
     response_format: ResponseFormat | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
+    #: OpenAI's reasoning effort, mapped onto the template's own option (``reasoning_effort``, or
+    #: ``enable_thinking``/``thinking``: false for "none"); ignored by models that do not think.
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    #: Extra variables for the chat template (vLLM's extra): ``enable_thinking``, ``thinking``,
+    #: ``clear_thinking``... Names apply_chat_template sets itself are refused.
+    chat_template_kwargs: dict[str, Any] | None = None
 
     @field_validator("logprobs", "top_logprobs")
     @classmethod
@@ -223,6 +243,9 @@ class ChatMessageOut(BaseModel):
     content: str | None
     refusal: None = None
     tool_calls: list[ToolCallOut] | None = None
+    #: The model's thinking, under both names clients read (same text); null when it did not think.
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
 
 class ChatChoiceOut(BaseModel):
@@ -236,16 +259,22 @@ class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0  # prompt tokens taken from the prefix cache instead of prefilled
 
 
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int = 0  # completion tokens the model spent thinking (inside <think>...</think>)
+
+
 class OpenAIUsage(Usage):
-    """The seed's usage plus OpenAI's ``prompt_tokens_details`` (the seed's shape stays as it was)."""
+    """The seed's usage plus OpenAI's token details (the seed's shape stays as it was)."""
 
     prompt_tokens_details: PromptTokensDetails = PromptTokensDetails()
+    completion_tokens_details: CompletionTokensDetails = CompletionTokensDetails()
 
     @classmethod
-    def counted(cls, prompt: int, completion: int, cached: int) -> OpenAIUsage:
+    def counted(cls, prompt: int, completion: int, cached: int, reasoning: int = 0) -> OpenAIUsage:
         return cls(
             prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
             prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+            completion_tokens_details=CompletionTokensDetails(reasoning_tokens=reasoning),
         )
 
 
@@ -259,15 +288,25 @@ class ChatCompletion(BaseModel):
     usage: OpenAIUsage
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None  # on a call's first delta only
+    arguments: str = ""
+
+
 class ToolCallDelta(BaseModel):
+    """A piece of a streamed call: the first carries its id, type and name (with no arguments
+    yet, or all of them at once), the next ones more of its arguments' JSON text."""
+
     index: int
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCallOut
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
 
 
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
     content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from glm_api.protocol.common import WireModel
@@ -16,13 +18,14 @@ class TokenizeRequest(WireModel):
     prompt: str | None = None
     messages: list[ChatMessageIn] | None = Field(None, min_length=1)
     tools: list[ToolDef] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # as on chat requests (enable_thinking, ...)
 
     @model_validator(mode="after")
     def _one_of(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt or messages")
-        if self.tools and self.messages is None:
-            raise ValueError("tools only apply to messages")
+        if (self.tools or self.chat_template_kwargs) and self.messages is None:
+            raise ValueError("tools and chat_template_kwargs only apply to messages")
         return self
 
 

@@ -8,6 +8,7 @@ carries output.
 from __future__ import annotations
 
 import asyncio
+import json
 import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
@@ -16,7 +17,15 @@ from typing import Any
 from glm_api.config import Settings
 from glm_api.engines.base import ChatEngine, Constraint, GenerationChunk, SamplingParams
 from glm_api.errors import BadRequestError, ContextLengthError
-from glm_api.families.base import ParsedOutput, ToolCall
+from glm_api.families.base import (
+    OutputParser,
+    ParsedOutput,
+    PassthroughParser,
+    ReasoningParser,
+    StreamingToolParser,
+    ToolCall,
+    ToolCallPart,
+)
 from glm_api.registry import ModelRegistry
 from glm_api.serving.json_bounds import bounded_constraint
 from glm_api.serving.merge import merge
@@ -43,6 +52,11 @@ class ChatCall:
     n: int = 1
     constraint: Constraint | None = None  # structured outputs: the grammar the answer must match
     priority: int = 0  # the engine's: 0 interactive, 1 a batch line (queued behind, preempted first)
+    #: The request's chat_template_kwargs, OpenAI's reasoning_effort among them (the template maps it).
+    template_options: dict[str, Any] | None = None
+    #: Close the model's thinking in the prompt when the generation prompt opened it: the answer
+    #: (a constrained one) starts at the first token.
+    close_thinking: bool = False
 
 
 @dataclass
@@ -52,9 +66,12 @@ class ChatEvent:
     index: int
     text: str
     finish_reason: str | None = None  # "stop", "length" or "tool_calls"
-    tool_calls: list[ToolCall] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)  # all of the choice's, on its last event
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    reasoning: str = ""  # new reasoning, streamed before the answer's text
+    tool_parts: list[ToolCallPart] = field(default_factory=list)  # new pieces of streamed calls
+    reasoning_tokens: int = 0  # of the completion tokens, on the last event
 
 
 @dataclass
@@ -64,6 +81,8 @@ class ChatChoice:
     finish_reason: str
     tool_calls: list[ToolCall]
     completion_tokens: int
+    reasoning: str = ""
+    reasoning_tokens: int = 0
 
 
 @dataclass
@@ -73,6 +92,7 @@ class ChatPrompt:
     engine: ChatEngine
     ids: list[int]
     tools_enabled: bool
+    tools: list[dict[str, Any]] | None = None  # what the model was shown (types call arguments)
 
 
 class ChatRun:
@@ -112,20 +132,24 @@ class ChatRun:
         stream = self._streams[index]
         try:
             async for chunk in stream:
-                visible = parser.feed(chunk.text) if chunk.text else ""
+                thinking = parser.reasoning_open
+                visible, reasoning, parts = parser.feed(chunk.text) if chunk.text else ("", "", [])
+                if thinking or parser.reasoning_open:  # the chunk's tokens were (some of) the reasoning
+                    parser.reasoning_tokens += len(chunk.token_ids)
                 if chunk.finish_reason is None:
-                    if visible:
-                        yield ChatEvent(index, visible, prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens)
+                    if visible or reasoning or parts:
+                        yield ChatEvent(index, visible, prompt_tokens=chunk.prompt_tokens, reasoning=reasoning,
+                                        completion_tokens=chunk.completion_tokens, tool_parts=parts)
                     continue
-                parsed: ParsedOutput = parser.finish()
-                # What feed() showed is a prefix of the final content; send the rest now.
-                text = visible + parsed.content[parser.shown :]
-                reason = "tool_calls" if parsed.tool_calls else chunk.finish_reason
+                parsed, rest, more_reasoning, more_parts = parser.finish()
+                reason = "tool_calls" if parsed.tool_calls and chunk.finish_reason != "length" else chunk.finish_reason
                 record_tokens(prompt=chunk.prompt_tokens if index == 0 else 0, completion=chunk.completion_tokens)
                 if index == 0:
                     self.cached_tokens = chunk.cached_tokens
                 yield ChatEvent(
-                    index, text, reason, list(parsed.tool_calls), chunk.prompt_tokens, chunk.completion_tokens
+                    index, visible + rest, reason, list(parsed.tool_calls), chunk.prompt_tokens,
+                    chunk.completion_tokens, reasoning=reasoning + more_reasoning, tool_parts=parts + more_parts,
+                    reasoning_tokens=parser.reasoning_tokens if parsed.reasoning else 0,
                 )
                 return
         finally:
@@ -134,12 +158,15 @@ class ChatRun:
     async def collect(self) -> list[ChatChoice]:
         """Run to the end and return each choice whole (non-streaming responses)."""
         texts: dict[int, list[str]] = {i: [] for i in range(len(self._streams))}
+        reasoning: dict[int, list[str]] = {i: [] for i in range(len(self._streams))}
         choices: dict[int, ChatChoice] = {}
         async for event in self.events():
             texts[event.index].append(event.text)
+            reasoning[event.index].append(event.reasoning)
             if event.finish_reason is not None:
                 choices[event.index] = ChatChoice(
-                    event.index, "".join(texts[event.index]), event.finish_reason, event.tool_calls, event.completion_tokens
+                    event.index, "".join(texts[event.index]), event.finish_reason, event.tool_calls,
+                    event.completion_tokens, "".join(reasoning[event.index]), event.reasoning_tokens,
                 )
         return [choices[i] for i in sorted(choices)]
 
@@ -157,7 +184,9 @@ class ChatService:
     async def start(self, call: ChatCall, request_id: str) -> ChatRun:
         """Format the conversation, check it, and admit it to the engine."""
         prompt = await self.prepare(call)
-        return await self.start_prompt(prompt.engine, prompt.ids, call, request_id, tools_enabled=prompt.tools_enabled)
+        return await self.start_prompt(
+            prompt.engine, prompt.ids, call, request_id, tools_enabled=prompt.tools_enabled, tools=prompt.tools
+        )
 
     async def prepare(self, call: ChatCall) -> ChatPrompt:
         """Resolve the model and format the conversation, without admitting it (for callers
@@ -166,14 +195,26 @@ class ChatService:
         engine.check_health()
         # Seed clients put tools on the system message, which the template renders itself;
         # OpenAI clients pass them beside the messages.
-        tools_enabled = bool(call.tools or _seed_tools(call.messages)) and engine.template.supports_tools
-        prompt_ids = await asyncio.to_thread(self._encode, engine, call.messages, call.tools if tools_enabled else None)
-        return ChatPrompt(engine, prompt_ids, tools_enabled)
+        seed_tools = _seed_tools(call.messages)
+        tools_enabled = bool(call.tools or seed_tools) and engine.template.supports_tools
+        tools = call.tools if tools_enabled else None
+        prompt_ids = await asyncio.to_thread(self._encode, engine, call, tools)
+        shown = [*(tools or []), *(seed_tools or [])] if tools_enabled else None
+        return ChatPrompt(engine, prompt_ids, tools_enabled, shown)
 
     async def start_prompt(
-        self, engine: ChatEngine, prompt_ids: list[int], call: ChatCall, request_id: str, *, tools_enabled: bool = False
+        self,
+        engine: ChatEngine,
+        prompt_ids: list[int],
+        call: ChatCall,
+        request_id: str,
+        *,
+        tools_enabled: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        raw: bool = False,
     ) -> ChatRun:
-        """Admit already-tokenised prompt ids (chat after templating, or a raw completion)."""
+        """Admit already-tokenised prompt ids (chat after templating, or a raw completion: ``raw``
+        output is the text as generated, nothing parsed out of it)."""
         capacity = self.settings.max_running + self.settings.max_waiting
         if call.n > min(self.settings.max_n, capacity):
             # Never a 429 for what could not fit even in an idle server: SDKs retry 429s.
@@ -185,6 +226,8 @@ class ChatService:
         params = self._sampling_params(engine, call, len(prompt_ids))
         if call.constraint is not None:  # compiled (or found in the cache) off the event loop; 400 if it cannot be
             constraint = bounded_constraint(call.constraint, self.settings.json_max_depth)  # JSON that can end
+            if not raw and engine.template.prompt_opens_thinking(prompt_ids):  # the answer comes after it
+                constraint = replace(constraint, reasoning_end=_reasoning_end(engine.template))
             params = replace(params, grammar=await asyncio.to_thread(engine.compile_constraint, constraint))
         request_ids = [f"{request_id}-{i}" for i in range(call.n)]
         streams: list[AsyncIterator[GenerationChunk]] = []
@@ -196,15 +239,25 @@ class ChatService:
             for choice_id in request_ids[: len(streams)]:  # admitted siblings of a refused choice give way
                 engine.abort(choice_id)
             raise
-        parsers = [_TrackingParser(engine.template.new_output_parser(tools_enabled)) for _ in streams]
+        parsers = [
+            _TrackingParser(
+                PassthroughParser() if raw else engine.template.new_output_parser(tools_enabled, tools, prompt_ids)
+            )
+            for _ in streams
+        ]
         return ChatRun(engine, request_ids, len(prompt_ids), streams, parsers)
 
     @staticmethod
-    def _encode(engine: ChatEngine, messages: list[dict[str, Any]], tools: list[dict] | None) -> list[int]:
+    def _encode(engine: ChatEngine, call: ChatCall, tools: list[dict] | None) -> list[int]:
+        template = engine.template
         try:
-            return engine.template.encode_messages(messages, tools)
+            ids = template.encode_messages(call.messages, tools, call.template_options)
         except ValueError as exc:
-            raise BadRequestError(f"the conversation cannot be formatted for this model: {exc}", param="messages") from None
+            param = "chat_template_kwargs" if "chat_template_kwargs" in str(exc) else "messages"
+            raise BadRequestError(f"the conversation cannot be formatted for this model: {exc}", param=param) from None
+        if call.close_thinking and template.thinking_markers and template.prompt_opens_thinking(ids):
+            ids = ids + template.encode(template.thinking_markers[1])  # "<think></think>": no thinking
+        return ids
 
     def _sampling_params(self, engine: ChatEngine, call: ChatCall, prompt_tokens: int) -> SamplingParams:
         limit = engine.context_length
@@ -242,19 +295,51 @@ class ChatService:
 
 
 class _TrackingParser:
-    """Wraps a family's OutputParser and remembers how much content it already showed."""
+    """Wraps a family's OutputParser: what it showed so far (content, reasoning, call pieces), so
+    that the last event carries exactly the rest, and how many tokens the reasoning took."""
 
-    def __init__(self, inner) -> None:
+    def __init__(self, inner: OutputParser) -> None:
         self._inner = inner
         self.shown = 0
+        self.shown_reasoning = 0
+        self.sent_calls: dict[int, str] = {}  # call index -> its arguments text streamed so far
+        self.reasoning_tokens = 0
 
-    def feed(self, delta: str) -> str:
+    @property
+    def reasoning_open(self) -> bool:
+        return isinstance(self._inner, ReasoningParser) and self._inner.reasoning_open
+
+    def feed(self, delta: str) -> tuple[str, str, list[ToolCallPart]]:
         out = self._inner.feed(delta)
         self.shown += len(out)
-        return out
+        reasoning = self._inner.take_reasoning() if isinstance(self._inner, ReasoningParser) else ""
+        self.shown_reasoning += len(reasoning)
+        return out, reasoning, self._parts()
 
-    def finish(self) -> ParsedOutput:
-        return self._inner.finish()
+    def _parts(self) -> list[ToolCallPart]:
+        parts = self._inner.take_tool_parts() if isinstance(self._inner, StreamingToolParser) else []
+        for part in parts:
+            self.sent_calls[part.index] = self.sent_calls.get(part.index, "") + part.arguments
+        return parts
+
+    def finish(self) -> tuple[ParsedOutput, str, str, list[ToolCallPart]]:
+        """The parsed output, and the content, reasoning and call pieces not yet shown."""
+        parsed = self._inner.finish()
+        parts = self._parts()
+        for j, call in enumerate(parsed.tool_calls):  # calls the parser did not stream: whole, now
+            sent = self.sent_calls.get(j)
+            if sent is None:
+                parts.append(ToolCallPart(j, call.name, call.arguments))
+            elif len(call.arguments) > len(sent) and call.arguments.startswith(sent):
+                parts.append(ToolCallPart(j, arguments=call.arguments[len(sent) :]))
+        return parsed, parsed.content[self.shown :], parsed.reasoning[self.shown_reasoning :], parts
+
+
+def _reasoning_end(template: Any) -> str:
+    """The marker that closes the thinking, as a grammar names it: by id where it is one token."""
+    marker = template.thinking_markers[1]
+    token = getattr(template, "marker_token_ids", {}).get(marker)
+    return f"<[{token}]>" if token is not None else json.dumps(marker)
 
 
 def _seed_tools(messages: list[dict[str, Any]]) -> list[dict] | None:

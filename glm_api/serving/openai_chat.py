@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from glm_api import __version__
 from glm_api.engines.base import ChatEngine
-from glm_api.families.base import ToolCall
+from glm_api.families.base import ToolCall, ToolCallPart
 from glm_api.protocol.openai import (
     ChatChoiceOut,
     ChatChunkChoice,
@@ -31,6 +31,7 @@ from glm_api.protocol.openai import (
     ChatCompletionRequest,
     ChatDelta,
     ChatMessageOut,
+    FunctionCallDelta,
     FunctionCallOut,
     OpenAIUsage,
     ToolCallDelta,
@@ -108,21 +109,36 @@ async def chat_response(plan: ChatPlan) -> ChatCompletion:
         content, finish_reason, tool_calls = _answer(plan, choice.content, choice.finish_reason, choice.tool_calls)
         calls = _tool_calls_out(plan, choice.index, tool_calls)
         # OpenAI sends content null on a message that only calls tools.
-        message = ChatMessageOut(content=(content or None) if calls else content, tool_calls=calls or None)
+        message = ChatMessageOut(
+            content=(content or None) if calls else content, tool_calls=calls or None,
+            reasoning_content=choice.reasoning or None, reasoning=choice.reasoning or None,
+        )
         out.append(ChatChoiceOut(index=choice.index, message=message, finish_reason=finish_reason))
     completion = sum(c.completion_tokens for c in choices)
+    reasoning = sum(c.reasoning_tokens for c in choices)
     return ChatCompletion(
         id=plan.id,
         created=plan.created,
         model=plan.run.model,
         system_fingerprint=plan.fingerprint,
         choices=out,
-        usage=_usage(plan, completion),
+        usage=_usage(plan, completion, reasoning),
     )
 
 
-def _usage(plan: ChatPlan, completion_tokens: int) -> OpenAIUsage:
-    return OpenAIUsage.counted(plan.run.prompt_tokens, completion_tokens, plan.run.cached_tokens)
+def _usage(plan: ChatPlan, completion_tokens: int, reasoning_tokens: int) -> OpenAIUsage:
+    return OpenAIUsage.counted(plan.run.prompt_tokens, completion_tokens, plan.run.cached_tokens, reasoning_tokens)
+
+
+def _part_delta(plan: ChatPlan, index: int, part: ToolCallPart) -> ToolCallDelta:
+    """A call's first piece carries its id, type and name; the next ones only arguments."""
+    if part.name is None:
+        return ToolCallDelta(index=part.index, function=FunctionCallDelta(arguments=part.arguments))
+    call_id = plan.tool_ids.setdefault((index, part.index), new_tool_call_id())
+    return ToolCallDelta(
+        index=part.index, id=call_id, type="function",
+        function=FunctionCallDelta(name=part.name, arguments=part.arguments),
+    )
 
 
 def _chunk(plan: ChatPlan, choices: list[ChatChunkChoice], usage: OpenAIUsage | None = None) -> dict:
@@ -143,31 +159,40 @@ def _chunk(plan: ChatPlan, choices: list[ChatChunkChoice], usage: OpenAIUsage | 
 
 
 async def chat_stream(plan: ChatPlan) -> AsyncIterator[dict]:
-    """OpenAI chunks as the engine produces them: the role first, then content deltas, tool
-    calls whole at the end of a choice, then its finish_reason; with ``include_usage`` a last
-    chunk with ``choices: []`` and the usage. A forced tool call's JSON is not shown as content."""
+    """OpenAI chunks as the engine produces them: the role first, then reasoning deltas
+    (``reasoning_content`` and ``reasoning``, same text) before the answer's content deltas,
+    each tool call's id and name before its arguments, then its finish_reason; with
+    ``include_usage`` a last chunk with ``choices: []`` and the usage. A forced tool call's JSON
+    is not shown as content."""
     for i in range(plan.n):
         yield _chunk(plan, [ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
     texts: dict[int, list[str]] = {i: [] for i in range(plan.n)}
-    completion_tokens = 0
+    completion_tokens = reasoning_tokens = 0
     async for event in plan.run.events():
+        index = event.index
+        if event.reasoning:
+            delta = ChatDelta(reasoning_content=event.reasoning, reasoning=event.reasoning)
+            yield _chunk(plan, [ChatChunkChoice(index=index, delta=delta)])
         if event.text:
-            texts[event.index].append(event.text)
+            texts[index].append(event.text)
             if not plan.forced_tool:
-                yield _chunk(plan, [ChatChunkChoice(index=event.index, delta=ChatDelta(content=event.text))])
+                yield _chunk(plan, [ChatChunkChoice(index=index, delta=ChatDelta(content=event.text))])
+        if event.tool_parts and not plan.forced_tool:
+            deltas = [_part_delta(plan, index, part) for part in event.tool_parts]
+            yield _chunk(plan, [ChatChunkChoice(index=index, delta=ChatDelta(tool_calls=deltas))])
         if event.finish_reason is None:
             continue
-        content, finish_reason, tool_calls = _answer(plan, "".join(texts[event.index]), event.finish_reason,
+        content, finish_reason, tool_calls = _answer(plan, "".join(texts[index]), event.finish_reason,
                                                      event.tool_calls)
-        if plan.forced_tool and content:  # cut before the call closed: show what was written
-            yield _chunk(plan, [ChatChunkChoice(index=event.index, delta=ChatDelta(content=content))])
-        if tool_calls:
-            deltas = [
-                ToolCallDelta(index=j, id=call.id, function=call.function)
-                for j, call in enumerate(_tool_calls_out(plan, event.index, tool_calls))
-            ]
-            yield _chunk(plan, [ChatChunkChoice(index=event.index, delta=ChatDelta(tool_calls=deltas))])
+        if plan.forced_tool:
+            if content:  # cut before the call closed: show what was written
+                yield _chunk(plan, [ChatChunkChoice(index=index, delta=ChatDelta(content=content))])
+            if tool_calls:
+                parts = [ToolCallPart(j, call.name, call.arguments) for j, call in enumerate(tool_calls)]
+                deltas = [_part_delta(plan, index, part) for part in parts]
+                yield _chunk(plan, [ChatChunkChoice(index=index, delta=ChatDelta(tool_calls=deltas))])
         completion_tokens += event.completion_tokens
-        yield _chunk(plan, [ChatChunkChoice(index=event.index, delta=ChatDelta(), finish_reason=finish_reason)])
+        reasoning_tokens += event.reasoning_tokens
+        yield _chunk(plan, [ChatChunkChoice(index=index, delta=ChatDelta(), finish_reason=finish_reason)])
     if plan.include_usage:
-        yield _chunk(plan, [], _usage(plan, completion_tokens))
+        yield _chunk(plan, [], _usage(plan, completion_tokens, reasoning_tokens))

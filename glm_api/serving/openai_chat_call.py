@@ -40,10 +40,16 @@ def chat_call(req: ChatCompletionRequest, engine: ChatEngine) -> tuple[ChatCall,
         if req.response_format is not None and req.response_format.type != "text" or req.structured_outputs:
             raise BadRequestError("a forced tool call cannot also follow response_format", param="tool_choice")
         offered = _offered_tools(req) or []
-        native = native_tool_call_constraint(engine.template.tool_call_syntax, offered)
+        template = engine.template
+        native = native_tool_call_constraint(
+            template.tool_call_syntax, offered, getattr(template, "marker_token_ids", None),
+            getattr(getattr(template, "features", None), "call_separator", "\n"),
+        )
+        # A forced call is written without thinking first: the prompt closes the thinking.
         if native is not None:  # the family's own syntax, read by its own parser
-            return call_with(req, messages, offered, native), False
-        return call_with(req, with_tool_instruction(messages, offered), None, tool_call_constraint(offered)), True
+            return call_with(req, messages, offered, native, close_thinking=True), False
+        instructed = with_tool_instruction(messages, offered)
+        return call_with(req, instructed, None, tool_call_constraint(offered), close_thinking=True), True
     tools = _offered_tools(req)
     if tools and not engine.template.supports_tools:
         raise BadRequestError(
@@ -62,13 +68,20 @@ def call_with(
     messages: list[dict[str, Any]],
     tools: list[dict] | None,
     constraint: Constraint | None = None,
+    *,
+    close_thinking: bool = False,
 ) -> ChatCall:
     """The ChatCall of ``req``'s sampling parameters over the given messages, tools and constraint."""
+    options = dict(req.chat_template_kwargs or {})
+    if req.reasoning_effort is not None:  # the template maps it onto the option it offers
+        options.setdefault("reasoning_effort", req.reasoning_effort)
     return ChatCall(
         messages=messages,
         tools=tools,
         max_tokens=req.max_completion_tokens or req.max_tokens,
         constraint=constraint,
+        template_options=options or None,
+        close_thinking=close_thinking,  # else a constraint starts after the thinking (serving/chat.py)
         **sampling_fields(req),
     )
 
@@ -82,12 +95,14 @@ def openai_messages(messages: list[ChatMessageIn]) -> list[dict[str, Any]]:
     names: dict[str, str] = {}  # tool_call_id -> function name, for tool results
     out: list[dict[str, Any]] = []
     for index, m in enumerate(messages):
-        check_content(index, m.role, m.content, m.tool_calls)
+        check_content(index, m.role, m.content, m.tool_calls or m.reasoning_text())  # a thinking-only turn
         role = {"developer": "system", "function": "tool"}.get(m.role, m.role)
         message: dict[str, Any] = {"role": role, "content": m.text()}
         if m.role == "assistant" and m.tool_calls:
             message["tool_calls"] = [ToolCall(c.function.name, c.function.arguments, c.id) for c in m.tool_calls]
             names.update({c.id: c.function.name for c in m.tool_calls if c.id})
+        if m.role == "assistant" and m.reasoning_text():  # the template decides whether to show it
+            message["reasoning_content"] = m.reasoning_text()
         if role == "tool":
             name = m.name or names.get(m.tool_call_id or "")
             if name:

@@ -81,7 +81,7 @@ async def start_completion(
     runs: list[ChatRun] = []
     try:
         for j, prompt_ids in enumerate(ids):
-            runs.append(await service.start_prompt(engine, prompt_ids, call, f"{request_id}-p{j}"))
+            runs.append(await service.start_prompt(engine, prompt_ids, call, f"{request_id}-p{j}", raw=True))
     except ContextLengthError as exc:
         exc.param = "prompt"
         _abort(runs)

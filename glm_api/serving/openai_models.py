@@ -56,7 +56,8 @@ def get_model(registry: ModelRegistry, model_id: str) -> ModelCard:
 async def tokenize(chat: ChatService, tokens: TokenizeService, req: TokenizeRequest) -> TokenizeResponse:
     if req.messages is not None:
         # The same path as a chat request, so the count is exactly what that request costs.
-        call = ChatCall(messages=openai_messages(req.messages), model=req.model, tools=tool_dicts(req.tools))
+        call = ChatCall(messages=openai_messages(req.messages), model=req.model, tools=tool_dicts(req.tools),
+                        template_options=req.chat_template_kwargs)
         prompt = await chat.prepare(call)
         if req.tools and not prompt.tools_enabled:
             raise BadRequestError(f"model {prompt.engine.model_name!r} does not support tools", param="tools")

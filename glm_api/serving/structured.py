@@ -18,6 +18,7 @@ from typing import Any
 from glm_api.engines.base import Constraint
 from glm_api.errors import BadRequestError
 from glm_api.families.base import ToolCall
+from glm_api.families.xml_tool_calls import is_string_schema  # the parser's own reading of types
 from glm_api.protocol.openai import ResponseFormat, SamplingRequest
 from glm_api.serving.json_bounds import bounded_schema, strict_schema
 
@@ -77,13 +78,25 @@ def _with_system(messages: list[dict[str, Any]], text: str) -> list[dict[str, An
     return [{"role": "system", "content": text}, *messages]
 
 
-def native_tool_call_constraint(syntax: str | None, tools: list[dict[str, Any]]) -> Constraint | None:
+def native_tool_call_constraint(
+    syntax: str | None,
+    tools: list[dict[str, Any]],
+    marker_ids: dict[str, int] | None = None,
+    separator: str = "\n",
+) -> Constraint | None:
     """A call in the family's own syntax (a Lark grammar embedding the JSON schemas), or None.
-    The JSON is written as the families' templates write it (``json.dumps``' ", " and ": ")."""
+    The JSON is written as the families' templates write it (``json.dumps``' ", " and ": ").
+    ``marker_ids``: markers that are one token of the vocabulary (``<tool_call>``...), named in
+    the grammar by id (llguidance sees added tokens as special, never as their text);
+    ``separator``: what the template writes between a GLM-4.5+ call's parts."""
+    marker_ids = marker_ids or {}
     if syntax == "hermes":  # Qwen2.5 and Hermes put the call on its own line; some write it inline
         call = json.dumps(_as_written(bounded_schema(json.loads(tool_call_constraint(tools).spec))))
-        return Constraint("grammar", f'start: "<tool_call>" /\\n?/ call /\\n?/ "</tool_call>"\ncall: %json {call}',
+        opening, closing = _marker("<tool_call>", marker_ids), _marker("</tool_call>", marker_ids)
+        return Constraint("grammar", f"start: {opening} /\\n?/ call /\\n?/ {closing}\ncall: %json {call}",
                           param="tools")
+    if syntax == "glm45":
+        return Constraint("grammar", _xml_call_grammar(tools, marker_ids, separator), param="tools")
     if syntax == "glm4":
         rules = ["start: " + " | ".join(f"c{i}" for i in range(len(tools)))]
         for i, tool in enumerate(tools):
@@ -91,6 +104,49 @@ def native_tool_call_constraint(syntax: str | None, tools: list[dict[str, Any]])
             rules += [f"c{i}: {json.dumps(tool['function']['name'] + chr(10))} a{i}", f"a{i}: %json {arguments}"]
         return Constraint("grammar", "\n".join(rules), param="tools")
     return None
+
+
+def _marker(text: str, marker_ids: dict[str, int]) -> str:
+    return f"<[{marker_ids[text]}]>" if text in marker_ids else json.dumps(text)
+
+
+def _xml_call_grammar(tools: list[dict[str, Any]], marker_ids: dict[str, int], separator: str) -> str:
+    """GLM-4.5+: ``<tool_call>NAME (SEP <arg_key>K</arg_key> SEP <arg_value>V</arg_value>)* SEP
+    </tool_call>``, the schema's properties in its order (the required ones always, no others):
+    a string value raw (its enum or length kept), any other value as JSON valid for its schema."""
+    m = {t: _marker(t, marker_ids) for t in ("<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>",
+                                               "<arg_value>", "</arg_value>")}
+    sep = f" {json.dumps(separator)}" if separator else ""
+    # Free text up to the closing marker: any text where it is one token, else text without "<".
+    free = "/(?s:.{{{}}})/" if "</arg_value>" in marker_ids else "/[^<]{{{}}}/"
+    rules = [f"start: {json.dumps(separator) + '? ' if separator else ''}(" + " | ".join(
+        f"c{i}" for i in range(len(tools))) + ")"]
+    for i, tool in enumerate(tools):
+        schema = _tool_arguments(tool)
+        properties = schema.get("properties") or {} if isinstance(schema, dict) else {}
+        required = set(schema.get("required") or []) if isinstance(schema, dict) else set()
+        defs = {k: schema[k] for k in ("$defs", "definitions") if isinstance(schema, dict) and k in schema}
+        parts = []
+        for j, (key, value) in enumerate(properties.items()):
+            name = f"v{i}_{j}"
+            rules.append(f"{name}: " + _xml_value(value if isinstance(value, dict) else {}, defs, free))
+            argument = (f"{sep} {m['<arg_key>']} {json.dumps(key)} {m['</arg_key>']}{sep} {m['<arg_value>']} {name} "
+                        f"{m['</arg_value>']}")
+            parts.append(f"({argument})" + ("" if key in required else "?"))
+        name = json.dumps(tool["function"]["name"])
+        rules.append(f"c{i}: {m['<tool_call>']} {name} {' '.join(parts)}{sep} {m['</tool_call>']}")
+    return "\n".join(rules)
+
+
+def _xml_value(schema: dict[str, Any], defs: dict[str, Any], free: str) -> str:
+    if is_string_schema(schema) and not defs.keys() & schema.keys():
+        if isinstance(schema.get("enum"), list):
+            return " | ".join(json.dumps(v) for v in schema["enum"] if isinstance(v, str)) or '""'
+        if isinstance(schema.get("const"), str):
+            return json.dumps(schema["const"])
+        low, high = int(schema.get("minLength") or 0), schema.get("maxLength")
+        return free.format(f"{low}," + (str(int(high)) if isinstance(high, int) else ""))
+    return f"%json {json.dumps(_as_written(bounded_schema({**schema, **defs})))}"
 
 
 def _as_written(schema: dict[str, Any]) -> dict[str, Any]:

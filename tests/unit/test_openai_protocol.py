@@ -17,7 +17,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import ValidationError
 
 from glm_api.errors import BadRequestError
-from glm_api.families.base import ToolCall
+from glm_api.families.base import ToolCall, ToolCallPart
 from glm_api.protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from glm_api.protocol.tokenizer import TokenizeRequest
 from glm_api.serving.chat import ChatEvent, ChatRun
@@ -198,14 +198,16 @@ def test_tool_call_response_shape():
     assert message.content is None and parsed.choices[0].finish_reason == "tool_calls"
     assert message.tool_calls[0].id.startswith("call_") and message.tool_calls[0].function.arguments == call.arguments
     assert body["usage"] == {
-        "prompt_tokens": 7, "completion_tokens": 12, "total_tokens": 19, "prompt_tokens_details": {"cached_tokens": 3}
+        "prompt_tokens": 7, "completion_tokens": 12, "total_tokens": 19, "prompt_tokens_details": {"cached_tokens": 3},
+        "completion_tokens_details": {"reasoning_tokens": 0},
     }
 
 
 def test_stream_shape_with_two_choices_tool_calls_and_usage():
     events = [
         ChatEvent(0, "Hel", None, [], 7, 1),
-        ChatEvent(1, "", "tool_calls", [ToolCall("f", "{}"), ToolCall("g", '{"a": 1}')], 7, 5),
+        ChatEvent(1, "", "tool_calls", [ToolCall("f", "{}"), ToolCall("g", '{"a": 1}')], 7, 5,
+                  tool_parts=[ToolCallPart(0, "f", "{}"), ToolCallPart(1, "g", '{"a": 1}')]),
         ChatEvent(0, "lo", "stop", [], 7, 2),
     ]
     out = asyncio.run(drain(chat_stream(plan(events, n=2))))

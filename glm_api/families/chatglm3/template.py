@@ -61,6 +61,7 @@ class ChatGLM3Template:
     # Its calls are Python code (tool_call(a=1)), which no JSON grammar describes: a forced call
     # uses the family-neutral JSON form (serving/structured.py).
     tool_call_syntax = None
+    thinking_markers = None
 
     def __init__(self, tokenizer: ChatGLM3Tokenizer) -> None:
         self.tokenizer = tokenizer
@@ -74,7 +75,9 @@ class ChatGLM3Template:
         role_id = self.tokenizer.special_id(f"<|{role}|>")
         return [role_id, *self.tokenizer.encode(metadata + "\n"), *self.tokenizer.encode(content)]
 
-    def encode_messages(self, messages: list[dict[str, Any]], tools: list[dict] | None = None) -> list[int]:
+    def encode_messages(
+        self, messages: list[dict[str, Any]], tools: list[dict] | None = None, options: dict[str, Any] | None = None
+    ) -> list[int]:
         """Prompt ids, ending with ``<|assistant|>``. ``tools`` (OpenAI style) are appended to
         the first system message, or to ChatGLM3's default tool prompt if there is none."""
         extra_tools = openai_tools_to_chatglm(tools) if tools else []
@@ -140,5 +143,10 @@ class ChatGLM3Template:
     def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
         return self.tokenizer.convert_ids_to_tokens(ids)
 
-    def new_output_parser(self, tools_enabled: bool) -> ChatGLM3OutputParser:
+    def prompt_opens_thinking(self, prompt_ids: list[int]) -> bool:
+        return False  # ChatGLM3 does not think
+
+    def new_output_parser(
+        self, tools_enabled: bool, tools: list[dict] | None = None, prompt_ids: list[int] | None = None
+    ) -> ChatGLM3OutputParser:
         return ChatGLM3OutputParser(tools_enabled)
