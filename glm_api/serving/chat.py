@@ -14,11 +14,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from glm_api.config import Settings
-from glm_api.engines.base import ChatEngine, Constraint, GenerationChunk, SamplingParams
+from glm_api.engines.base import ChatEngine, Constraint, GenerationChunk, SamplingParams, TokenLogprob
 from glm_api.errors import BadRequestError, ContextLengthError
 from glm_api.families.base import ParsedOutput, ToolCall
 from glm_api.registry import ModelRegistry
 from glm_api.serving.json_bounds import bounded_constraint
+from glm_api.serving.logprobs import TokenTexts
 from glm_api.serving.merge import merge
 from glm_api.request_context import record_tokens
 
@@ -42,6 +43,8 @@ class ChatCall:
     stop_token_ids: list[int] = field(default_factory=list)
     n: int = 1
     constraint: Constraint | None = None  # structured outputs: the grammar the answer must match
+    logprobs: int | None = None  # each generated token's log-probability, with this many alternatives
+    prompt_logprobs: int | None = None  # each prompt token's (completions' echo)
 
 
 @dataclass
@@ -54,6 +57,10 @@ class ChatEvent:
     tool_calls: list[ToolCall] = field(default_factory=list)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Of the tokens generated since the previous event (ChatCall.logprobs): text a parser holds
+    # back has its tokens' log-probabilities come with the event that shows it.
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # on a choice's first event, when asked
 
 
 @dataclass
@@ -63,6 +70,7 @@ class ChatChoice:
     finish_reason: str
     tool_calls: list[ToolCall]
     completion_tokens: int
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -109,12 +117,21 @@ class ChatRun:
     async def _choice_events(self, index: int) -> AsyncIterator[ChatEvent]:
         parser = self._parsers[index]
         stream = self._streams[index]
+        logprobs: list[TokenLogprob] = []  # not yet sent with an event
+        prompt_logprobs = None
         try:
             async for chunk in stream:
                 visible = parser.feed(chunk.text) if chunk.text else ""
+                logprobs += chunk.logprobs or ()
+                if chunk.prompt_logprobs is not None:
+                    prompt_logprobs = chunk.prompt_logprobs
                 if chunk.finish_reason is None:
                     if visible:
-                        yield ChatEvent(index, visible, prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens)
+                        yield ChatEvent(
+                            index, visible, prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens,
+                            logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                        )
+                        logprobs, prompt_logprobs = [], None
                     continue
                 parsed: ParsedOutput = parser.finish()
                 # What feed() showed is a prefix of the final content; send the rest now.
@@ -124,7 +141,8 @@ class ChatRun:
                 if index == 0:
                     self.cached_tokens = chunk.cached_tokens
                 yield ChatEvent(
-                    index, text, reason, list(parsed.tool_calls), chunk.prompt_tokens, chunk.completion_tokens
+                    index, text, reason, list(parsed.tool_calls), chunk.prompt_tokens, chunk.completion_tokens,
+                    logprobs, prompt_logprobs,
                 )
                 return
         finally:
@@ -133,12 +151,15 @@ class ChatRun:
     async def collect(self) -> list[ChatChoice]:
         """Run to the end and return each choice whole (non-streaming responses)."""
         texts: dict[int, list[str]] = {i: [] for i in range(len(self._streams))}
+        logprobs: dict[int, list[TokenLogprob]] = {i: [] for i in range(len(self._streams))}
         choices: dict[int, ChatChoice] = {}
         async for event in self.events():
             texts[event.index].append(event.text)
+            logprobs[event.index] += event.logprobs
             if event.finish_reason is not None:
                 choices[event.index] = ChatChoice(
-                    event.index, "".join(texts[event.index]), event.finish_reason, event.tool_calls, event.completion_tokens
+                    event.index, "".join(texts[event.index]), event.finish_reason, event.tool_calls,
+                    event.completion_tokens, logprobs[event.index],
                 )
         return [choices[i] for i in sorted(choices)]
 
@@ -152,6 +173,14 @@ class ChatService:
     def __init__(self, registry: ModelRegistry, settings: Settings) -> None:
         self.registry = registry
         self.settings = settings
+        self._token_texts: dict[str, TokenTexts] = {}
+
+    def token_texts(self, engine: ChatEngine) -> TokenTexts:
+        """The texts of ``engine``'s tokens, for log-probabilities (kept: decoding is what costs)."""
+        texts = self._token_texts.get(engine.model_name)
+        if texts is None:
+            texts = self._token_texts[engine.model_name] = TokenTexts(engine)
+        return texts
 
     async def start(self, call: ChatCall, request_id: str) -> ChatRun:
         """Format the conversation, check it, and admit it to the engine."""
@@ -236,6 +265,8 @@ class ChatService:
             seed=call.seed,
             stop=tuple(call.stop),
             stop_token_ids=tuple(call.stop_token_ids),
+            logprobs=call.logprobs,
+            prompt_logprobs=call.prompt_logprobs,
         )
 
 

@@ -69,6 +69,7 @@ def call_with(
         tools=tools,
         max_tokens=req.max_completion_tokens or req.max_tokens,
         constraint=constraint,
+        logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         **sampling_fields(req),
     )
 
