@@ -17,7 +17,7 @@ from openai._models import construct_type
 from openai.types import Completion
 from openai.types.chat import ChatCompletion
 
-from tests.api.test_openai_api import completion_of
+from tests.api.test_openai_api import chunks_of, completion_of
 
 TOL = 2e-3  # the engine's paged attention against SDPA, float32, 30 layers
 
@@ -253,3 +253,25 @@ def test_chat_logprobs_match_a_stock_forward(client, smollm2, token_text):
 def test_chat_without_logprobs_has_none(client):
     body = client.post("/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 2, "temperature": 0}).json()
     assert body["choices"][0]["logprobs"] is None
+
+
+def test_streamed_chat_chunks_carry_their_tokens_logprobs(client, smollm2):
+    body = {"messages": QUESTION, "max_tokens": 6, "temperature": 0, "logprobs": True, "top_logprobs": 2}
+    whole = completion_of(client.post("/v1/chat/completions", json=body).json()).choices[0]
+    chunks = chunks_of(client.post("/v1/chat/completions", json={**body, "stream": True}))
+    entries = []
+    for chunk in chunks[1:]:  # the first carries the role only
+        choice = chunk.choices[0]
+        if choice.delta.content:
+            assert choice.logprobs is not None and choice.logprobs.content  # text comes with its tokens
+        if choice.logprobs is not None:
+            entries += choice.logprobs.content
+    assert [e.token for e in entries] == [e.token for e in whole.logprobs.content]
+    assert [e.logprob for e in entries] == pytest.approx([e.logprob for e in whole.logprobs.content], abs=TOL)
+    assert all(len(e.top_logprobs) == 2 for e in entries)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.message.content
+
+
+def test_streamed_chat_without_logprobs_sends_null(client):
+    chunks = chunks_of(client.post("/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 3, "stream": True}))
+    assert all(c.choices[0].logprobs is None for c in chunks)
