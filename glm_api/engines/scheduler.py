@@ -23,7 +23,9 @@ done outside the engine's lock).
 
 A waiting prompt that shares a beginning not yet in the pool with a prompt being prefilled in
 this step waits one step: that beginning is then in the pool and it is not computed twice (a
-wave of requests with one system prompt).
+wave of requests with one system prompt). A prompt whose log-probabilities are wanted
+(``Sequence.scores_prompt``) takes nothing from the prefix cache and never waits for it: every
+one of its positions is computed (its full blocks still become findable for others).
 """
 
 from __future__ import annotations
