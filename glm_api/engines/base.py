@@ -48,10 +48,25 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     grammar: Any = None  # what ChatEngine.compile_constraint returned: the output must match it
     priority: int = 0  # 0 interactive; batch lines 1: queued behind, preempted first
+    # Log-probabilities (:class:`TokenLogprob`): None asks for none; a number asks for them with
+    # that many most likely alternatives (0-20) at each position.
+    logprobs: int | None = None  # of each generated token
+    prompt_logprobs: int | None = None  # of each prompt token (computed: never from the prefix cache)
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 1e-5
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model's own distribution at its position: the
+    log_softmax of the raw logits, before temperature, penalties and grammar masks (vLLM's
+    default). ``top``: the most likely ids there with theirs, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -64,6 +79,10 @@ class GenerationChunk:
     prompt_tokens: int = 0
     completion_tokens: int = 0  # total so far
     cached_tokens: int = 0  # prompt tokens taken from the prefix cache instead of prefilled
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids, when params.logprobs asked
+    # Once, on the first chunk, when params.prompt_logprobs asked: one per prompt token (the
+    # first is None: nothing comes before it).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass(frozen=True)

@@ -181,7 +181,8 @@ class TransformersChatEngine(EngineThread):
             loop=asyncio.get_running_loop(),
             queue=queue,
             detok=IncrementalDetokenizer(self.template.decode, params.stop),
-            seq=Sequence(token_ids=list(prompt_ids)),
+            seq=Sequence(list(prompt_ids), scores_prompt=params.prompt_logprobs is not None and len(prompt_ids) > 1),
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
             stop_ids=self.template.stop_token_ids | frozenset(params.stop_token_ids),
             per_row=needs_per_row_sampling(params),
             matcher=params.grammar.matcher() if params.grammar is not None else None,
@@ -256,13 +257,23 @@ class TransformersChatEngine(EngineThread):
         started = time.perf_counter()
         self.kv.apply(ops)
         scheduled = [(req.seq, n) for req, n in plan.scheduled]
+        starts = [seq.num_computed_tokens for seq, _ in scheduled]
         out = self.runner.execute(scheduled)
         finished = []
         with self._cv:
             self.kv.computed(scheduled)
+        for i, logits in out.scored.items():
+            self._score_prompt(plan.scheduled[i][0], starts[i], logits)
         if out.sampling:
             rows = [plan.scheduled[i][0] for i in out.sampling]
-            finished = self.output.process(rows, self.sampler.sample(rows, out.logits))
+            logits = out.logits
+            if any(req.params.max_tokens == 0 for req in rows):  # scored only: nothing to generate
+                finished = [(req, self.output.chunk(req, "", [], "length")) for req in rows if req.params.max_tokens == 0]
+                keep = [j for j, req in enumerate(rows) if req.params.max_tokens > 0]
+                rows, logits = [rows[j] for j in keep], logits[keep]
+            if rows:
+                sampled = self.sampler.sample(rows, logits)
+                finished += self.output.process(rows, sampled.tokens, sampled.logprobs)
         if finished:
             with self._cv:
                 for req, chunk in finished:
@@ -273,6 +284,19 @@ class TransformersChatEngine(EngineThread):
         self.stats.steps += 1
         self.stats.prefills += any(n > 1 for _, n in plan.scheduled)
         self.stats.batch_size.observe(len(plan.scheduled))
+
+    def _score_prompt(self, req: EngineRequest, past: int, logits: torch.Tensor) -> None:
+        """The log-probabilities of the prompt tokens that ``logits`` (of positions ``past``,
+        ``past + 1``, ...) predict, appended to what earlier chunks gave; a position scored before
+        (the request was preempted and computes its prompt again) is not scored twice."""
+        scored = req.prompt_logprobs
+        first = max(past, len(scored) - 1)  # position p predicts prompt token p + 1
+        last = min(past + len(logits), len(req.prompt_ids) - 1)
+        if first < last:
+            targets = req.prompt_ids[first + 1 : last + 1]
+            scored += self.sampler.score(logits[first - past : last - past], targets, req.params.prompt_logprobs)
+        if len(scored) == len(req.prompt_ids):
+            req.seq.scores_prompt = False  # all there: a recompute after preemption may use the prefix cache
 
     def _out_of_memory(self, plan: SchedulerPlan) -> None:
         """A device out-of-memory error in a step fails the requests whose prompt chunks it

@@ -5,7 +5,9 @@ the scheduler's plan (each sequence and how many of its tokens to compute), it p
 tokens of every sequence into one ``[1, T]`` step (:class:`~glm_api.engines.paged_attention.
 PagedStep`: positions, the slots the new keys/values go to, the attention groups), runs the
 forward, and returns the logits of the sequences that sample a token now (decoding ones, and
-prompts whose last chunk this is). Nothing else in the engine calls the model: a compiled or
+prompts whose last chunk this is), and of every position computed for a sequence that scores
+its prompt (``Sequence.scores_prompt``: prompt log-probabilities); no other position's logits
+are ever computed. Nothing else in the engine calls the model: a compiled or
 graph-captured step, or another attention backend, plugs in here (nano-vllm's and vLLM's
 ``ModelRunner``).
 """
@@ -13,7 +15,7 @@ graph-captured step, or another attention backend, plugs in here (nano-vllm's an
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,10 +28,13 @@ from glm_api.kv_memory import KVShape
 @dataclass
 class StepOutput:
     """``sampling[i]`` is the index (in the plan) of the sequence whose next-token logits are
-    ``logits[i]``; ``logits`` is None when no sequence samples this step."""
+    ``logits[i]``; ``logits`` is None when no sequence samples this step. ``scored`` maps the
+    index of a sequence that scores its prompt to the logits ``[n, V]`` of each of the ``n``
+    positions this step computed for it (in order)."""
 
     sampling: list[int]
     logits: torch.Tensor | None
+    scored: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -92,6 +97,16 @@ class ModelRunner:
         step = PagedStep.build(self.pool, rows)
         # Logits only where a sequence's last known token is computed: decoding ones and finished prompts.
         sampling = [i for i, (seq, n) in enumerate(scheduled) if seq.num_computed_tokens + n == len(seq.token_ids)]
-        keep = torch.tensor([step.last_index[i] for i in sampling], dtype=torch.long, device=self._keep_device)
+        positions = [step.last_index[i] for i in sampling]
+        spans: dict[int, tuple[int, int]] = {}
+        for i, (seq, n) in enumerate(scheduled):
+            if seq.scores_prompt:  # a row's new tokens are packed together, ending at its last index
+                spans[i] = (len(positions), n)
+                positions += range(step.last_index[i] - n + 1, step.last_index[i] + 1)
+        keep = torch.tensor(positions, dtype=torch.long, device=self._keep_device)
         out = self.model(**step.model_inputs(), logits_to_keep=keep)
-        return StepOutput(sampling, out.logits[0] if sampling else None)
+        if not positions:
+            return StepOutput(sampling, None)
+        logits = out.logits[0]
+        scored = {i: logits[start : start + n] for i, (start, n) in spans.items()}
+        return StepOutput(sampling, logits[: len(sampling)] if sampling else None, scored)

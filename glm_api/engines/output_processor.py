@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from glm_api.engines.base import FinishReason, GenerationChunk
+from glm_api.engines.base import FinishReason, GenerationChunk, TokenLogprob
 from glm_api.engines.outbox import Outbox
 from glm_api.engines.request_state import EngineRequest
 from glm_api.engines.stats import ChatEngineStats, prompt_class
@@ -27,12 +27,12 @@ class OutputProcessor:
         self.outbox = Outbox()
 
     def process(
-        self, rows: Sequence[EngineRequest], tokens: Sequence[int]
+        self, rows: Sequence[EngineRequest], tokens: Sequence[int], logprobs: Sequence[TokenLogprob | None]
     ) -> list[tuple[EngineRequest, GenerationChunk]]:
-        """Take each row's new token and stream its text; returns the finished rows with their
-        last chunk, for the engine to retire and send."""
+        """Take each row's new token (and its log-probability, where asked) and stream its text;
+        returns the finished rows with their last chunk, for the engine to retire and send."""
         finished = []
-        for req, token in zip(rows, tokens):
+        for req, token, logprob in zip(rows, tokens, logprobs):
             req.output_ids.append(token)
             req.seq.token_ids.append(token)
             if req.first_token_at is None:
@@ -40,6 +40,8 @@ class OutputProcessor:
                 self.stats.ttft_seconds[prompt_class(len(req.prompt_ids))].observe(req.first_token_at - req.arrived)
             reason = self._finish_reason(req, token)
             chunk = self.chunk(req, req.detok.take(final=reason is not None), [token], reason)
+            if logprob is not None:
+                chunk.logprobs = [logprob]
             if reason is None:
                 self.outbox.put(req, chunk)
             else:
@@ -63,6 +65,9 @@ class OutputProcessor:
 
     @staticmethod
     def chunk(req: EngineRequest, text: str, ids: list[int], reason: FinishReason | None) -> GenerationChunk:
+        prompt_logprobs = None
+        if req.prompt_logprobs is not None and not req.prompt_logprobs_sent:  # the first chunk carries them
+            prompt_logprobs, req.prompt_logprobs_sent = req.prompt_logprobs, True
         return GenerationChunk(
             text=text,
             token_ids=ids,
@@ -70,6 +75,7 @@ class OutputProcessor:
             prompt_tokens=len(req.prompt_ids),
             completion_tokens=len(req.output_ids),
             cached_tokens=req.seq.num_cached_tokens or 0,
+            prompt_logprobs=prompt_logprobs,
         )
 
     def send(self, req: EngineRequest, item: GenerationChunk | BaseException) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from glm_api.engines.base import GenerationChunk, SamplingParams
+from glm_api.engines.base import GenerationChunk, SamplingParams, TokenLogprob
 from glm_api.engines.detokenizer import IncrementalDetokenizer
 from glm_api.engines.sequence import Sequence
 
@@ -39,6 +39,10 @@ class EngineRequest:
     started: bool = False  # admitted once (a preempted request is not counted again)
     arrived: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
+    # Its prompt's log-probabilities as the steps compute them (params.prompt_logprobs), sent
+    # once, with the first chunk.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    prompt_logprobs_sent: bool = False
 
     @property
     def priority(self) -> int:
@@ -82,4 +86,6 @@ def _merge(a: GenerationChunk, b: GenerationChunk) -> GenerationChunk:
         prompt_tokens=b.prompt_tokens,
         completion_tokens=b.completion_tokens,
         cached_tokens=b.cached_tokens,
+        logprobs=None if a.logprobs is None and b.logprobs is None else (a.logprobs or []) + (b.logprobs or []),
+        prompt_logprobs=a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs,
     )

@@ -6,16 +6,22 @@ argmax and one device sync for the whole batch; rows with penalties or real samp
 top-p/top-k, a seed) replace their entry from their own row (argmax of the same row's logits, so
 batched greedy equals greedy alone). Then each row takes its token: its grammar matcher advances
 and its penalty state counts it.
+
+Log-probabilities come from the same logits, for the rows that ask only: the log_softmax of
+their raw rows, taken before any mask, penalty or temperature touches them (the model's own
+distribution, as vLLM reports by default), then the chosen token's entry and the top ones in
+one batched gather and top-k. A step without such rows computes nothing for them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
-from glm_api.engines.base import SamplingParams
+from glm_api.engines.base import SamplingParams, TokenLogprob
 from glm_api.engines.grammar import mask_logits
 
 
@@ -31,12 +37,21 @@ class Sampling(Protocol):
     counts: torch.Tensor | None
 
 
+@dataclass
+class Sampled:
+    tokens: list[int]  # one per row
+    logprobs: list[TokenLogprob | None]  # per row: its token's, when its params ask (else None)
+
+
 class Sampler:
     def __init__(self, device: torch.device) -> None:
         self.device = device  # where penalty state and seeded generators live
 
-    def sample(self, rows: Sequence[Sampling], logits: torch.Tensor) -> list[int]:
+    def sample(self, rows: Sequence[Sampling], logits: torch.Tensor) -> Sampled:
         """One token for each row of ``logits`` ``[len(rows), V]`` (masked in place), taken."""
+        asking = [i for i, req in enumerate(rows) if req.params.logprobs is not None]
+        # Before the masks below change ``logits`` in place: the raw distribution.
+        raw = log_softmax_rows(logits, asking) if asking else None
         constrained = [i for i, req in enumerate(rows) if req.matcher is not None]
         if constrained:
             mask_logits(logits, constrained, [rows[i].matcher for i in constrained])
@@ -47,7 +62,18 @@ class Sampler:
                 row_logits = apply_penalties(logits[i].float(), req.params, req.seen, req.counts)
                 tokens[i] = sample_token(row_logits, req.params, req.generator)
             self._take(req, tokens[i])
-        return tokens
+        logprobs: list[TokenLogprob | None] = [None] * len(rows)
+        if raw is not None:
+            found = token_logprobs(raw, [tokens[i] for i in asking], [rows[i].params.logprobs or 0 for i in asking])
+            for i, lp in zip(asking, found):
+                logprobs[i] = lp
+        return Sampled(tokens, logprobs)
+
+    @staticmethod
+    def score(logits: torch.Tensor, targets: Sequence[int], top: int) -> list[TokenLogprob]:
+        """The log-probability of ``targets[i]`` under row ``i`` of raw ``logits`` ``[N, V]``
+        (prompt tokens, each under the logits of the position before it), with ``top`` alternatives."""
+        return token_logprobs(log_softmax_rows(logits), targets, [top] * len(targets))
 
     def _start(self, req: Sampling, vocab: int) -> None:
         """Penalty state and a seeded generator, made on a request's first sampled token."""
@@ -113,3 +139,28 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
         logits = torch.empty_like(logits).scatter_(0, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def log_softmax_rows(logits: torch.Tensor, rows: Sequence[int] | None = None) -> torch.Tensor:
+    """float32 log-probabilities of some rows of ``logits`` ``[N, V]`` (all rows: None), in a new tensor."""
+    if rows is not None:
+        logits = logits[torch.tensor(rows, dtype=torch.long, device=logits.device)]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def token_logprobs(logprobs: torch.Tensor, targets: Sequence[int], top: Sequence[int]) -> list[TokenLogprob]:
+    """For each row ``i`` of ``logprobs`` ``[N, V]``: ``targets[i]``'s entry and the ``top[i]``
+    largest, read in one gather and one top-k. A target's value and the same id's value among the
+    top ones are the same float (clients compare them to tell a greedy token)."""
+    index = torch.tensor(targets, dtype=torch.long, device=logprobs.device)[:, None]
+    chosen = logprobs.gather(1, index)[:, 0].tolist()
+    k = min(max(top, default=0), logprobs.shape[-1])
+    values: list[list[float]] = [[] for _ in targets]
+    ids: list[list[int]] = [[] for _ in targets]
+    if k:
+        best = torch.topk(logprobs, k, dim=-1)
+        values, ids = best.values.tolist(), best.indices.tolist()
+    return [
+        TokenLogprob(t, lp, tuple(zip(ids[i][: top[i]], values[i][: top[i]])))
+        for i, (t, lp) in enumerate(zip(targets, chosen))
+    ]

@@ -24,7 +24,9 @@ done outside the engine's lock).
 
 A waiting prompt that shares a beginning not yet in the pool with a prompt being prefilled in
 this step waits one step: that beginning is then in the pool and it is not computed twice (a
-wave of requests with one system prompt).
+wave of requests with one system prompt). A prompt whose log-probabilities are wanted
+(``Sequence.scores_prompt``) takes nothing from the prefix cache and never waits for it: every
+one of its positions is computed (its full blocks still become findable for others).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from glm_api.engines.kv_blocks import common_length
+from glm_api.engines.kv_blocks import PrefixHit, common_length
 from glm_api.engines.kv_cache_manager import KVCacheManager
 from glm_api.engines.pacing import PrefillPacer
 from glm_api.engines.sequence import Sequence
@@ -148,9 +150,12 @@ class Scheduler:
             if not long and is_long:
                 skipped += 1
                 continue
-            hit = self.kv.lookup(seq.token_ids)
+            # A prompt that is scored computes every position: nothing from the prefix cache.
+            hit = PrefixHit() if seq.scores_prompt else self.kv.lookup(seq.token_ids)
             found = hit.tokens(self.kv.block_size)
-            if any(common_length(seq.token_ids, ids) - found >= MIN_SHARED_TOKENS for ids in prefilling):
+            if not seq.scores_prompt and any(
+                common_length(seq.token_ids, ids) - found >= MIN_SHARED_TOKENS for ids in prefilling
+            ):
                 skipped += 1  # next step, that beginning is in the pool
                 continue
             left = len(seq.token_ids) - found

@@ -17,6 +17,9 @@ class Sequence:
     num_hashed_blocks: int = 0  # leading blocks in the prefix cache (full, digested)
     last_digest: bytes | None = None  # digest of the last of those: the parent of the next block
     num_cached_tokens: int | None = None  # prompt tokens found in the pool at first admission
+    # Its prompt's log-probabilities are wanted and not all taken yet: it takes nothing from the
+    # prefix cache (those positions are computed) and every position it computes returns logits.
+    scores_prompt: bool = False
 
     @property
     def num_uncomputed_tokens(self) -> int:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from glm_api.protocol.common import MaxTokens, RepetitionPenalty, Stop, Temperature, TopP, Usage, WireModel
+from glm_api.protocol.common import MAX_TOKENS_LIMIT, MaxTokens, RepetitionPenalty, Stop, Temperature, TopP, Usage, WireModel
 
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 #: Token ids are never negative; the upper bound is the model's vocabulary, checked in serving.
@@ -39,11 +39,12 @@ def _texts_or_token_arrays(value: Any, name: str) -> Any:
     return value
 
 
-def _refuse_logprobs(value: Any) -> Any:
-    # Chat: logprobs false and top_logprobs null are fine. Completions: any int asks for them.
-    if value is not None and value is not False:
-        raise ValueError("logprobs are not supported by this server")
-    return value
+#: Alternatives per position, at most (OpenAI's limit for top_logprobs and for completions' logprobs).
+MAX_TOP_LOGPROBS = 20
+TopLogprobsCount = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)]
+#: Completions may generate nothing (``max_tokens: 0``): with ``echo`` and ``logprobs`` that
+#: scores a prompt, as evaluation harnesses do.
+CompletionMaxTokens = Annotated[int, Field(ge=0, le=MAX_TOKENS_LIMIT)]
 
 
 def _refuse_logit_bias(value: dict | None) -> dict | None:
@@ -209,7 +210,7 @@ class ChatCompletionRequest(SamplingRequest):
     parallel_tool_calls: bool | None = None  # accepted; calls come back as the model writes them
     response_format: ResponseFormat | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: TopLogprobsCount | None = None
     #: OpenAI's reasoning effort, mapped onto the template's own option (``reasoning_effort``, or
     #: ``enable_thinking``/``thinking``: false for "none"); ignored by models that do not think.
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
@@ -217,10 +218,12 @@ class ChatCompletionRequest(SamplingRequest):
     #: ``clear_thinking``... Names apply_chat_template sets itself are refused.
     chat_template_kwargs: dict[str, Any] | None = None
 
-    @field_validator("logprobs", "top_logprobs")
+    @field_validator("top_logprobs")
     @classmethod
-    def _no_logprobs(cls, value: Any) -> Any:
-        return _refuse_logprobs(value)
+    def _top_logprobs_need_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,11 +251,26 @@ class ChatMessageOut(BaseModel):
     reasoning: str | None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None  # the token's UTF-8 bytes (a token may hold part of a character)
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]  # the most likely tokens at this position, most likely first
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+    refusal: None = None
+
+
 class ChatChoiceOut(BaseModel):
     index: int
     message: ChatMessageOut
     finish_reason: Literal["stop", "length", "tool_calls"]
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class PromptTokensDetails(BaseModel):
@@ -315,7 +333,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     finish_reason: Literal["stop", "length", "tool_calls"] | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None  # of the tokens this chunk carries
 
 
 class ChatCompletionChunk(BaseModel):
@@ -334,21 +352,17 @@ class ChatCompletionChunk(BaseModel):
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | TokenIds | list[TokenIds]
+    max_tokens: CompletionMaxTokens | None = None
     echo: bool | None = False
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
-    logprobs: int | None = None
+    logprobs: TopLogprobsCount | None = None  # alternatives per token; 0: the tokens' own only
     response_format: ResponseFormat | None = None  # an extension: OpenAI's completions have none
 
     @field_validator("prompt", mode="before")
     @classmethod
     def _prompt_shape(cls, value: Any) -> Any:
         return _texts_or_token_arrays(value, "prompt")
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: Any) -> Any:
-        return _refuse_logprobs(value)
 
     @field_validator("suffix")
     @classmethod
@@ -364,11 +378,23 @@ class CompletionRequest(SamplingRequest):
         return self
 
 
+class CompletionLogprobs(BaseModel):
+    """Per token (the echoed prompt's first, then the generated ones): its text, its
+    log-probability (None for the first prompt token: nothing predicts it), the most likely
+    tokens there with theirs (the token itself included), and where its text starts in the
+    choice's text."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from glm_api.config import Settings
-from glm_api.engines.base import ChatEngine, Constraint, GenerationChunk, SamplingParams
+from glm_api.engines.base import ChatEngine, Constraint, GenerationChunk, SamplingParams, TokenLogprob
 from glm_api.errors import BadRequestError, ContextLengthError
 from glm_api.families.base import (
     OutputParser,
@@ -28,6 +28,7 @@ from glm_api.families.base import (
 )
 from glm_api.registry import ModelRegistry
 from glm_api.serving.json_bounds import bounded_constraint
+from glm_api.serving.logprobs import TokenTexts
 from glm_api.serving.merge import merge
 from glm_api.request_context import record_tokens
 
@@ -57,6 +58,8 @@ class ChatCall:
     #: Close the model's thinking in the prompt when the generation prompt opened it: the answer
     #: (a constrained one) starts at the first token.
     close_thinking: bool = False
+    logprobs: int | None = None  # each generated token's log-probability, with this many alternatives
+    prompt_logprobs: int | None = None  # each prompt token's (completions' echo)
 
 
 @dataclass
@@ -72,6 +75,10 @@ class ChatEvent:
     reasoning: str = ""  # new reasoning, streamed before the answer's text
     tool_parts: list[ToolCallPart] = field(default_factory=list)  # new pieces of streamed calls
     reasoning_tokens: int = 0  # of the completion tokens, on the last event
+    # Of the tokens generated since the previous event (ChatCall.logprobs): text a parser holds
+    # back has its tokens' log-probabilities come with the event that shows it.
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # on a choice's first event, when asked
 
 
 @dataclass
@@ -83,6 +90,7 @@ class ChatChoice:
     completion_tokens: int
     reasoning: str = ""
     reasoning_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -130,16 +138,25 @@ class ChatRun:
     async def _choice_events(self, index: int) -> AsyncIterator[ChatEvent]:
         parser = self._parsers[index]
         stream = self._streams[index]
+        logprobs: list[TokenLogprob] = []  # not yet sent with an event
+        prompt_logprobs = None
         try:
             async for chunk in stream:
                 thinking = parser.reasoning_open
                 visible, reasoning, parts = parser.feed(chunk.text) if chunk.text else ("", "", [])
                 if thinking or parser.reasoning_open:  # the chunk's tokens were (some of) the reasoning
                     parser.reasoning_tokens += len(chunk.token_ids)
+                logprobs += chunk.logprobs or ()
+                if chunk.prompt_logprobs is not None:
+                    prompt_logprobs = chunk.prompt_logprobs
                 if chunk.finish_reason is None:
                     if visible or reasoning or parts:
-                        yield ChatEvent(index, visible, prompt_tokens=chunk.prompt_tokens, reasoning=reasoning,
-                                        completion_tokens=chunk.completion_tokens, tool_parts=parts)
+                        yield ChatEvent(
+                            index, visible, prompt_tokens=chunk.prompt_tokens, reasoning=reasoning,
+                            completion_tokens=chunk.completion_tokens, tool_parts=parts,
+                            logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                        )
+                        logprobs, prompt_logprobs = [], None
                     continue
                 parsed, rest, more_reasoning, more_parts = parser.finish()
                 reason = "tool_calls" if parsed.tool_calls and chunk.finish_reason != "length" else chunk.finish_reason
@@ -150,6 +167,7 @@ class ChatRun:
                     index, visible + rest, reason, list(parsed.tool_calls), chunk.prompt_tokens,
                     chunk.completion_tokens, reasoning=reasoning + more_reasoning, tool_parts=parts + more_parts,
                     reasoning_tokens=parser.reasoning_tokens if parsed.reasoning else 0,
+                    logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                 )
                 return
         finally:
@@ -159,14 +177,17 @@ class ChatRun:
         """Run to the end and return each choice whole (non-streaming responses)."""
         texts: dict[int, list[str]] = {i: [] for i in range(len(self._streams))}
         reasoning: dict[int, list[str]] = {i: [] for i in range(len(self._streams))}
+        logprobs: dict[int, list[TokenLogprob]] = {i: [] for i in range(len(self._streams))}
         choices: dict[int, ChatChoice] = {}
         async for event in self.events():
             texts[event.index].append(event.text)
             reasoning[event.index].append(event.reasoning)
+            logprobs[event.index] += event.logprobs
             if event.finish_reason is not None:
                 choices[event.index] = ChatChoice(
                     event.index, "".join(texts[event.index]), event.finish_reason, event.tool_calls,
                     event.completion_tokens, "".join(reasoning[event.index]), event.reasoning_tokens,
+                    logprobs[event.index],
                 )
         return [choices[i] for i in sorted(choices)]
 
@@ -180,6 +201,14 @@ class ChatService:
     def __init__(self, registry: ModelRegistry, settings: Settings) -> None:
         self.registry = registry
         self.settings = settings
+        self._token_texts: dict[str, TokenTexts] = {}
+
+    def token_texts(self, engine: ChatEngine) -> TokenTexts:
+        """The texts of ``engine``'s tokens, for log-probabilities (kept: decoding is what costs)."""
+        texts = self._token_texts.get(engine.model_name)
+        if texts is None:
+            texts = self._token_texts[engine.model_name] = TokenTexts(engine)
+        return texts
 
     async def start(self, call: ChatCall, request_id: str) -> ChatRun:
         """Format the conversation, check it, and admit it to the engine."""
@@ -291,6 +320,8 @@ class ChatService:
             stop=tuple(call.stop),
             stop_token_ids=tuple(call.stop_token_ids),
             priority=call.priority,
+            logprobs=call.logprobs,
+            prompt_logprobs=call.prompt_logprobs,
         )
 
 

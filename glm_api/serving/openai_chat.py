@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from glm_api import __version__
-from glm_api.engines.base import ChatEngine
+from glm_api.engines.base import ChatEngine, TokenLogprob
 from glm_api.families.base import ToolCall, ToolCallPart
 from glm_api.protocol.openai import (
     ChatChoiceOut,
@@ -31,6 +31,7 @@ from glm_api.protocol.openai import (
     ChatCompletionRequest,
     ChatDelta,
     ChatMessageOut,
+    ChoiceLogprobs,
     FunctionCallDelta,
     FunctionCallOut,
     OpenAIUsage,
@@ -38,6 +39,7 @@ from glm_api.protocol.openai import (
     ToolCallOut,
 )
 from glm_api.serving.chat import ChatRun, ChatService
+from glm_api.serving.logprobs import TokenTexts, chat_logprobs
 from glm_api.serving.openai_chat_call import chat_call
 from glm_api.serving.structured import parse_tool_call
 
@@ -65,6 +67,13 @@ class ChatPlan:
     include_usage: bool
     forced_tool: bool = False  # the answer is a constrained tool call, returned as tool_calls
     tool_ids: dict[tuple[int, int], str] = field(default_factory=dict)
+    top_logprobs: int | None = None  # logprobs asked for, with this many alternatives (else None)
+    token_texts: TokenTexts | None = None
+
+    def logprobs(self, tokens: list[TokenLogprob]) -> ChoiceLogprobs | None:
+        if self.top_logprobs is None or self.token_texts is None:
+            return None
+        return chat_logprobs(self.token_texts, tokens, self.top_logprobs)
 
 
 async def start_chat(
@@ -82,6 +91,8 @@ async def start_chat(
         fingerprint=system_fingerprint(engine),
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
         forced_tool=forced,
+        top_logprobs=call.logprobs,
+        token_texts=service.token_texts(engine) if call.logprobs is not None else None,
     )
 
 
@@ -113,7 +124,11 @@ async def chat_response(plan: ChatPlan) -> ChatCompletion:
             content=(content or None) if calls else content, tool_calls=calls or None,
             reasoning_content=choice.reasoning or None, reasoning=choice.reasoning or None,
         )
-        out.append(ChatChoiceOut(index=choice.index, message=message, finish_reason=finish_reason))
+        out.append(
+            ChatChoiceOut(
+                index=choice.index, message=message, finish_reason=finish_reason, logprobs=plan.logprobs(choice.logprobs)
+            )
+        )
     completion = sum(c.completion_tokens for c in choices)
     reasoning = sum(c.reasoning_tokens for c in choices)
     return ChatCompletion(
@@ -167,16 +182,22 @@ async def chat_stream(plan: ChatPlan) -> AsyncIterator[dict]:
     for i in range(plan.n):
         yield _chunk(plan, [ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
     texts: dict[int, list[str]] = {i: [] for i in range(plan.n)}
+    # Log-probabilities go with the chunk that shows their tokens' text; a forced tool call's
+    # (never shown as content), the reasoning's and the stop token's go with the next content
+    # chunk or the choice's last chunk.
+    unsent: dict[int, list[TokenLogprob]] = {i: [] for i in range(plan.n)}
     completion_tokens = reasoning_tokens = 0
     async for event in plan.run.events():
         index = event.index
+        unsent[index] += event.logprobs
         if event.reasoning:
             delta = ChatDelta(reasoning_content=event.reasoning, reasoning=event.reasoning)
             yield _chunk(plan, [ChatChunkChoice(index=index, delta=delta)])
         if event.text:
             texts[index].append(event.text)
             if not plan.forced_tool:
-                yield _chunk(plan, [ChatChunkChoice(index=index, delta=ChatDelta(content=event.text))])
+                logprobs, unsent[index] = plan.logprobs(unsent[index]), []
+                yield _chunk(plan, [ChatChunkChoice(index=index, delta=ChatDelta(content=event.text), logprobs=logprobs)])
         if event.tool_parts and not plan.forced_tool:
             deltas = [_part_delta(plan, index, part) for part in event.tool_parts]
             yield _chunk(plan, [ChatChunkChoice(index=index, delta=ChatDelta(tool_calls=deltas))])
@@ -193,6 +214,10 @@ async def chat_stream(plan: ChatPlan) -> AsyncIterator[dict]:
                 yield _chunk(plan, [ChatChunkChoice(index=index, delta=ChatDelta(tool_calls=deltas))])
         completion_tokens += event.completion_tokens
         reasoning_tokens += event.reasoning_tokens
-        yield _chunk(plan, [ChatChunkChoice(index=index, delta=ChatDelta(), finish_reason=finish_reason)])
+        last = unsent[index]
+        logprobs = plan.logprobs(last) if last else None
+        yield _chunk(
+            plan, [ChatChunkChoice(index=index, delta=ChatDelta(), finish_reason=finish_reason, logprobs=logprobs)]
+        )
     if plan.include_usage:
         yield _chunk(plan, [], _usage(plan, completion_tokens, reasoning_tokens))

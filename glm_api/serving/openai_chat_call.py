@@ -82,6 +82,7 @@ def call_with(
         constraint=constraint,
         template_options=options or None,
         close_thinking=close_thinking,  # else a constraint starts after the thinking (serving/chat.py)
+        logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         **sampling_fields(req),
     )
 

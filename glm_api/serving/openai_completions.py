@@ -2,6 +2,11 @@
 
 A prompt is encoded as plain text (``template.encode``: no special tokens) or taken as token
 ids. A list of prompts gives ``n`` choices per prompt, choice ``index = prompt_index * n + i``.
+
+``logprobs: N`` gives each generated token's log-probability with N alternatives; with
+``echo`` the prompt's tokens come first with theirs (the engine computes every prompt position
+for them, never taking the prompt from its prefix cache), and ``max_tokens: 0`` generates
+nothing: the prompt is only scored (``finish_reason: "length"``), as evaluation harnesses ask.
 """
 
 from __future__ import annotations
@@ -12,8 +17,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from glm_api.errors import BadRequestError, ContextLengthError
-from glm_api.protocol.openai import Completion, CompletionChoice, CompletionRequest, OpenAIUsage
+from glm_api.engines.base import TokenLogprob
+from glm_api.protocol.openai import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, OpenAIUsage
 from glm_api.serving.chat import ChatCall, ChatEvent, ChatRun, ChatService
+from glm_api.serving.logprobs import TokenTexts, completion_logprobs, extend
 from glm_api.serving.merge import merge
 from glm_api.serving.openai_chat import system_fingerprint
 from glm_api.serving.openai_chat_call import sampling_fields
@@ -36,6 +43,21 @@ class CompletionPlan:
     model: str
     fingerprint: str
     include_usage: bool
+    prompt_ids: list[list[int]]
+    top_logprobs: int | None = None  # logprobs asked for, with this many alternatives (else None)
+    token_texts: TokenTexts | None = None
+
+    def logprobs(
+        self, j: int, prompt: list[TokenLogprob | None] | None, output: list[TokenLogprob], offset: int = 0
+    ) -> CompletionLogprobs | None:
+        """Prompt ``j``'s choice's logprobs: the echoed prompt's tokens (when ``prompt``), then
+        the output's, whose offsets start at ``offset``, in the choice's text."""
+        if self.top_logprobs is None or self.token_texts is None:
+            return None
+        out = completion_logprobs(self.token_texts, output, text_offset=offset)
+        if prompt is not None:
+            out = extend(completion_logprobs(self.token_texts, prompt, first_token=self.prompt_ids[j][0]), out)
+        return out
 
 
 def _prompts(req: CompletionRequest) -> list[str | list[int]]:
@@ -73,8 +95,10 @@ async def start_completion(
     ids, echo = await asyncio.to_thread(_encode, engine, prompts, bool(req.echo))
     call = ChatCall(
         messages=[],
-        max_tokens=req.max_tokens or DEFAULT_MAX_TOKENS,
+        max_tokens=DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens,
         constraint=output_constraint(req, req.response_format),
+        logprobs=req.logprobs,
+        prompt_logprobs=req.logprobs if req.echo else None,
         **sampling_fields(req),
         priority=priority,
     )
@@ -98,6 +122,9 @@ async def start_completion(
         model=engine.model_name,
         fingerprint=system_fingerprint(engine),
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
+        prompt_ids=ids,
+        top_logprobs=req.logprobs,
+        token_texts=service.token_texts(engine) if req.logprobs is not None else None,
     )
 
 
@@ -128,15 +155,26 @@ def _usage(plan: CompletionPlan, completion_tokens: int) -> OpenAIUsage:
 async def completion_response(plan: CompletionPlan) -> Completion:
     texts: dict[int, list[str]] = {}
     finished: dict[int, ChatEvent] = {}
+    logprobs: dict[int, list[TokenLogprob]] = {}
+    prompt_logprobs: dict[int, list[TokenLogprob | None]] = {}
     async for j, event in _merged(plan.runs):
         index = j * plan.n + event.index
         texts.setdefault(index, [plan.echo[j]]).append(event.text)
+        logprobs.setdefault(index, []).extend(event.logprobs)
+        if event.prompt_logprobs is not None:
+            prompt_logprobs[index] = event.prompt_logprobs
         if event.finish_reason is not None:
             finished[index] = event
-    choices = [
-        CompletionChoice(index=i, text="".join(texts[i]), finish_reason=finished[i].finish_reason)
-        for i in sorted(finished)
-    ]
+
+    def choice(i: int) -> CompletionChoice:
+        j = i // plan.n
+        lp = plan.logprobs(j, prompt_logprobs.get(i), logprobs[i], len(plan.echo[j]))
+        return CompletionChoice(index=i, text="".join(texts[i]), finish_reason=finished[i].finish_reason, logprobs=lp)
+
+    if plan.top_logprobs is None:
+        choices = [choice(i) for i in sorted(finished)]
+    else:  # a scored prompt has a token per position to describe: off the event loop
+        choices = await asyncio.to_thread(lambda: [choice(i) for i in sorted(finished)])
     return Completion(
         id=plan.id,
         created=plan.created,
@@ -161,15 +199,24 @@ async def completion_stream(plan: CompletionPlan) -> AsyncIterator[dict]:
             del payload["usage"]
         return payload
 
-    for j, text in enumerate(plan.echo):
-        if text:
-            yield chunk([CompletionChoice(index=j * plan.n + i, text=text) for i in range(plan.n)])
+    # The echoed prompt comes first; with logprobs, in each choice's first chunk, with the
+    # prompt's log-probabilities that the engine sends with its first output.
+    echoing = plan.top_logprobs is not None
+    if not echoing:
+        for j, text in enumerate(plan.echo):
+            if text:
+                yield chunk([CompletionChoice(index=j * plan.n + i, text=text) for i in range(plan.n)])
+    sent: dict[int, int] = {}  # characters of each choice's text sent so far (for text_offset)
     completion_tokens = 0
     async for j, event in _merged(plan.runs):
-        if event.text or event.finish_reason is not None:
-            yield chunk(
-                [CompletionChoice(index=j * plan.n + event.index, text=event.text, finish_reason=event.finish_reason)]
-            )
+        index = j * plan.n + event.index
+        text, prompt, start = event.text, None, sent.get(index, 0)
+        if echoing and index not in sent:
+            text, prompt, start = plan.echo[j] + text, event.prompt_logprobs, len(plan.echo[j])
+        sent[index] = sent.get(index, 0) + len(text)
+        logprobs = plan.logprobs(j, prompt, event.logprobs, start)
+        if text or event.finish_reason is not None or (logprobs is not None and logprobs.tokens):
+            yield chunk([CompletionChoice(index=index, text=text, finish_reason=event.finish_reason, logprobs=logprobs)])
         if event.finish_reason is not None:
             completion_tokens += event.completion_tokens
     if plan.include_usage:
