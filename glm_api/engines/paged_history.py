@@ -14,7 +14,9 @@ out of the packed run.
 GLM-5's indexer (``cache.update_indexer``) gets its keys back in the same packed order, and picks
 its top-k keys per query over the packed run under the step's packed mask (each query sees its
 own row's keys, causally, and nothing else); attention then keeps, per query, the keys both the
-mask and the indexer allow, as transformers' own SDPA path does.
+mask and the indexer allow, as transformers' own SDPA path does. The indexer, being the model's
+own code, scores every query of the step against every packed key (other rows' masked): its cost
+grows with rows x keys, not each row's own keys; a per-row indexer would remove that.
 
 Costs as in transformers' caches: the expansion runs over every attended token at every step
 (the absorbed-weights MLA kernels that avoid it are not implemented here).
