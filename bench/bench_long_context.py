@@ -412,7 +412,7 @@ def find_server_pid(url: str) -> int | None:
 
 def kv_bytes_per_token(args) -> tuple[int, str]:
     """From the served model's config.json (the converted folder for a GGUF) via the engine's own
-    KVShape; else SmolLM2-135M's float32 figure."""
+    config arithmetic (glm_api.kv_memory.layer_cache_bytes); else SmolLM2-135M's float32 figure."""
     if args.kv_bytes_per_token:
         return args.kv_bytes_per_token, "--kv-bytes-per-token"
     try:
@@ -420,7 +420,7 @@ def kv_bytes_per_token(args) -> tuple[int, str]:
         from transformers import AutoConfig
 
         from glm_api.config import Settings
-        from glm_api.kv_memory import KVShape
+        from glm_api.kv_memory import layer_cache_bytes
         from glm_api.families.detect import _gguf_file
         from glm_api.families.transformers_lm import gguf_cache_folder
         from glm_api.registry import resolve_model_sources
@@ -434,7 +434,7 @@ def kv_bytes_per_token(args) -> tuple[int, str]:
         folder = gguf_cache_folder(gguf, settings.cache_dir) if gguf else path
         config = AutoConfig.from_pretrained(folder)
         dtype = getattr(torch, args.dtype)
-        return KVShape.of(config, dtype).bytes_per_token, f"{folder.name}/config.json, {args.dtype}"
+        return sum(layer_cache_bytes(config, dtype)), f"{folder.name}/config.json, {args.dtype}"
     except (ImportError, OSError, ValueError, AttributeError, TypeError) as exc:  # fall back to the documented figure
         return SMOLLM2_FP32_KV_BYTES, f"SmolLM2-135M fp32 constant ({type(exc).__name__}: {exc})"
 

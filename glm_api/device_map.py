@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import torch
 
-from glm_api.kv_memory import DEFAULT_CPU_KV_TOKENS, KVShape, step_reserve_bytes
+from glm_api.kv_memory import DEFAULT_CPU_KV_TOKENS, layer_cache_bytes, step_reserve_bytes
 from glm_api.units import byte_size
 
 log = logging.getLogger(__name__)
@@ -195,7 +195,7 @@ class LayerSplit:
     def place(self, model: torch.nn.Module, dtype: torch.dtype) -> Placement:
         """The plan for ``model`` loaded in ``dtype``, logged; ValueError when it does not fit."""
         config = model.config
-        shape = KVShape.of(config, dtype)
+        layer_bytes = max(layer_cache_bytes(config, dtype))  # the plan charges every layer alike: the largest
         kv_tokens = self.kv_cache_tokens
         if kv_tokens is None and self.devices[0].type != "cuda":
             kv_tokens = DEFAULT_CPU_KV_TOKENS  # CPU pool pages are backed only as they fill
@@ -203,7 +203,7 @@ class LayerSplit:
         budgets = list(self.budgets) if self.budgets is not None else self._measured_budgets(hidden, dtype)
         with _quiet_cpu_warnings(self.devices):
             plan = plan_device_map(
-                model, budgets, self.mode, dtype=dtype, kv_layer_token_bytes=shape.bytes_per_layer_token, kv_tokens=kv_tokens
+                model, budgets, self.mode, dtype=dtype, kv_layer_token_bytes=layer_bytes, kv_tokens=kv_tokens
             )
         placement = Placement(self.devices, plan)
         log.info(

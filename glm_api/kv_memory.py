@@ -1,5 +1,10 @@
 """KV-cache memory arithmetic, shared by the chat engine's pool sizing and the layer placement
-(:mod:`glm_api.device_map`): the bytes a token's keys and values take, what fits in a device."""
+(:mod:`glm_api.device_map`): the bytes a token's keys and values take, what fits in a device.
+
+The engine sizes its pool from what the loaded model's layers really hand to the cache
+(:mod:`glm_api.engines.cache_layout`); :func:`layer_cache_bytes` estimates the same from a
+config alone, for plans made before the weights load (``--device-map``, ``bench/kv_budget.py``).
+The tests check that both agree for every layout the engine knows."""
 
 from __future__ import annotations
 
@@ -32,6 +37,24 @@ class KVShape:
     def bytes_per_token(self) -> int:
         """Keys and values of one token in every layer."""
         return self.layers * self.bytes_per_layer_token
+
+
+def layer_cache_bytes(config, dtype: torch.dtype) -> list[int]:
+    """Bytes one token takes in each layer's cache, from the config: keys and values of
+    ``kv_heads x head_dim``; or, for multi-head latent attention (``kv_lora_rank``: DeepSeek-V3,
+    ``glm4_moe_lite``, ``glm_moe_dsa``), one latent of ``kv_lora_rank`` and one rope key of
+    ``qk_rope_head_dim``, plus an indexer key of ``index_head_dim`` on the layers that run a
+    sparse-attention indexer (``indexer_types`` "full"; GLM-5)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    size = torch.finfo(dtype).bits // 8
+    layers = text.num_hidden_layers
+    if getattr(text, "kv_lora_rank", None) is None:
+        return [KVShape.of(config, dtype).bytes_per_layer_token] * layers
+    latent = (text.kv_lora_rank + text.qk_rope_head_dim) * size
+    if getattr(text, "index_head_dim", None) is None:
+        return [latent] * layers
+    kinds = getattr(text, "indexer_types", None) or ["full"] * layers
+    return [latent + (text.index_head_dim * size if kind == "full" else 0) for kind in kinds]
 
 
 def kv_tokens_for_memory(total: int, used: int, utilization: float, reserve: int, bytes_per_token: int) -> int:

@@ -335,6 +335,7 @@ def _load_chat_replica(
 ) -> ChatEngine:
     """The chat model loaded on one device (or split over ``split``'s devices), in its own
     engine (own KV pool and prefix cache)."""
+    from glm_api.engines.cache_layout import UnsupportedCacheError
     from glm_api.engines.chat_engine import TransformersChatEngine
     from glm_api.families.detect import load_chat_model
 
@@ -355,10 +356,13 @@ def _load_chat_replica(
         "chat model %s ready%s: %s family, context %d, %.1f s",
         source.name, replica, loaded.family, loaded.context_length, time.monotonic() - started,
     )
-    return TransformersChatEngine(
-        loaded, source.name, max_running=settings.max_running, max_waiting=settings.max_waiting,
-        prefix_cache_tokens=settings.prefix_cache_tokens, kv_cache_tokens=settings.kv_cache_tokens,
-        kv_block_size=settings.kv_block_size, prefill_chunk_tokens=settings.prefill_chunk_tokens,
-        gpu_memory_utilization=settings.gpu_memory_utilization, prefill_time_share=settings.prefill_time_share,
-        prefill_step_ms=settings.prefill_step_ms,
-    )
+    try:
+        return TransformersChatEngine(
+            loaded, source.name, max_running=settings.max_running, max_waiting=settings.max_waiting,
+            prefix_cache_tokens=settings.prefix_cache_tokens, kv_cache_tokens=settings.kv_cache_tokens,
+            kv_block_size=settings.kv_block_size, prefill_chunk_tokens=settings.prefill_chunk_tokens,
+            gpu_memory_utilization=settings.gpu_memory_utilization, prefill_time_share=settings.prefill_time_share,
+            prefill_step_ms=settings.prefill_step_ms,
+        )
+    except UnsupportedCacheError as exc:  # refused now, not served to fail every request
+        raise StartupError(f"cannot serve {source.path} as the chat model {source.name!r}: {exc}") from None

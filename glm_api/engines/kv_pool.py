@@ -1,7 +1,8 @@
-"""The KV pool: every layer's keys and values for all rows, in fixed-size blocks.
+"""The KV pool: every layer's cache entries for all rows, in fixed-size blocks.
 
-Per layer one key and one value tensor ``[kv_heads, num_blocks, block_size, head_dim]``:
-heads first, so that gathering a row's blocks (``index_select`` on dim 1) gives one contiguous
+Per layer one tensor ``[heads, num_blocks, block_size, dim]`` per entry the layer caches
+(:mod:`cache_layout`: keys and values for most families; a compressed latent and a rope key for
+latent attention; GLM-5 adds an indexer key), all paged by the same blocks. Heads first, so that gathering a row's blocks (``index_select`` on dim 1) gives one contiguous
 ``[kv_heads, tokens, head_dim]`` run per head without a further copy, and token slot
 ``block * block_size + offset`` is one index into the flattened ``[kv_heads, slots, head_dim]``.
 
@@ -17,10 +18,10 @@ tensors on that layer's device.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Sequence
 import torch
 
+from glm_api.engines.cache_layout import CacheLayout
 from glm_api.kv_memory import DEFAULT_CPU_KV_TOKENS, KVShape, kv_tokens_for_memory, step_reserve_bytes
 from glm_api.units import byte_size, ceil_div
 
@@ -51,45 +52,60 @@ def layer_devices(model: torch.nn.Module, layers: int) -> list[torch.device]:
 
 
 class KVPool:
-    """``device``: one for all layers, or one per layer (each layer's keys and values beside it)."""
+    """``layout``: each layer's entries (a ``KVShape``: keys and values of the same shape in
+    every layer). ``device``: one for all layers, or one per layer (each layer's entries beside it)."""
 
     def __init__(
-        self, shape: KVShape, num_blocks: int, block_size: int, device: torch.device | Sequence[torch.device]
+        self,
+        layout: CacheLayout | KVShape,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device | Sequence[torch.device],
     ) -> None:
-        self.shape, self.num_blocks, self.block_size = shape, num_blocks, block_size
-        self.layer_devices = per_layer(device, shape.layers)
+        if isinstance(layout, KVShape):
+            layout = CacheLayout.standard(layout)
+        self.layout, self.num_blocks, self.block_size = layout, num_blocks, block_size
+        self.layer_devices = per_layer(device, layout.num_layers)
         self.device = self.layer_devices[0]  # where a step's index tensors are built
         make = torch.zeros if self.device.type != "cpu" else torch.empty
-        size = (shape.kv_heads, num_blocks, block_size, shape.head_dim)
-        self.keys = [make(size, dtype=shape.dtype, device=d) for d in self.layer_devices]
-        self.values = [make(size, dtype=shape.dtype, device=d) for d in self.layer_devices]
+        self.entries = [
+            [make((e.heads, num_blocks, block_size, e.dim), dtype=e.dtype, device=d) for e in layer.entries]
+            for layer, d in zip(layout.layers, self.layer_devices)
+        ]
+        # The first two entries of each layer: what a direct layer's attention reads.
+        self.keys = [entries[0] for entries in self.entries]
+        self.values = [entries[1] for entries in self.entries]
         self._fresh = self.device.type == "cpu"  # blocks may hold anything until first use
         self.zero([0])  # the padding block
 
     @property
     def nbytes(self) -> int:
-        return self.num_blocks * self.block_size * self.shape.bytes_per_token
+        return self.num_blocks * self.block_size * self.layout.bytes_per_token
 
     def flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``[kv_heads, slots, head_dim]`` views, for writing token slots."""
-        k, v = self.keys[layer], self.values[layer]
-        return k.view(k.shape[0], -1, k.shape[3]), v.view(v.shape[0], -1, v.shape[3])
+        return self.flat_entry(layer, 0), self.flat_entry(layer, 1)
+
+    def flat_entry(self, layer: int, entry: int) -> torch.Tensor:
+        """Entry ``entry`` of ``layer`` as ``[heads, slots, dim]``."""
+        t = self.entries[layer][entry]
+        return t.view(t.shape[0], -1, t.shape[3])
 
     def zero(self, blocks: Sequence[int]) -> None:
         if not self._fresh or not blocks:
             return
         ids = list(blocks)
         index: dict[torch.device, torch.Tensor] = {}  # one copy per device, not per layer
-        for k, v in zip(self.keys, self.values):
-            if k.device not in index:
-                index[k.device] = torch.tensor(ids, dtype=torch.long, device=k.device)
-            k.index_fill_(1, index[k.device], 0)
-            v.index_fill_(1, index[k.device], 0)
+        for entries in self.entries:
+            for t in entries:
+                if t.device not in index:
+                    index[t.device] = torch.tensor(ids, dtype=torch.long, device=t.device)
+                t.index_fill_(1, index[t.device], 0)
 
     def copy_block(self, src: int, dst: int) -> None:
-        for k, v in zip(self.keys, self.values):
-            k[:, dst].copy_(k[:, src])
-            v[:, dst].copy_(v[:, src])
+        for entries in self.entries:
+            for t in entries:
+                t[:, dst].copy_(t[:, src])
 
 
 def blocks_for_budget(tokens: int, block_size: int) -> int:
@@ -97,13 +113,10 @@ def blocks_for_budget(tokens: int, block_size: int) -> int:
     return ceil_div(tokens, block_size) + 1
 
 
-def gpu_kv_tokens(
-    shape: KVShape, device: torch.device, utilization: float, reserve_bytes: int, layers: int | None = None
-) -> int:
-    """KV tokens the memory left on ``device`` holds for ``layers`` of the model's layers (all)."""
+def gpu_kv_tokens(device: torch.device, utilization: float, reserve_bytes: int, bytes_per_token: int) -> int:
+    """KV tokens the memory left on ``device`` holds, at ``bytes_per_token`` (of the layers it holds)."""
     free, total = torch.cuda.mem_get_info(device)
-    per_token = shape.bytes_per_layer_token * (shape.layers if layers is None else layers)
-    tokens = kv_tokens_for_memory(total, total - free, utilization, reserve_bytes, per_token)
+    tokens = kv_tokens_for_memory(total, total - free, utilization, reserve_bytes, bytes_per_token)
     if tokens <= 0:
         raise MemoryError(
             f"no memory left on {device} for the KV cache: {byte_size(total - free)} used of {byte_size(total)} "
@@ -113,7 +126,7 @@ def gpu_kv_tokens(
 
 
 def size_pool(
-    shape: KVShape,
+    layout: CacheLayout | KVShape,
     device: torch.device | Sequence[torch.device],
     *,
     block_size: int,
@@ -127,31 +140,39 @@ def size_pool(
     """Blocks for the pool, from the configured budget or (GPU) the memory left after the
     weights; logged with the arithmetic, so an operator sees what fits. ``device``: one, or each
     layer's (a split model: every token needs room on every device, so the device with the least
-    room per layer it holds sets the size)."""
-    held = Counter(per_layer(device, shape.layers))
+    room for the layers it holds sets the size)."""
+    if isinstance(layout, KVShape):
+        layout = CacheLayout.standard(layout)
+    held: dict[torch.device, list[int]] = {}
+    for i, d in enumerate(per_layer(device, layout.num_layers)):
+        held.setdefault(d, []).append(i)
     if kv_cache_tokens is not None:
         tokens = kv_cache_tokens
     elif next(iter(held)).type == "cuda":
-        reserve = step_reserve_bytes(step_tokens, hidden_size, shape.dtype)
-        tokens = min(gpu_kv_tokens(shape, d, gpu_memory_utilization, reserve, layers) for d, layers in held.items())
+        reserve = step_reserve_bytes(step_tokens, hidden_size, layout.dtype)
+        tokens = min(
+            gpu_kv_tokens(d, gpu_memory_utilization, reserve, layout.bytes_for_layers(layers))
+            for d, layers in held.items()
+        )
     else:
         tokens = max(DEFAULT_CPU_KV_TOKENS, context_length)
     blocks = blocks_for_budget(tokens, block_size)
     usable = (blocks - 1) * block_size
     log.info(
-        "KV cache of %s: %d blocks of %d tokens = %d tokens, %s (%d bytes a token); "
+        "KV cache of %s: %d blocks of %d tokens = %d tokens, %s (%d bytes a token: %s); "
         "%.1f full %d-token contexts fit",
         model_name,
         blocks - 1,
         block_size,
         usable,
-        byte_size(usable * shape.bytes_per_token),
-        shape.bytes_per_token,
+        byte_size(usable * layout.bytes_per_token),
+        layout.bytes_per_token,
+        layout.describe(),
         usable / context_length,
         context_length,
     )
     if len(held) > 1:
         for d, layers in held.items():
-            size = byte_size(usable * shape.bytes_per_layer_token * layers)
-            log.info("  KV cache on %s: %d layers, %s", d, layers, size)
+            size = byte_size(usable * layout.bytes_for_layers(layers))
+            log.info("  KV cache on %s: %d layers, %s", d, len(layers), size)
     return blocks

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from glm_api.engines.cache_layout import probe_layout
 from glm_api.engines.kv_pool import KVPool, layer_devices, size_pool
 from glm_api.engines.paged_attention import PagedStep, ScheduledRow, install
 from glm_api.engines.sequence import Sequence
-from glm_api.kv_memory import KVShape
 
 
 @dataclass
@@ -62,12 +62,13 @@ class ModelRunner:
         gpu_memory_utilization: float,
         step_tokens: int,
     ) -> ModelRunner:
-        """The runner with a pool sized for ``model`` (each layer's keys and values beside it: all
-        on one device, unless the model is split)."""
-        shape = KVShape.of(model.config, next(model.parameters()).dtype)
-        devices = layer_devices(model, shape.layers)
+        """The runner with a pool sized for ``model``'s cache entries, as a probe forward finds them
+        (each layer's beside it: all on one device, unless the model is split);
+        :class:`~glm_api.engines.cache_layout.UnsupportedCacheError` for a cache it cannot hold."""
+        layout = probe_layout(model)
+        devices = layer_devices(model, layout.num_layers)
         num_blocks = size_pool(
-            shape,
+            layout,
             devices,
             block_size=block_size,
             kv_cache_tokens=kv_cache_tokens,
@@ -77,7 +78,7 @@ class ModelRunner:
             hidden_size=model.config.get_text_config().hidden_size,
             model_name=model_name,
         )
-        return cls(model, KVPool(shape, num_blocks, block_size, devices))
+        return cls(model, KVPool(layout, num_blocks, block_size, devices))
 
     @property
     def dtype(self) -> torch.dtype:

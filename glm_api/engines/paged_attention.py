@@ -38,6 +38,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from glm_api.engines import paged_history
 from glm_api.engines.kv_blocks import NULL_BLOCK
 from glm_api.engines.kv_pool import KVPool
 from glm_api.units import ceil_div
@@ -113,11 +114,16 @@ class PagedStep:
 
     def model_inputs(self) -> dict[str, Any]:
         """Keyword arguments for the model's forward. The 4D placeholder mask makes transformers
-        skip building a mask (attention here builds its own, once per step)."""
+        skip building a mask (attention here builds its own, once per step); a model with a
+        key indexer scores keys under the step's packed mask (:mod:`paged_history`)."""
+        if self.pool.layout.indexed:
+            mask = paged_history.packed_mask(self)
+        else:
+            mask = self.input_ids.new_ones((1, 1, 1, 1), dtype=torch.bool)
         return {
             "input_ids": self.input_ids,
             "position_ids": self.positions,
-            "attention_mask": self.input_ids.new_ones((1, 1, 1, 1), dtype=torch.bool),
+            "attention_mask": mask,
             "cache": PagedCache(self),
             "use_cache": True,
             "paged_step": self,
@@ -223,11 +229,16 @@ class PagedCache:
         self.step = step
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        if not self.step.pool.layout.layers[layer_idx].direct:  # latent attention: its history back
+            return paged_history.update(self.step, layer_idx, key_states, value_states)
         keys, values = self.step.pool.flat(layer_idx)
         slots = self.step.on(keys.device).slots
         keys.index_copy_(1, slots, key_states[0].to(keys.dtype))
         values.index_copy_(1, slots, value_states[0].to(values.dtype))
         return key_states, value_states
+
+    def update_indexer(self, key_states: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        return paged_history.update_indexer(self.step, layer_idx, key_states)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0
@@ -246,7 +257,10 @@ def paged_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """``query`` ``[1, heads, T, d]`` of the packed step; returns ``[1, T, heads, d]``."""
+    indices = kwargs.pop("indices", None)  # a key indexer's top-k (glm_moe_dsa)
     if paged_step is None:  # not an engine step: plain SDPA with transformers' mask
+        if indices is not None:
+            attention_mask = paged_history.sparse_mask(attention_mask, indices, key.shape[2])
         return sdpa_attention_forward(
             module,
             query,
@@ -259,10 +273,13 @@ def paged_attention(
             **kwargs,
         )
     pool = paged_step.pool
+    window = sliding_window if sliding_window is not None else getattr(module, "sliding_window", None)
+    if not pool.layout.layers[module.layer_idx].direct:
+        out = paged_history.attention(module, query, key, value, paged_step, scaling, window, indices)
+        return out, None
     k_pool, v_pool = pool.keys[module.layer_idx], pool.values[module.layer_idx]
     kv_heads, heads, d = k_pool.shape[0], query.shape[1], query.shape[3]
     out = query.new_empty((1, query.shape[2], heads, d))
-    window = sliding_window if sliding_window is not None else getattr(module, "sliding_window", None)
     for g in paged_step.on(k_pool.device).groups:
         width = g.n_blocks * pool.block_size
         k = k_pool.index_select(1, g.index).view(kv_heads, g.rows, width, d)[:, :, : g.kv_len].transpose(0, 1)

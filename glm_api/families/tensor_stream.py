@@ -18,7 +18,7 @@ from torch import nn
 
 from glm_api.families.json_file import read_json
 from glm_api.families.mapped_pages import MappedFile
-from glm_api.families.quantize import QUANTIZED
+from glm_api.families.quantize import QUANTIZED, QuantizedExperts
 
 _WEIGHT_LAYOUTS = (
     ("model.safetensors.index.json", "model.safetensors"),
@@ -79,6 +79,9 @@ def assign(
 ) -> None:
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name)
+    if isinstance(module, QuantizedExperts):  # a fused [experts, ...] weight: quantised expert by expert
+        module.load_fused(leaf, tensor, device, release)
+        return
     if leaf == "weight" and isinstance(module, QUANTIZED):
         if tuple(tensor.shape) != module.weight_shape:
             raise ValueError(
@@ -86,13 +89,31 @@ def assign(
             )
         module.load_weight(tensor, device, release)  # quantised as it streams: never whole in memory
         return
+    if module._buffers.get(leaf) is not None:  # a persistent buffer (a router's bias): its own dtype
+        current = module._buffers[leaf]
+        module._buffers[leaf] = _copied(name, tensor, current.shape, current.dtype, device, release)
+        return
     current = module._parameters.get(leaf)
     if current is None:
         raise ValueError(f"{name}: not a parameter of {type(model).__name__}")
-    if tuple(current.shape) != tuple(tensor.shape):
-        raise ValueError(
-            f"{name}: checkpoint shape {tuple(tensor.shape)} does not match {tuple(current.shape)} from config.json"
-        )
+    target = torch.float32 if _kept_in_float32(model, name, dtype) else dtype
+    module._parameters[leaf] = nn.Parameter(_copied(name, tensor, current.shape, target, device, release), requires_grad=False)
+
+
+def _kept_in_float32(model: nn.Module, name: str, dtype: torch.dtype) -> bool:
+    """transformers' rule: ``_keep_in_fp32_modules_strict`` (MoE routers) stay float32 in any
+    dtype, ``_keep_in_fp32_modules`` under float16."""
+    keep = list(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    if dtype == torch.float16:
+        keep += list(getattr(model, "_keep_in_fp32_modules", None) or ())
+    return any(part in name for part in keep)
+
+
+def _copied(
+    name: str, tensor: torch.Tensor, shape: torch.Size, dtype: torch.dtype, device: torch.device, release: Release
+) -> torch.Tensor:
+    if tuple(shape) != tuple(tensor.shape):
+        raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} does not match {tuple(shape)} from config.json")
     # Always a copy: a view would keep the file mapped, and writing over the weights file in
     # place would change the served model under it (measured with safetensors 0.8).
     # Row block by row block, giving back the file's pages behind: a 65024 x 4096 embedding's
@@ -105,7 +126,7 @@ def assign(
             part = tensor[start : start + _COPY_ROWS]
             value[start : start + _COPY_ROWS] = part
             release(part)
-    module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    return value
 
 
 def listing(names: set[str], limit: int = 10) -> str:

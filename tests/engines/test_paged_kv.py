@@ -15,8 +15,18 @@ from collections import deque
 
 import pytest
 import torch
-from transformers import GlmConfig, GlmForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    Glm4MoeLiteConfig,
+    Glm4MoeLiteForCausalLM,
+    GlmConfig,
+    GlmForCausalLM,
+    GlmMoeDsaConfig,
+    GlmMoeDsaForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
+from glm_api.engines.cache_layout import probe_layout
 from glm_api.engines.kv_blocks import NULL_BLOCK, BlockManager, chain_digest
 from glm_api.engines.kv_cache_manager import KVCacheManager
 from glm_api.engines.kv_pool import KVPool, KVShape
@@ -108,6 +118,25 @@ def test_blocks_are_found_by_a_digest_of_their_tokens_chained_to_their_beginning
 # -- parity with the model alone -------------------------------------------------------------
 
 
+#: Multi-head latent attention, as GLM-4.7-Flash (glm4_moe_lite) and GLM-5 (glm_moe_dsa) lay
+#: it out: a compressed latent and a rope key cached, then expanded per head; MoE layers after
+#: the first. GLM-5's indexer keeps 6 keys per query (so prompts past 6 tokens attend sparsely);
+#: its middle layer reuses the first one's choice ("shared").
+LATENT = {
+    "kv_lora_rank": 16,
+    "q_lora_rank": 24,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 12,
+    "moe_intermediate_size": 16,
+    "n_routed_experts": 8,
+    "n_shared_experts": 1,
+    "num_experts_per_tok": 2,
+    "first_k_dense_replace": 1,
+}
+KINDS = ["llama", "glm", "glm4_moe_lite", "glm_moe_dsa"]
+
+
 def _tiny(kind: str):
     torch.manual_seed(0)
     shape = {
@@ -121,6 +150,14 @@ def _tiny(kind: str):
     }
     if kind == "llama":
         return LlamaForCausalLM(LlamaConfig(**shape)).eval()
+    if kind == "glm4_moe_lite":
+        return Glm4MoeLiteForCausalLM(Glm4MoeLiteConfig(**{**shape, "num_key_value_heads": 4}, **LATENT)).eval()
+    if kind == "glm_moe_dsa":
+        config = GlmMoeDsaConfig(
+            **{**shape, "num_hidden_layers": 3, "num_key_value_heads": 4}, **LATENT,
+            index_topk=6, index_head_dim=16, index_n_heads=16, index_topk_pattern="FSF",
+        )
+        return GlmMoeDsaForCausalLM(config).eval()
     # GLM: partial rotary (half of each head), interleaved: positions must be exactly right.
     return GlmForCausalLM(GlmConfig(**shape, head_dim=8, pad_token_id=0)).eval()
 
@@ -145,7 +182,7 @@ class _Harness:
     is fed its predetermined tokens."""
 
     def __init__(self, model, *, blocks: int, block_size: int, chunk: int, cached_blocks: int = 0, max_running=64):
-        self.runner = ModelRunner(model, KVPool(KVShape.of(model.config, torch.float32), blocks, block_size, CPU))
+        self.runner = ModelRunner(model, KVPool(probe_layout(model), blocks, block_size, CPU))
         self.kv = KVCacheManager(self.runner.pool, cached_blocks=cached_blocks)
         self.scheduler = Scheduler(self.kv, max_running=max_running, chunk_tokens=chunk)
         self.running: list[_Row] = []
@@ -207,7 +244,7 @@ def _random_rows(rng: random.Random, count: int, *, shared: list[int] | None = N
     return rows, lens
 
 
-@pytest.mark.parametrize("kind", ["llama", "glm"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_rows_joining_chunked_and_leaving_see_what_they_see_alone(kind):
     reference, model = _stock_and_paged(kind)
     rows, lens = _random_rows(random.Random(1), 12)
@@ -217,7 +254,7 @@ def test_rows_joining_chunked_and_leaving_see_what_they_see_alone(kind):
     assert harness.kv.num_used == 0
 
 
-@pytest.mark.parametrize("kind", ["llama", "glm"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_preempted_rows_are_recomputed_to_the_same_logits(kind):
     reference, model = _stock_and_paged(kind)
     rows, lens = _random_rows(random.Random(2), 10)
@@ -242,7 +279,7 @@ def test_batch_rows_are_preempted_before_interactive_ones_and_recomputed_to_the_
     _assert_alone(reference, rows, lens)
 
 
-@pytest.mark.parametrize("kind", ["llama", "glm"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_rows_after_beginnings_found_in_the_pool_see_what_they_see_alone(kind):
     reference, model = _stock_and_paged(kind)
     rng = random.Random(3)
