@@ -81,7 +81,7 @@ async def start_chat(service: ChatService, req: ChatCompletionRequest, request_i
     )
 
 
-def _answer(plan: ChatPlan, content: str, finish_reason: str, tool_calls: list[ToolCall]):
+def final_answer(plan: ChatPlan, content: str, finish_reason: str, tool_calls: list[ToolCall]):
     """A forced tool call's constrained JSON becomes ``tool_calls`` (unless max_tokens cut it)."""
     if plan.forced_tool and finish_reason != "length":
         calls = parse_tool_call(content)
@@ -102,7 +102,7 @@ async def chat_response(plan: ChatPlan) -> ChatCompletion:
     choices = await plan.run.collect()
     out = []
     for choice in choices:
-        content, finish_reason, tool_calls = _answer(plan, choice.content, choice.finish_reason, choice.tool_calls)
+        content, finish_reason, tool_calls = final_answer(plan, choice.content, choice.finish_reason, choice.tool_calls)
         calls = _tool_calls_out(plan, choice.index, tool_calls)
         # OpenAI sends content null on a message that only calls tools.
         message = ChatMessageOut(content=(content or None) if calls else content, tool_calls=calls or None)
@@ -154,7 +154,7 @@ async def chat_stream(plan: ChatPlan) -> AsyncIterator[dict]:
                 yield _chunk(plan, [ChatChunkChoice(index=event.index, delta=ChatDelta(content=event.text))])
         if event.finish_reason is None:
             continue
-        content, finish_reason, tool_calls = _answer(plan, "".join(texts[event.index]), event.finish_reason,
+        content, finish_reason, tool_calls = final_answer(plan, "".join(texts[event.index]), event.finish_reason,
                                                      event.tool_calls)
         if plan.forced_tool and content:  # cut before the call closed: show what was written
             yield _chunk(plan, [ChatChunkChoice(index=event.index, delta=ChatDelta(content=content))])
