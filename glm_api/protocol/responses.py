@@ -100,8 +100,8 @@ class ReasoningItemIn(WireModel):
 
     type: Literal["reasoning"] = "reasoning"
     id: str | None = None
-    summary: list[dict[str, Any]] = Field(default_factory=list)
-    content: list[dict[str, Any]] | None = None
+    summary: list[SummaryText] = Field(default_factory=list)
+    content: list[ReasoningText] | None = None
     encrypted_content: str | None = None
 
 

@@ -98,10 +98,7 @@ def kept_items(req: ResponseCreateRequest) -> list[dict[str, Any]]:
             kept = FunctionCallOutputOut(id=item.id or new_id("fco"), call_id=item.call_id, output=output)
         else:
             assert isinstance(item, ReasoningItemIn)
-            kept = ReasoningOut(
-                id=item.id or new_id("rs"),
-                content=[ReasoningText(text=c.get("text", "")) for c in item.content or [] if isinstance(c, dict)],
-            )
+            kept = ReasoningOut(id=item.id or new_id("rs"), summary=item.summary, content=item.content or [])
         out.append(kept.model_dump())
     return out
 
