@@ -27,6 +27,15 @@ async def create_response(
     body: ResponseCreateRequest, request: Request, services: ServicesDep, store: ResponseStoreDep, owner: OwnerDep,
     request_id: RequestIdDep,
 ):
+    """Create a response (OpenAI's Responses API). With ``stream: true``, typed server-sent
+    events, each with its ``sequence_number`` and its type as the SSE event name:
+    ``response.created``, ``response.in_progress``; per output item
+    ``response.output_item.added``, then ``response.content_part.added``,
+    ``response.output_text.delta``..., ``response.output_text.done``,
+    ``response.content_part.done`` (a message), ``response.reasoning_text.delta``/``.done``
+    (reasoning) or ``response.function_call_arguments.delta``/``.done`` (a call), then
+    ``response.output_item.done``; last ``response.completed`` or ``response.incomplete``
+    (max_output_tokens reached). A failure after the 200: ``error``, then ``response.failed``."""
     plan = await responses.start_response(services.chat, store, owner, body, request_id)
     if body.stream:
         return typed_sse_response(responses.response_stream(plan), request_id)

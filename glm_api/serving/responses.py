@@ -142,6 +142,9 @@ def chat_request(req: ResponseCreateRequest, messages: list[dict[str, Any]]) -> 
         "user": req.user,
         "parallel_tool_calls": req.parallel_tool_calls,
     }
+    if req.reasoning is not None and req.reasoning.effort is not None:
+        # Chat's own name for it: read by thinking templates where the chat route reads it.
+        body["reasoning_effort"] = req.reasoning.effort
     if req.tools:
         body["tools"] = [
             {"type": "function", "function": t.model_dump(exclude_none=True, exclude={"type"})} for t in req.tools
