@@ -53,7 +53,7 @@ class MessageItem(WireModel):
 
     @model_validator(mode="after")
     def _text_parts(self) -> MessageItem:
-        allowed = ("output_text", "refusal") if self.role == "assistant" else ("input_text",)
+        allowed = ("output_text",) if self.role == "assistant" else ("input_text",)
         _text_of_parts(self.content, allowed, f"a {self.role} message")
         return self
 
