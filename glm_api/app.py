@@ -17,9 +17,10 @@ from glm_api.metrics import Metrics
 from glm_api.middleware import RequestContextMiddleware
 from glm_api.openapi import openapi_schema
 from glm_api.serving.batches import BatchStore
+from glm_api.serving.responses_store import ResponseStore
 from glm_api.security import ApiKeyMiddleware, BodyLimitMiddleware
 from glm_api.registry import ModelRegistry, ModelSources, build_registry
-from glm_api.routers import batch, openai, ops, playground, rerank, seed
+from glm_api.routers import batch, openai, ops, playground, rerank, responses, seed
 from glm_api.state import AppState, Services
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ def create_app(
     ``on_fatal`` with the reason if loading fails."""
     state = AppState(settings=settings)
     state.batches = BatchStore(settings, lambda: state.services)
+    state.responses = ResponseStore(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -47,12 +49,14 @@ def create_app(
         else:
             loader = asyncio.create_task(_load(state, sources, on_fatal))
         await state.batches.start()  # resumes the batches a previous run left unfinished
+        await state.responses.start()
         try:
             yield
         finally:
             if loader is not None and not loader.done():
                 loader.cancel()
             await state.batches.stop()
+            await state.responses.stop()
             if state.services is not None:
                 await asyncio.to_thread(state.services.registry.stop)
 
@@ -88,6 +92,7 @@ def create_app(
     install_error_handlers(app)
     app.include_router(seed.router)
     app.include_router(openai.router)
+    app.include_router(responses.router)
     app.include_router(rerank.router)
     app.include_router(batch.router)
     app.include_router(ops.router)

@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-max-running", type=int,
                    help="chat slots batch lines keep while interactive requests are present; idle, they use up to "
                    "--max-running (default: a quarter of --max-running)")
+    p.add_argument("--responses-db", metavar="FILE",
+                   help="SQLite database of stored /v1/responses (default <data-dir>/responses.sqlite3)")
+    p.add_argument("--responses-max-bytes", type=int,
+                   help="stored responses' JSON kept in all; beyond it the oldest go (default 1 GiB)")
+    p.add_argument("--responses-max-age-hours", type=float,
+                   help="stored responses older than this go (default 720: 30 days)")
     p.add_argument("--no-playground", action="store_false", default=None, dest="playground",
                    help="do not serve the web playground at / (GLM_API_PLAYGROUND=false does the same)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])

@@ -126,6 +126,17 @@ class Settings(BaseSettings):
         description="chat slots batch lines keep while interactive requests are present (default: a quarter of max_running)",
     )
 
+    # The Responses API (/v1/responses): responses stored with store: true.
+    responses_db: Path | None = Field(
+        None, description="SQLite database of stored responses (default: <data_dir>/responses.sqlite3)"
+    )
+    responses_max_bytes: int = Field(
+        1024**3, ge=1024, description="stored responses' JSON kept in all; beyond it the oldest are evicted"
+    )
+    responses_max_age_hours: float = Field(
+        720.0, gt=0, description="stored responses older than this are evicted (OpenAI keeps them 30 days)"
+    )
+
     # The web playground at / (glm_api/static): a browser client of the /v1 API.
     playground: bool = True
 
@@ -142,6 +153,9 @@ class Settings(BaseSettings):
         if self.cors_allow_credentials and "*" in self.cors_origins:
             raise ValueError("CORS: origin '*' together with credentials would let any site act as the user; list the origins")
         return self
+
+    def responses_db_path(self) -> Path:
+        return self.responses_db if self.responses_db is not None else self.data_dir / "responses.sqlite3"
 
     def batch_slots(self) -> int:
         """Chat lines of all batches kept while interactive requests are present (idle: max_running)."""

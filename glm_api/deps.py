@@ -16,6 +16,7 @@ from glm_api.batch_runner import BatchRunner
 from glm_api.errors import EngineUnavailableError
 from glm_api.security import request_api_key
 from glm_api.serving import batches
+from glm_api.serving.responses_store import ResponseStore
 from glm_api.storage import Storage
 from glm_api.state import AppState, Services
 
@@ -63,6 +64,15 @@ async def get_batch_owner(request: Request, state: AppStateDep) -> str:
 BatchStorageDep = Annotated[Storage, Depends(get_batch_storage)]
 BatchRunnerDep = Annotated[BatchRunner, Depends(get_batch_runner)]
 BatchOwnerDep = Annotated[str, Depends(get_batch_owner)]
+
+
+async def get_response_store(state: AppStateDep) -> ResponseStore:
+    return state.responses
+
+
+ResponseStoreDep = Annotated[ResponseStore, Depends(get_response_store)]
+#: Stored responses belong to the key that made them, as batches do.
+OwnerDep = BatchOwnerDep
 
 
 async def until_disconnect(request: Request, work: Awaitable[T], poll_seconds: float = 0.25) -> T:

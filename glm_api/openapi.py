@@ -8,11 +8,14 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from glm_api.protocol.openai import ChatCompletionChunk, Completion
+from glm_api.protocol.responses import ResponseStreamEventData
 from glm_api.protocol.seed import SeedChatChunk
 
 #: What the streamed 200s (``protocol.common.streamed_response``) refer to; FastAPI only adds
 #: the models of JSON bodies to the components.
-STREAM_CHUNK_MODELS: tuple[type[BaseModel], ...] = (SeedChatChunk, ChatCompletionChunk, Completion)
+STREAM_CHUNK_MODELS: tuple[type[BaseModel], ...] = (
+    SeedChatChunk, ChatCompletionChunk, Completion, ResponseStreamEventData,
+)
 
 
 def openapi_schema(app: FastAPI) -> dict:

@@ -14,6 +14,7 @@ from glm_api.serving.tokenize import TokenizeService
 
 if TYPE_CHECKING:
     from glm_api.serving.batches import BatchStore
+    from glm_api.serving.responses_store import ResponseStore
 
 
 @dataclass
@@ -38,3 +39,4 @@ class AppState:
     services: Services | None = None  # None while the models are loading
     load_error: str | None = None
     batches: BatchStore | None = None  # the Batch API's files, batches and runner
+    responses: ResponseStore | None = None  # the Responses API's stored responses

@@ -72,16 +72,16 @@ class LineCounts:
     pending: int = 0
 
 
-class Storage:
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = Path(data_dir)
-        self.files_dir = self.data_dir / "files"
-        self.files_dir.mkdir(parents=True, exist_ok=True)
+class SQLiteDatabase:
+    """One SQLite database in WAL mode behind a lock (blocking: call it from a thread)."""
+
+    def __init__(self, path: Path, schema: str) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.data_dir / DB_NAME, check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across a process kill
-        self._db.executescript(SCHEMA)
+        self._db.executescript(schema)
 
     def close(self) -> None:
         with self._lock:
@@ -104,6 +104,14 @@ class Storage:
                 self._db.execute("ROLLBACK")
                 raise
             return changed
+
+
+class Storage(SQLiteDatabase):
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = Path(data_dir)
+        self.files_dir = self.data_dir / "files"
+        self.files_dir.mkdir(parents=True, exist_ok=True)
+        super().__init__(self.data_dir / DB_NAME, SCHEMA)
 
     # Files ------------------------------------------------------------------------------
     def file_path(self, file_id: str) -> Path:

@@ -104,3 +104,21 @@ def streamed_response(chunk_model: type[BaseModel]) -> dict[int | str, dict]:
 
 def _component_ref(model: type[BaseModel]) -> dict:
     return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def typed_stream_response(event_model: type[BaseModel]) -> dict[int | str, dict]:
+    """The 200 of a route that streams typed events with ``stream: true`` (the Responses API):
+    JSON, or server-sent events whose ``event`` is the payload's ``type`` and whose ``data`` is
+    JSON of ``event_model``; no ``[DONE]`` follows (OpenAI ends these streams with the last
+    event). Its schema is added to the spec's components by ``glm_api.openapi``."""
+    event = {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": _component_ref(event_model)},
+            "event": {"type": "string"},
+            "id": {"type": "string"},
+            "retry": {"type": "integer", "minimum": 0},
+        },
+    }
+    return {200: {"content": {"text/event-stream": {"itemSchema": event}}, "description": "JSON, or SSE when streaming"}}

@@ -96,7 +96,7 @@ async def start_chat(
     )
 
 
-def _answer(plan: ChatPlan, content: str, finish_reason: str, tool_calls: list[ToolCall]):
+def final_answer(plan: ChatPlan, content: str, finish_reason: str, tool_calls: list[ToolCall]):
     """A forced tool call's constrained JSON becomes ``tool_calls`` (unless max_tokens cut it)."""
     if plan.forced_tool and finish_reason != "length":
         calls = parse_tool_call(content)
@@ -117,7 +117,7 @@ async def chat_response(plan: ChatPlan) -> ChatCompletion:
     choices = await plan.run.collect()
     out = []
     for choice in choices:
-        content, finish_reason, tool_calls = _answer(plan, choice.content, choice.finish_reason, choice.tool_calls)
+        content, finish_reason, tool_calls = final_answer(plan, choice.content, choice.finish_reason, choice.tool_calls)
         calls = _tool_calls_out(plan, choice.index, tool_calls)
         # OpenAI sends content null on a message that only calls tools.
         message = ChatMessageOut(
@@ -203,7 +203,7 @@ async def chat_stream(plan: ChatPlan) -> AsyncIterator[dict]:
             yield _chunk(plan, [ChatChunkChoice(index=index, delta=ChatDelta(tool_calls=deltas))])
         if event.finish_reason is None:
             continue
-        content, finish_reason, tool_calls = _answer(plan, "".join(texts[index]), event.finish_reason,
+        content, finish_reason, tool_calls = final_answer(plan, "".join(texts[index]), event.finish_reason,
                                                      event.tool_calls)
         if plan.forced_tool:
             if content:  # cut before the call closed: show what was written

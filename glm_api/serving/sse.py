@@ -38,3 +38,22 @@ def sse_response(events: AsyncIterator[dict], request_id: str) -> EventSourceRes
     return EventSourceResponse(
         _framed(events, request_id), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}, ping=15
     )
+
+
+async def _typed(events: AsyncIterator[dict], request_id: str) -> AsyncIterator[dict]:
+    try:
+        async for payload in events:
+            yield {"event": payload["type"], "data": dumps(payload)}
+    except Exception:  # the producer renders its own failures; this is the last resort
+        log.exception("stream %s failed", request_id)
+        error = InternalError(f"the stream failed; request id {request_id}")
+        yield {"event": "error", "data": dumps({"type": "error", "code": error.type, "message": error.message,
+                                                "param": None, "sequence_number": -1})}
+
+
+def typed_sse_response(events: AsyncIterator[dict], request_id: str) -> EventSourceResponse:
+    """Typed events (OpenAI's Responses API): each payload's ``type`` is also its SSE ``event``
+    name, and the stream ends with the last event, no ``[DONE]``."""
+    return EventSourceResponse(
+        _typed(events, request_id), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}, ping=15
+    )

@@ -40,6 +40,11 @@ STREAMED_BODIES = {
         {"messages": _MESSAGES, "stream": True, "max_tokens": 4},
         {"messages": _MESSAGES, "stream": True, "max_tokens": 3, "n": 2, "stream_options": {"include_usage": True}},
     ],
+    "/v1/responses": [
+        {"input": "Say hi", "instructions": "Be brief.", "stream": True, "max_output_tokens": 4},
+        {"input": [{"role": "user", "content": [{"type": "input_text", "text": "hi"}]}], "stream": True,
+         "max_output_tokens": 3, "store": False, "text": {"format": {"type": "json_object"}}},
+    ],
     "/v1/completions": [
         {"prompt": "Hello", "stream": True, "max_tokens": 4},
         {"prompt": ["a", "b"], "stream": True, "max_tokens": 2, "echo": True, "stream_options": {"include_usage": True}},
@@ -53,7 +58,7 @@ def fuzz_app(tiny_llama_dir, tiny_bert_dir, tiny_reranker_dir, tmp_path_factory)
         chat_model=str(tiny_llama_dir), embedding_models={"tiny-bert": str(tiny_bert_dir)},
         rerank_models={"tiny-reranker": str(tiny_reranker_dir)},
         cache_dir=tmp_path_factory.mktemp("cache"), device="cpu", default_max_tokens=4, max_tokens_limit=8, max_n=2,
-        max_body_bytes=256 * 1024,
+        max_body_bytes=256 * 1024, data_dir=tmp_path_factory.mktemp("data"),
     )
     app = create_app(config, build_registry(config))
     with TestClient(app):  # runs the lifespan: engines start, and stop after the module

@@ -86,3 +86,33 @@ def live_server(smollm2_cache_dir, tmp_path_factory) -> LiveServer:
     server = start_server(["--cache-dir", str(smollm2_cache_dir)], log_path)
     yield server
     stop_server(server)
+
+
+#: The API keys of ``responses_server``: what one key stores, the other cannot see.
+RESPONSES_KEYS = ("resp-key-a", "resp-key-b")
+
+
+@pytest.fixture(scope="session")
+def responses_server(smollm2_cache_dir, tmp_path_factory) -> LiveServer:
+    """The packaged defaults with two API keys, storing responses under a temporary data dir."""
+    logs = tmp_path_factory.mktemp("responses-server")
+    args = ["--cache-dir", str(smollm2_cache_dir), "--data-dir", str(logs / "data")]
+    for key in RESPONSES_KEYS:
+        args += ["--api-key", key]
+    server = start_server(args, logs / "server.log")
+    yield server
+    stop_server(server)
+
+
+@pytest.fixture(scope="session")
+def tool_lm_server(tmp_path_factory) -> LiveServer:
+    """A tiny model trained to call a weather tool (tests/fixtures/tool_calling_lm.py), served
+    as ``tool-lm``, storing responses under a temporary data dir."""
+    from tests.fixtures.tool_calling_lm import build_tool_calling_lm
+
+    root = tmp_path_factory.mktemp("tool-lm-server")
+    folder = build_tool_calling_lm(root / "model")
+    server = start_server(["--chat-model", str(folder), "--chat-model-name", "tool-lm", "--data-dir",
+                           str(root / "data")], root / "server.log")
+    yield server
+    stop_server(server)
