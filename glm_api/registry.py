@@ -356,6 +356,10 @@ def _load_chat_replica(
         "chat model %s ready%s: %s family, context %d, %.1f s",
         source.name, replica, loaded.family, loaded.context_length, time.monotonic() - started,
     )
+    if settings.quantize != "none":  # kernels by measurement: the fastest per width, or a warning
+        from glm_api.families.quant_kernels import choose_kernels
+
+        choose_kernels(loaded.model, dtype, widths=(1, settings.max_running, settings.prefill_chunk_tokens))
     try:
         return TransformersChatEngine(
             loaded, source.name, max_running=settings.max_running, max_waiting=settings.max_waiting,

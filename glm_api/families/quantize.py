@@ -130,6 +130,9 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.int8_activations = int8_activations  # w8a8: activations rounded to int8 too
+        # Widest call _weight_int8pack_mm takes; wider ones dequantise. Measured per machine and
+        # shape at start-up (glm_api/families/quant_kernels.py); DEQUANT_ROWS until then.
+        self.dequant_rows = DEQUANT_ROWS
         self.target_device = device  # placeholders live on meta until load_weight fills them there
         self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device="meta"))
         self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32, device="meta"))
@@ -152,15 +155,23 @@ class Int8Linear(nn.Module):
         count = rows.shape[0]
         if self.int8_activations:
             out = self._int8_activations(rows)
-        elif count <= DEQUANT_ROWS and _has_kernel("_weight_int8pack_mm", rows.device.type):
-            narrow = self.narrow_scale.dtype
-            out = torch._weight_int8pack_mm(rows.to(narrow), self.qweight, self.narrow_scale).to(x.dtype)
+        elif count <= self.dequant_rows and _has_kernel("_weight_int8pack_mm", rows.device.type):
+            out = self.int8pack(rows)
         else:
-            weight = self.qweight.to(x.dtype) * self.scale[:, None].to(x.dtype)
-            out = torch.nn.functional.linear(rows, weight)
+            out = self.dequantized(rows)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def int8pack(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows @ W^T`` by ``_weight_int8pack_mm`` (reads the int8 weight once per row)."""
+        narrow = self.narrow_scale.dtype
+        return torch._weight_int8pack_mm(rows.to(narrow), self.qweight, self.narrow_scale).to(rows.dtype)
+
+    def dequantized(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows @ W^T`` with the weight dequantised once for the call (wins for wide calls)."""
+        weight = self.qweight.to(rows.dtype) * self.scale[:, None].to(rows.dtype)
+        return torch.nn.functional.linear(rows, weight)
 
     def _int8_activations(self, rows: torch.Tensor) -> torch.Tensor:
         """int8 x int8 on activations quantised per row (each row its own scale)."""

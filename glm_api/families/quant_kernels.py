@@ -1,0 +1,122 @@
+"""Quantised matmul kernels chosen by measurement at start-up (``--quantize``; issue 24).
+
+Whether a quantised kernel beats the dense matmul depends on the machine, not on the model:
+on one 2-core AVX2 CPU, int4 (tinygemm) decoded SmolLM2 at 0.36x of float32, while on an
+AVX-512 machine the same path ran 4.15x over bf16 for ChatGLM3-6B's shape. So after loading,
+each distinct quantised projection shape of the model is timed at the row counts steps carry
+(one stream's decode, ``max_rows`` streams' decode, a prompt chunk): the quantised kernel, the
+int8 weight dequantised for a dense matmul (int8 only: the same codes, so the same answers),
+and a dense matmul of the same shape in the compute dtype (what the memory saving costs).
+
+- ``int8``: each module takes, per width, the faster of its two kernels (``_weight_int8pack_mm``
+  or dequantise-then-matmul): the crossover ``Int8Linear.dequant_rows`` is set from the figures.
+- ``int4``, ``w8a8`` have no second kernel over the same codes; when the quantised path is
+  slower than dense at one stream's width, the log says so with the figures.
+
+Each timing is a few calls of one projection (tens of milliseconds for a 6B shape), so the whole
+measurement takes a fraction of a second on small models and about a second on 6B shapes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from glm_api.families.quantize import Int4Linear, Int8Linear, _has_kernel
+
+log = logging.getLogger(__name__)
+
+#: Seconds spent timing one candidate at one width (at least 2 calls after a warm-up call).
+TIME_PER_CANDIDATE = 0.02
+
+
+@dataclass
+class ShapeTiming:
+    kind: str  # int8, w8a8, int4
+    shape: tuple[int, int]  # (out, in)
+    modules: int
+    ms: dict[str, dict[int, float]] = field(default_factory=dict)  # candidate -> width -> ms
+
+    def line(self) -> str:
+        parts = []
+        for name, by_width in self.ms.items():
+            parts.append(f"{name} " + "/".join(f"{by_width[w]:.2f}" for w in sorted(by_width)))
+        widths = "/".join(str(w) for w in sorted(next(iter(self.ms.values()))))
+        return f"{self.kind} {self.shape[1]}->{self.shape[0]} x{self.modules}, ms at {widths} rows: " + ", ".join(parts)
+
+
+def _ms(fn: Callable[[], torch.Tensor], device: torch.device) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *_: None)
+    fn()
+    sync(device)
+    calls, started = 0, time.perf_counter()
+    while calls < 2 or time.perf_counter() - started < TIME_PER_CANDIDATE:
+        fn()
+        calls += 1
+        if calls >= 50:
+            break
+    sync(device)
+    return (time.perf_counter() - started) / calls * 1000
+
+
+def _kind(module: nn.Module) -> str:
+    if isinstance(module, Int4Linear):
+        return "int4"
+    return "w8a8" if module.int8_activations else "int8"
+
+
+@torch.inference_mode()
+def choose_kernels(model: nn.Module, dtype: torch.dtype, widths: tuple[int, ...]) -> list[ShapeTiming]:
+    """Time the model's quantised projections (one module per distinct shape and kind) at
+    ``widths`` rows, set each int8 module's crossover to the faster kernel, and log the figures
+    (a warning where the quantised path is slower than dense at the narrowest width)."""
+    groups: dict[tuple[str, tuple[int, int]], list[nn.Module]] = {}
+    for module in model.modules():
+        if isinstance(module, (Int8Linear, Int4Linear)):
+            groups.setdefault((_kind(module), module.weight_shape), []).append(module)
+    timings = []
+    for (kind, shape), modules in groups.items():
+        first = modules[0]
+        device = first.qweight.device if isinstance(first, Int8Linear) else first.packed.device
+        timing = ShapeTiming(kind, shape, len(modules))
+        dense = torch.randn(shape, dtype=dtype, device=device) * 0.02
+        quantized, dequantized, plain = {}, {}, {}
+        for width in widths:
+            x = torch.randn(width, shape[1], dtype=dtype, device=device)
+            if kind == "int8" and _has_kernel("_weight_int8pack_mm", device.type):
+                quantized[width] = _ms(lambda: first.int8pack(x), device)
+            else:  # int4, w8a8; int8 without the packed kernel here always dequantises
+                quantized[width] = _ms(lambda: first.forward(x), device)
+            plain[width] = _ms(lambda: nn.functional.linear(x, dense), device)
+            if kind == "int8":
+                dequantized[width] = _ms(lambda: first.dequantized(x), device)
+        timing.ms[kind] = quantized
+        if dequantized:
+            timing.ms["int8 dequantised"] = dequantized
+        timing.ms[f"dense {str(dtype).removeprefix('torch.')}"] = plain
+        del dense
+        if kind == "int8":
+            # The narrowest width from which dequantising wins (and stays winning) above it.
+            crossover = next(
+                (w for w in sorted(widths) if all(dequantized[v] < quantized[v] for v in widths if v >= w)),
+                None,
+            )
+            for module in modules:
+                module.dequant_rows = (crossover - 1) if crossover is not None else max(widths)
+        timings.append(timing)
+        narrow = min(widths)
+        best = min(quantized[narrow], dequantized.get(narrow, float("inf")))
+        if best > plain[narrow]:
+            log.warning(
+                "--quantize %s is slower than dense %s on this machine for one stream: %s "
+                "(speed depends on the CPU's instruction set; the memory saving stays)",
+                kind, str(dtype).removeprefix("torch."), timing.line(),
+            )
+        else:
+            log.info("quantised kernels: %s", timing.line())
+    return timings
