@@ -1,7 +1,7 @@
 """This server's own limits, stated in its OpenAPI spec: what its settings and its loaded models
-allow (the largest ``n`` and ``max_tokens``, how many prompts or inputs, token ids below each
-model's vocabulary, ``dimensions`` up to each embedding model's, tools only where the chat
-format has them). The wire rules every server keeps are stated by the protocol models
+allow (the largest ``n`` and ``max_tokens``, how many prompts, inputs or documents, token ids
+below each model's vocabulary, ``dimensions`` up to each embedding model's, tools only where the
+chat format has them, the batch endpoints of the loaded models). The wire rules every server keeps are stated by the protocol models
 themselves (``protocol.common.stated``); these depend on the instance, so a client or a fuzzer
 generated from ``/openapi.json`` sends what this server serves and nothing it refuses.
 
@@ -17,6 +17,7 @@ from typing import Any
 
 from glm_api.config import Settings
 from glm_api.registry import ModelRegistry
+from glm_api.serving.batch_lines import served_endpoints
 from glm_api.serving.openai_completions import MAX_PROMPTS
 
 Schema = dict[str, Any]
@@ -45,6 +46,11 @@ def state_settings_limits(components: dict[str, Schema], settings: Settings) -> 
     most_inputs = min(settings.max_embedding_inputs, settings.max_embedding_queue)
     _bound_lists(components["EmbeddingRequest"]["properties"]["input"], most_inputs)
     _bound_lists(components["SeedEmbeddingRequest"]["properties"]["prompt"], most_inputs)
+    # Rerank and score: one pair per document (or per text_2), refused past the same bound.
+    for name in ("RerankRequest", "RerankV2Request"):
+        components[name]["properties"]["documents"]["maxItems"] = most_inputs
+    for text in ("text_1", "text_2"):
+        _bound_lists(components["ScoreRequest"]["properties"][text], most_inputs)
     # best_of is served only equal to n (n absent or null is 1).
     _require(components["CompletionRequest"], {"anyOf": [
         {"properties": {"best_of": {"type": "null"}}},
@@ -75,6 +81,7 @@ def state_model_limits(components: dict[str, Schema], registry: ModelRegistry) -
         }
         for name, engine in registry.embeddings.items()
     })
+    components["BatchCreateRequest"]["properties"]["endpoint"]["enum"] = served_endpoints(registry)
     if chat is not None and not chat.template.supports_tools:
         no_tools = {"anyOf": [{"type": "null"}, {"type": "array", "maxItems": 0}]}
         # Offered tools need a chat format with tools; forcing one (required, or a named

@@ -14,10 +14,13 @@ generated as valid is made to keep them; requests generated as invalid are sent 
   ``contentMediaType``, which generators do not read).
 - ``structured_outputs.regex`` and ``.grammar`` compile (a regular expression, a Lark grammar):
   random text rarely does, and is a 400 naming the compiler's error.
+- ``/score``: a list ``text_1`` of more than one text pairs with a ``text_2`` list as long.
+- ``/v1/files``: a file uploaded for ``purpose: batch`` is JSONL (its first line an object).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any
 
@@ -29,7 +32,15 @@ def before_call(context, case, kwargs) -> None:
     meta = case.meta
     if meta is None or not meta.generation.mode.is_positive or not isinstance(case.body, dict):
         return
-    body: dict[str, Any] = case.body
+    # A copy: schemathesis builds other cases (negative ones too) from the same objects.
+    body: dict[str, Any] = copy.deepcopy(case.body)
+    case.body = body
+    first, second = body.get("text_1"), body.get("text_2")
+    if case.path.endswith("/score") and isinstance(first, list) and len(first) > 1:
+        if not isinstance(second, list) or len(second) != len(first):
+            body["text_1"] = first[:1]
+    if case.path == "/v1/files" and body.get("purpose") == "batch":
+        body["file"] = b'{"custom_id": "1", "method": "POST", "url": "/v1/embeddings", "body": {"input": "hi"}}\n'
     messages = body.get("messages")
     if isinstance(messages, list):
         if case.path == "/chat" and messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":

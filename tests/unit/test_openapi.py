@@ -40,7 +40,11 @@ def _validator(spec: dict, name: str) -> jsonschema.Draft202012Validator:
 
 def test_405_names_the_allowed_methods():
     client = TestClient(create_app(Settings(_env_file=None, disable_chat=True)))
-    for method, path, allowed in [("TRACE", "/chat", "POST"), ("GET", "/v1/embeddings", "POST"), ("DELETE", "/v1/models", "GET")]:
+    for method, path, allowed in [
+        ("TRACE", "/chat", "POST"), ("GET", "/v1/embeddings", "POST"), ("DELETE", "/v1/models", "GET"),
+        # Paths served by two routes take the methods of both.
+        ("OPTIONS", "/v1/files", "GET, POST"), ("PUT", "/v1/batches", "GET, POST"), ("POST", "/v1/files/file-1", "DELETE, GET"),
+    ]:
         response = client.request(method, path)
         assert response.status_code == 405
         assert response.headers["allow"] == allowed  # RFC 9110: a 405 lists what the route takes
