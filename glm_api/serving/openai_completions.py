@@ -71,7 +71,7 @@ async def start_completion(service: ChatService, req: CompletionRequest, request
     ids, echo = await asyncio.to_thread(_encode, engine, prompts, bool(req.echo))
     call = ChatCall(
         messages=[],
-        max_tokens=req.max_tokens or DEFAULT_MAX_TOKENS,
+        max_tokens=req.max_tokens if req.max_tokens is not None else _default_max_tokens(service.settings.max_tokens_limit),
         constraint=output_constraint(req, req.response_format),
         **sampling_fields(req),
     )
@@ -96,6 +96,12 @@ async def start_completion(service: ChatService, req: CompletionRequest, request
         fingerprint=system_fingerprint(engine),
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
     )
+
+
+def _default_max_tokens(limit: int | None) -> int:
+    """OpenAI's 16, within the server's limit: a request that names no max_tokens asks for no
+    particular length, so a lower limit caps it (as chat's default is capped), never refuses it."""
+    return DEFAULT_MAX_TOKENS if limit is None else min(DEFAULT_MAX_TOKENS, limit)
 
 
 def _abort(runs: list[ChatRun]) -> None:

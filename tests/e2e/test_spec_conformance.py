@@ -7,9 +7,8 @@ methods answered 405 with ``Allow``, every content type documented. It runs from
 root, so ``schemathesis.toml`` (and the rules JSON Schema cannot state,
 tests/schemathesis_hooks.py) apply exactly as for a developer who types the command. Bounded:
 a fixed seed and a few examples per operation, on a server with small limits, which its spec
-states, so the fuzzer's requests stay cheap: answers of at most 16 tokens, at most 8 embedding
-inputs. (16, not less: /v1/completions defaults to OpenAI's 16 tokens and refuses a request
-without max_tokens when the server's limit is lower; a serving bug left to its owners.)
+states, so the fuzzer's requests stay cheap: answers of at most 8 tokens (/v1/completions'
+default of 16 is capped to it), at most 8 embedding inputs or documents.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ def short_answer_server(smollm2_cache_dir, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("spec-server") / "server.log"
     server = start_server(
         ["--cache-dir", str(smollm2_cache_dir)], log_path,
-        env={"GLM_API_DEFAULT_MAX_TOKENS": "2", "GLM_API_MAX_TOKENS_LIMIT": "16", "GLM_API_MAX_EMBEDDING_INPUTS": "8"},
+        env={"GLM_API_DEFAULT_MAX_TOKENS": "2", "GLM_API_MAX_TOKENS_LIMIT": "8", "GLM_API_MAX_EMBEDDING_INPUTS": "8"},
     )
     yield server
     stop_server(server)
