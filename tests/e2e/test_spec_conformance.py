@@ -36,6 +36,7 @@ def short_answer_server(smollm2_cache_dir, tmp_path_factory):
     stop_server(server)
 
 
+@pytest.mark.timeout(900)  # the server's start, then schemathesis' own limit of 600 s on a shared CPU
 def test_schemathesis_with_every_check_finds_nothing(short_answer_server, tmp_path):
     command = [
         sys.executable, "-c", "from schemathesis.cli import schemathesis; schemathesis()",
