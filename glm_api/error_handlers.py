@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
 
 from glm_api.errors import APIError, BadRequestError, InternalError, UnsupportedMediaTypeError
 
@@ -34,6 +35,28 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"{param}: {message}{more}" if param else f"{message}{more}"), param
 
 
+def _allowed_methods(request: Request) -> str | None:
+    """Every method the path takes. Starlette's 405 names the methods of the first route that
+    matched the path only; a path served by two routes (GET and POST /v1/files) takes both, and
+    RFC 9110's Allow lists what the resource supports."""
+    methods: set[str] = set()
+    for route in _routes(request.app.router.routes):
+        match, _ = route.matches(request.scope)
+        if match is Match.PARTIAL:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods)) or None
+
+
+def _routes(routes: list[BaseRoute]) -> list[BaseRoute]:
+    """The routes themselves: FastAPI (0.16x) keeps an included router as one route that holds
+    the router (``original_router``); its routes carry their full paths (no include prefix here)."""
+    found: list[BaseRoute] = []
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        found.extend(_routes(inner.routes) if inner is not None else [route])
+    return found
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -56,8 +79,12 @@ def install_error_handlers(app: FastAPI) -> None:
         error = BadRequestError(str(exc.detail), code=str(exc.status_code))
         if exc.status_code == 404:
             error.code = "not_found"
-        # Starlette's own headers travel on: its 405 lists the route's methods in Allow (RFC 9110).
-        return _render(error, exc.status_code, exc.headers)
+        # Starlette's own headers travel on; a 405's Allow lists all the path's methods (RFC 9110).
+        headers = dict(exc.headers or {})
+        allowed = _allowed_methods(request) if exc.status_code == 405 else None
+        if allowed:
+            headers["Allow"] = allowed
+        return _render(error, exc.status_code, headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -7,6 +7,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from glm_api.openapi_limits import state_model_limits, state_settings_limits
 from glm_api.protocol.openai import ChatCompletionChunk, Completion
 from glm_api.protocol.responses import ResponseStreamEventData
 from glm_api.protocol.seed import SeedChatChunk
@@ -19,11 +20,18 @@ STREAM_CHUNK_MODELS: tuple[type[BaseModel], ...] = (
 
 
 def openapi_schema(app: FastAPI) -> dict:
-    """Built once per app, then cached on it (FastAPI's own convention)."""
+    """Built once per app, then cached on it (FastAPI's own convention); while the models
+    load, built without their limits and not cached."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
         _drop_422(schema)
         _add_components(schema, STREAM_CHUNK_MODELS)
+        state = app.state.glm
+        components = schema["components"]["schemas"]
+        state_settings_limits(components, state.settings)
+        if state.services is None:
+            return schema
+        state_model_limits(components, state.services.registry)
         app.openapi_schema = schema
     return app.openapi_schema
 

@@ -10,9 +10,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from glm_api.protocol.common import JsonWireModel
+
 #: The endpoints a batch line can call, as OpenAI spells them.
 BatchEndpoint = Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
 BATCH_ENDPOINTS: tuple[str, ...] = BatchEndpoint.__args__  # type: ignore[attr-defined]
+
+#: An upload's purpose, as OpenAI names them; a ``batch`` file is JSONL (its first line an object).
+FilePurpose = Literal["batch", "batch_output", "user_data", "assistants", "fine-tune", "vision"]
+PURPOSES: tuple[str, ...] = FilePurpose.__args__  # type: ignore[attr-defined]
 
 BatchStatus = Literal["validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling", "cancelled"]
 
@@ -43,12 +49,16 @@ class FileDeleted(BaseModel):
     deleted: bool
 
 
-class BatchCreateRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
+class BatchCreateRequest(JsonWireModel):
     input_file_id: str
+    # Checked in serving (endpoint_served), which names the endpoints; the served spec states
+    # those of the loaded models (glm_api.openapi_limits).
     endpoint: str = Field(description="one of " + ", ".join(BATCH_ENDPOINTS))
-    completion_window: str = Field("24h", pattern=r"^[0-9]+[smh]$", description='"24h" (OpenAI\'s only value), or N s/m/h')
+    # At most 7 digits (over 1,000 years): expires_at stays an exact JSON integer (< 2**53), not
+    # a number a client's double rounds.
+    completion_window: str = Field(
+        "24h", pattern=r"^[0-9]{1,7}[smh]$", description='"24h" (OpenAI\'s only value), or N s/m/h'
+    )
     metadata: dict[str, str] | None = Field(None, max_length=16)
 
 

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict
+from pydantic_core import PydanticCustomError
+from pydantic.fields import FieldInfo
 
 #: Far above any context we serve; larger values are a client bug, answered with a 400.
 MAX_TOKENS_LIMIT = 1_000_000
+
+
+def stated(**keywords: Any) -> FieldInfo:
+    """JSON Schema keywords for the spec, beside a rule that a validator or serving enforces
+    (``Annotated[list[str], stated(minItems=1)]``): validation is unchanged, and the spec says
+    what the server refuses, so a client (or a fuzzer) generated from it sends what is served."""
+    return Field(json_schema_extra=keywords)
+
+
+#: A token id as the spec states it: never negative (the upper bound is the model's vocabulary,
+#: which the served spec adds: ``glm_api.openapi``).
+TOKEN_ID_SCHEMA: dict[str, Any] = {"type": "integer", "minimum": 0}
 
 
 def _check_stop(value: str | list[str] | None) -> list[str]:
@@ -21,7 +35,10 @@ def _check_stop(value: str | list[str] | None) -> list[str]:
     return stops
 
 
-Stop = Annotated[str | list[str] | None, AfterValidator(_check_stop)]
+Stop = Annotated[
+    Annotated[str, stated(minLength=1)] | Annotated[list[Annotated[str, stated(minLength=1)]], stated(maxItems=16)] | None,
+    AfterValidator(_check_stop),
+]
 
 
 class Usage(BaseModel):
@@ -38,6 +55,35 @@ class WireModel(BaseModel):
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
+
+class JsonWireModel(WireModel):
+    """A request of the OpenAI API: JSON's types as they are, as OpenAI takes them. A boolean is
+    ``true`` or ``false`` (not ``0`` or ``"true"``), a number or an integer is not a string,
+    so the server accepts what its spec says and refuses the rest. (The seed's models keep
+    pydantic's coercions: its clients may rely on them.)"""
+
+    model_config = ConfigDict(strict=True)
+
+
+def _json_integer(value: Any) -> Any:
+    if isinstance(value, (bool, str)):
+        raise PydanticCustomError("int_type", "Input should be a valid integer")
+    return value
+
+
+def json_int(**constraints: Any) -> Any:
+    """An integer as JSON (and so the spec) counts one: ``7`` or ``7.0``, never ``true`` or
+    ``"7"``; ``constraints`` (ge, le) sit before the check so the spec states them."""
+    return Annotated[int, Strict(False), Field(**constraints), BeforeValidator(_json_integer)]
+
+
+JsonInt = json_int()
+
+
+#: A sampling seed fits torch's 64-bit generators (one beyond them stopped the chat engine's
+#: thread for every later request: found by schemathesis) and JSON's exact integers (I-JSON,
+#: RFC 7493: |n| < 2**53, what a double, and so JavaScript or the spec's own bounds, holds exactly).
+SEED_RANGE: dict[str, int] = {"ge": -(2**53 - 1), "le": 2**53 - 1}
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]

@@ -8,19 +8,52 @@ Responses mirror the ``openai`` package's types field for field.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from glm_api.protocol.common import MAX_TOKENS_LIMIT, MaxTokens, RepetitionPenalty, Stop, Temperature, TopP, Usage, WireModel
+from glm_api.protocol.common import (
+    MAX_TOKENS_LIMIT,
+    SEED_RANGE,
+    TOKEN_ID_SCHEMA,
+    JsonInt,
+    JsonWireModel,
+    json_int,
+    RepetitionPenalty,
+    Stop,
+    Temperature,
+    TopP,
+    Usage,
+    stated,
+)
 
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 #: Token ids are never negative; the upper bound is the model's vocabulary, checked in serving.
-TokenIds = list[int]
+TokenIds = list[Annotated[JsonInt, stated(**TOKEN_ID_SCHEMA)]]
+MaxTokens = json_int(ge=1, le=MAX_TOKENS_LIMIT)
+
+
+def texts_or_token_arrays(min_text_length: int = 0) -> Any:
+    """The type of a prompt or input, with the shape rules of ``_texts_or_token_arrays`` stated
+    for the spec: no empty list, no empty token array, no negative id (and, for completions,
+    no empty text: it leaves nothing to continue)."""
+    text = Annotated[str, stated(minLength=min_text_length)] if min_text_length else str
+    ids = Annotated[TokenIds, stated(minItems=1)]
+    return text | Annotated[list[text], stated(minItems=1)] | ids | Annotated[list[ids], stated(minItems=1)]
+
+
+#: Logit bias is refused unless empty: the spec says so.
+NO_LOGIT_BIAS = stated(anyOf=[{"type": "object", "maxProperties": 0}, {"type": "null"}])
+
+
+def _is_id(value: Any) -> bool:
+    # A JSON integer: 7 or 7.0 (JSON Schema counts both, as the spec's clients do), never true.
+    return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float) and value.is_integer())
 
 
 def _is_ids(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
+    return isinstance(value, list) and all(_is_id(i) for i in value)
 
 
 def _texts_or_token_arrays(value: Any, name: str) -> Any:
@@ -41,10 +74,10 @@ def _texts_or_token_arrays(value: Any, name: str) -> Any:
 
 #: Alternatives per position, at most (OpenAI's limit for top_logprobs and for completions' logprobs).
 MAX_TOP_LOGPROBS = 20
-TopLogprobsCount = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)]
+TopLogprobsCount = json_int(ge=0, le=MAX_TOP_LOGPROBS)
 #: Completions may generate nothing (``max_tokens: 0``): with ``echo`` and ``logprobs`` that
 #: scores a prompt, as evaluation harnesses do.
-CompletionMaxTokens = Annotated[int, Field(ge=0, le=MAX_TOKENS_LIMIT)]
+CompletionMaxTokens = json_int(ge=0, le=MAX_TOKENS_LIMIT)
 
 
 def _refuse_logit_bias(value: dict | None) -> dict | None:
@@ -57,23 +90,46 @@ def _refuse_logit_bias(value: dict | None) -> dict | None:
 # Chat completions: request
 
 
-class FunctionCall(WireModel):
+class FunctionCall(JsonWireModel):
     name: str
     arguments: str = "{}"
 
 
-class ToolCallIn(WireModel):
+class ToolCallIn(JsonWireModel):
     id: str = ""
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class ChatMessageIn(WireModel):
+#: The only content part this server reads (``_text_parts_only``).
+TEXT_PART_SCHEMA = {
+    "type": "object",
+    "required": ["type", "text"],
+    "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+}
+#: Roles whose content is required (not null), as serving.messages checks them (OpenAI's rule).
+CONTENT_REQUIRED_ROLES = ("system", "developer", "user", "tool")
+
+
+def _content_rule(schema: dict[str, Any]) -> None:
+    """The spec states serving's content rule: content is required for these roles; an
+    assistant message needs content or tool_calls; a (deprecated) function result may be null."""
+    has_content = {"required": ["content"], "properties": {"content": {"type": ["string", "array"]}}}
+    schema["anyOf"] = [
+        {**has_content, "properties": {**has_content["properties"], "role": {"enum": [*CONTENT_REQUIRED_ROLES, "assistant"]}}},
+        {"required": ["tool_calls"], "properties": {"role": {"const": "assistant"}, "tool_calls": {"type": "array", "minItems": 1}}},
+        {"properties": {"role": {"const": "function"}}},
+    ]
+
+
+class ChatMessageIn(JsonWireModel):
+    model_config = ConfigDict(json_schema_extra=_content_rule)
+
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     #: A string, or a list of ``{"type": "text", "text": ...}`` parts (joined with newlines).
     #: None only where OpenAI allows it (an assistant's tool calls): serving refuses the rest,
     #: naming ``messages[i].content``.
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[Annotated[dict[str, Any], stated(**TEXT_PART_SCHEMA)]] | None = None
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
@@ -112,28 +168,28 @@ class ChatMessageIn(WireModel):
         return "\n".join(part["text"] for part in self.content)
 
 
-class FunctionDef(WireModel):
+class FunctionDef(JsonWireModel):
     name: str = Field(min_length=1, max_length=64)
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class ToolDef(WireModel):
+class ToolDef(JsonWireModel):
     type: Literal["function"] = "function"
     function: FunctionDef
 
 
-class NamedFunction(WireModel):
+class NamedFunction(JsonWireModel):
     name: str
 
 
-class NamedToolChoice(WireModel):
+class NamedToolChoice(JsonWireModel):
     type: Literal["function"] = "function"
     function: NamedFunction
 
 
-class JsonSchemaFormat(WireModel):
+class JsonSchemaFormat(JsonWireModel):
     name: str = Field(max_length=64)
     description: str | None = None
     schema_: dict[str, Any] | bool = Field(default_factory=dict, alias="schema")
@@ -142,7 +198,21 @@ class JsonSchemaFormat(WireModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False, populate_by_name=True)
 
 
-class ResponseFormat(WireModel):
+def _json_schema_given(schema: dict[str, Any]) -> None:
+    """The spec states ``_schema_given``, and ``structured._schema_text``: a schema that is an
+    object (or true)."""
+    schema["anyOf"] = [
+        {"properties": {"type": {"enum": ["text", "json_object"]}}},
+        {
+            "required": ["json_schema"],
+            "properties": {"json_schema": {"type": "object", "properties": {"schema": {"anyOf": [{"type": "object"}, {"const": True}]}}}},
+        },
+    ]
+
+
+class ResponseFormat(JsonWireModel):
+    model_config = ConfigDict(json_schema_extra=_json_schema_given)
+
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -153,15 +223,35 @@ class ResponseFormat(WireModel):
         return self
 
 
-class StructuredOutputs(WireModel):
+def _exactly_one_kind(schema: dict[str, Any]) -> None:
+    """The spec states ``_exactly_one``."""
+    kinds = ("json", "regex", "choice", "grammar")
+    schema["oneOf"] = [
+        {"required": [kind], "properties": {kind: {"not": {"type": "null"}}, **{k: {"type": "null"} for k in kinds if k != kind}}}
+        for kind in kinds
+    ]
+
+
+class StructuredOutputs(JsonWireModel):
     """vLLM's structured-output extras: one of them, as the output's grammar."""
 
-    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    #: A JSON schema, or its JSON text.
+    json_: dict[str, Any] | Annotated[str, stated(contentMediaType="application/json")] | None = Field(None, alias="json")
     regex: str | None = None
     choice: list[str] | None = Field(None, min_length=1)
     grammar: str | None = None
 
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False, populate_by_name=True)
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, populate_by_name=True, json_schema_extra=_exactly_one_kind)
+
+    @field_validator("json_")
+    @classmethod
+    def _json_text_parses(cls, value: dict[str, Any] | str | None) -> dict[str, Any] | str | None:
+        if isinstance(value, str):
+            try:
+                json.loads(value)
+            except ValueError:
+                raise ValueError("the JSON schema text is not valid JSON") from None
+        return value
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "StructuredOutputs":
@@ -171,11 +261,11 @@ class StructuredOutputs(WireModel):
         return self
 
 
-class StreamOptions(WireModel):
+class StreamOptions(JsonWireModel):
     include_usage: bool | None = False
 
 
-class SamplingRequest(WireModel):
+class SamplingRequest(JsonWireModel):
     """The fields chat and legacy completions share; both translate them the same way."""
 
     model: str | None = None
@@ -184,15 +274,15 @@ class SamplingRequest(WireModel):
     max_tokens: MaxTokens | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
-    n: int | None = Field(None, ge=1)  # the upper bound is settings.max_n, checked in serving
+    n: json_int(ge=1) | None = None  # type: ignore[valid-type]  # the upper bound is settings.max_n, checked in serving
     stop: Stop = None
-    seed: int | None = None
+    seed: json_int(**SEED_RANGE) | None = None  # type: ignore[valid-type]
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     user: str | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: Annotated[dict[str, float] | None, NO_LOGIT_BIAS] = None
     # Not OpenAI, accepted as extras (vLLM does the same).
-    top_k: int | None = Field(None, ge=0)
+    top_k: json_int(ge=0) | None = None  # type: ignore[valid-type]
     repetition_penalty: RepetitionPenalty | None = None
     structured_outputs: StructuredOutputs | None = None
 
@@ -202,7 +292,34 @@ class SamplingRequest(WireModel):
         return _refuse_logit_bias(value)
 
 
+#: Serving's rule (``structured.output_constraint``): one grammar per request.
+_ONE_GRAMMAR = {"anyOf": [
+    {"properties": {"response_format": {"anyOf": [{"type": "null"}, {"properties": {"type": {"const": "text"}}}]}}},
+    {"properties": {"structured_outputs": {"type": "null"}}},
+]}
+
+
+def _one_grammar(schema: dict[str, Any]) -> None:
+    schema.setdefault("allOf", []).append(_ONE_GRAMMAR)
+
+
+def _chat_rules(schema: dict[str, Any]) -> None:
+    """The spec states serving's rules across fields: one grammar, and a forced tool call
+    (tools with ``tool_choice`` required or named) is that grammar, so nothing else asks for one."""
+    _one_grammar(schema)
+    schema["allOf"].append({"anyOf": [
+        {"properties": {"tools": {"anyOf": [{"type": "null"}, {"type": "array", "maxItems": 0}]}}},
+        {"properties": {"tool_choice": {"enum": ["none", "auto", None]}}},
+        {"properties": {
+            "response_format": {"anyOf": [{"type": "null"}, {"properties": {"type": {"const": "text"}}}]},
+            "structured_outputs": {"type": "null"},
+        }},
+    ]})
+
+
 class ChatCompletionRequest(SamplingRequest):
+    model_config = ConfigDict(json_schema_extra=_chat_rules)
+
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: MaxTokens | None = None
     tools: list[ToolDef] | None = None
@@ -351,11 +468,13 @@ class ChatCompletionChunk(BaseModel):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | TokenIds | list[TokenIds]
+    model_config = ConfigDict(json_schema_extra=_one_grammar)
+
+    prompt: texts_or_token_arrays(min_text_length=1)  # type: ignore[valid-type]
     max_tokens: CompletionMaxTokens | None = None
     echo: bool | None = False
-    suffix: str | None = None
-    best_of: int | None = Field(None, ge=1)
+    suffix: Annotated[str | None, stated(anyOf=[{"type": "string", "maxLength": 0}, {"type": "null"}])] = None
+    best_of: json_int(ge=1) | None = None  # type: ignore[valid-type]
     logprobs: TopLogprobsCount | None = None  # alternatives per token; 0: the tokens' own only
     response_format: ResponseFormat | None = None  # an extension: OpenAI's completions have none
 
@@ -411,11 +530,11 @@ class Completion(BaseModel):
 # Embeddings
 
 
-class EmbeddingRequest(WireModel):
+class EmbeddingRequest(JsonWireModel):
     model: str | None = None
-    input: str | list[str] | TokenIds | list[TokenIds]
+    input: texts_or_token_arrays()  # type: ignore[valid-type]
     encoding_format: Literal["float", "base64"] | None = "float"
-    dimensions: int | None = Field(None, ge=1)
+    dimensions: json_int(ge=1) | None = None  # type: ignore[valid-type]
     user: str | None = None
     # Extras: the seed's normalize, and truncation instead of a 400 for over-long inputs.
     truncate: bool = False

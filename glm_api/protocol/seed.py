@@ -6,14 +6,33 @@ existing clients depend on them.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from glm_api.protocol.common import MaxTokens, RepetitionPenalty, Stop, Temperature, TopP, Usage, WireModel
+from glm_api.protocol.common import (
+    MaxTokens,
+    SEED_RANGE,
+    RepetitionPenalty,
+    Stop,
+    Temperature,
+    TopP,
+    Usage,
+    WireModel,
+    stated,
+)
+
+
+def _content_is_required(schema: dict[str, Any]) -> None:
+    """The spec states what serving enforces for every seed role (the seed has no tool_calls,
+    so an assistant turn is text too): content is a string, present and not null."""
+    schema["properties"]["content"] = {"type": "string", "title": "Content"}
+    schema["required"] = [*schema.get("required", []), "content"]
 
 
 class SeedMessage(WireModel):
+    model_config = ConfigDict(json_schema_extra=_content_is_required)
+
     role: Literal["system", "user", "assistant", "observation", "function", "tool"]
     content: str | None = None  # required: serving refuses it missing or null, naming messages[i].content
     metadata: str | None = None
@@ -32,7 +51,7 @@ class SeedChatRequest(WireModel):
     stop: Stop = None
     stop_token_ids: list[int] | None = None
     repetition_penalty: RepetitionPenalty = 1.1
-    seed: int | None = None
+    seed: Annotated[int, Field(**SEED_RANGE)] | None = None
     return_function_call: bool = False
 
     @model_validator(mode="after")
@@ -84,7 +103,7 @@ class SeedChatResponse(BaseModel):
 
 class SeedEmbeddingRequest(WireModel):
     model: str | None = None
-    prompt: str | list[str]
+    prompt: str | Annotated[list[str], stated(minItems=1)]
     normalize: bool = False
 
     @field_validator("prompt")

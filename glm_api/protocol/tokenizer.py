@@ -4,15 +4,33 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from glm_api.protocol.common import WireModel
+from glm_api.protocol.common import JsonWireModel
 from glm_api.protocol.openai import ChatMessageIn, TokenIds, ToolDef
 
 
-class TokenizeRequest(WireModel):
+def _one_of_prompt_or_messages(schema: dict[str, Any]) -> None:
+    """The spec states ``_one_of``: a string prompt (and no tools or template options), or a list
+    of messages."""
+    no_tools = {"anyOf": [{"type": "null"}, {"type": "array", "maxItems": 0}]}
+    schema["oneOf"] = [
+        {
+            "required": ["prompt"],
+            "properties": {
+                "prompt": {"type": "string"}, "messages": {"type": "null"}, "tools": no_tools,
+                "chat_template_kwargs": {"anyOf": [{"type": "null"}, {"type": "object", "maxProperties": 0}]},
+            },
+        },
+        {"required": ["messages"], "properties": {"prompt": {"type": "null"}, "messages": {"type": "array"}}},
+    ]
+
+
+class TokenizeRequest(JsonWireModel):
     """Either ``prompt`` (plain text) or ``messages`` (a conversation, through the chat
     template with the generation prompt, and ``tools`` if given: what a chat request costs)."""
+
+    model_config = ConfigDict(json_schema_extra=_one_of_prompt_or_messages)
 
     model: str | None = None
     prompt: str | None = None
@@ -37,7 +55,7 @@ class TokenizeResponse(BaseModel):
     token_strs: list[str]
 
 
-class DetokenizeRequest(WireModel):
+class DetokenizeRequest(JsonWireModel):
     model: str | None = None
     tokens: TokenIds
 

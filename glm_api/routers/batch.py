@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
 from glm_api.deps import AppStateDep, BatchOwnerDep, BatchRunnerDep, BatchStorageDep, ServicesDep
-from glm_api.protocol.batch import Batch, BatchCreateRequest, BatchList, FileDeleted, FileList, FileObject
+from glm_api.protocol.batch import PURPOSES, Batch, BatchCreateRequest, BatchList, FileDeleted, FileList, FileObject
 from glm_api.protocol.common import ERROR_RESPONSES
 from glm_api.serving import batches
 
@@ -20,7 +20,7 @@ UPLOAD_BODY = {
         "required": True,
         "content": {"multipart/form-data": {"schema": {
             "type": "object", "required": ["file", "purpose"],
-            "properties": {"file": {"type": "string", "format": "binary"}, "purpose": {"type": "string"}},
+            "properties": {"file": {"type": "string", "format": "binary"}, "purpose": {"enum": list(PURPOSES)}},
         }}},
     }
 }

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from glm_api.errors import APIError, BadRequestError, EngineUnavailableError, RateLimitError
 from glm_api.protocol.batch import BATCH_ENDPOINTS, BatchLine
 from glm_api.protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from glm_api.registry import ModelRegistry
 from glm_api.serving import openai_chat, openai_completions, openai_embeddings
 from glm_api.state import Services
 
@@ -108,11 +109,14 @@ def endpoint_served(services: Services, endpoint: str) -> str | None:
     """Why ``endpoint`` cannot take a batch on this server (None when it can)."""
     if endpoint not in BATCH_ENDPOINTS:
         return f"endpoint {endpoint!r} cannot run as a batch; use one of {', '.join(BATCH_ENDPOINTS)}"
-    if endpoint == "/v1/embeddings" and not services.registry.embeddings:
-        return "this server loads no embedding model"
-    if endpoint != "/v1/embeddings" and services.registry.chat is None:
-        return "this server loads no chat model"
+    if endpoint not in served_endpoints(services.registry):
+        return f"this server loads no {'embedding' if endpoint == '/v1/embeddings' else 'chat'} model"
     return None
+
+
+def served_endpoints(registry: ModelRegistry) -> list[str]:
+    """The batch endpoints the loaded models serve."""
+    return [e for e in BATCH_ENDPOINTS if (registry.embeddings if e == "/v1/embeddings" else registry.chat is not None)]
 
 
 async def execute(services: Services, endpoint: str, body: dict[str, Any], request_id: str) -> dict[str, Any]:

@@ -26,12 +26,12 @@ from glm_api.protocol.batch import (
     FileDeleted,
     FileList,
     FileObject,
+    PURPOSES,
 )
 from glm_api.serving.batch_lines import endpoint_served, looks_like_jsonl
 from glm_api.state import Services
 from glm_api.storage import DB_NAME, Storage, StoredFile, new_id
 
-PURPOSES = ("batch", "batch_output", "user_data", "assistants", "fine-tune", "vision")
 #: Most items of one list page (files: 10,000 as OpenAI; batches ask at most 100).
 MAX_PAGE = 10_000
 

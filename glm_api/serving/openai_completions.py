@@ -95,7 +95,7 @@ async def start_completion(
     ids, echo = await asyncio.to_thread(_encode, engine, prompts, bool(req.echo))
     call = ChatCall(
         messages=[],
-        max_tokens=DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens,
+        max_tokens=req.max_tokens if req.max_tokens is not None else _default_max_tokens(service.settings.max_tokens_limit),
         constraint=output_constraint(req, req.response_format),
         logprobs=req.logprobs,
         prompt_logprobs=req.logprobs if req.echo else None,
@@ -126,6 +126,12 @@ async def start_completion(
         top_logprobs=req.logprobs,
         token_texts=service.token_texts(engine) if req.logprobs is not None else None,
     )
+
+
+def _default_max_tokens(limit: int | None) -> int:
+    """OpenAI's 16, within the server's limit: a request that names no max_tokens asks for no
+    particular length, so a lower limit caps it (as chat's default is capped), never refuses it."""
+    return DEFAULT_MAX_TOKENS if limit is None else min(DEFAULT_MAX_TOKENS, limit)
 
 
 def _abort(runs: list[ChatRun]) -> None:

@@ -177,6 +177,10 @@ def test_refused_before_the_batch_starts(app_client):
     good = upload(app_client, jsonl([chat_line("x")])).json()["id"]
     assert_error(create(app_client, good, "/v1/moderations"), 400, "endpoint", "invalid_endpoint")
     assert_error(create(app_client, "file-nope"), 404, "file_id")
+    # A window whose end is no exact JSON integer, and JSON's types as they are.
+    assert_error(create(app_client, good, completion_window="99999999999999999999h"), 400, "completion_window")
+    assert_error(create(app_client, good, metadata={"n": 1}), 400, "metadata.n")
+    assert_error(app_client.post("/v1/batches", json={"input_file_id": 7, "endpoint": "/v1/completions"}), 400, "input_file_id")
     other = upload(app_client, jsonl([chat_line("x")]), purpose="user_data").json()["id"]
     assert_error(create(app_client, other), 400, "input_file_id")
     assert_error(app_client.post("/v1/batches", json={"endpoint": "/v1/embeddings"}), 400, "input_file_id")

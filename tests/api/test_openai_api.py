@@ -371,6 +371,17 @@ def test_bad_completion_requests(client, body, status, param):
     assert_error(client.post("/v1/completions", json={"max_tokens": 1, **body}), status, param)
 
 
+def test_completions_default_length_is_capped_by_the_servers_limit(smollm2):
+    """Without max_tokens, OpenAI's 16 within a lower max_tokens_limit: capped as chat's default
+    is, not refused (it was a 400 naming a max_tokens the client never sent)."""
+    settings = make_settings(max_tokens_limit=4)
+    with TestClient(create_app(settings, make_registry(smollm2, {}, settings))) as limited:
+        body = {"prompt": "The capital of France is", "temperature": 0}
+        capped = completion_body(limited.post("/v1/completions", json=body))
+        assert capped.choices[0].finish_reason == "length" and capped.usage.completion_tokens == 4
+        assert_error(limited.post("/v1/completions", json={**body, "max_tokens": 5}), 400, "max_tokens")
+
+
 def test_completion_context_length(client, smollm2):
     ids = [42] * (smollm2.context_length + 1)
     assert_error(

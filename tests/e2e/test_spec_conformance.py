@@ -1,0 +1,54 @@
+"""The spec says what the server does: schemathesis' own CLI with every check against a real
+server finds nothing (issue 21, item 7).
+
+``--checks all`` covers more than tests/api/test_fuzz.py: schema-valid requests must be served
+(not refused with a 400 the spec does not announce), schema-invalid ones refused, undeclared
+methods answered 405 with ``Allow``, every content type documented. It runs from the repository
+root, so ``schemathesis.toml`` (and the rules JSON Schema cannot state,
+tests/schemathesis_hooks.py) apply exactly as for a developer who types the command. Bounded:
+a fixed seed and a few examples per operation, on a server with small limits, which its spec
+states, so the fuzzer's requests stay cheap: answers of at most 8 tokens (/v1/completions'
+default of 16 is capped to it), at most 8 embedding inputs or documents.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.e2e.conftest import REPO, start_server, stop_server
+
+pytestmark = pytest.mark.e2e
+
+EXAMPLES = 10
+
+
+@pytest.fixture(scope="module")
+def short_answer_server(smollm2_cache_dir, tmp_path_factory):
+    log_path = tmp_path_factory.mktemp("spec-server") / "server.log"
+    server = start_server(
+        ["--cache-dir", str(smollm2_cache_dir)], log_path,
+        env={"GLM_API_DEFAULT_MAX_TOKENS": "2", "GLM_API_MAX_TOKENS_LIMIT": "8", "GLM_API_MAX_EMBEDDING_INPUTS": "8"},
+    )
+    yield server
+    stop_server(server)
+
+
+@pytest.mark.timeout(900)  # the server's start, then schemathesis' own limit of 600 s on a shared CPU
+def test_schemathesis_with_every_check_finds_nothing(short_answer_server, tmp_path):
+    command = [
+        sys.executable, "-c", "from schemathesis.cli import schemathesis; schemathesis()",
+        "run", f"{short_answer_server.url}/openapi.json", "--checks", "all",
+        "--max-examples", str(EXAMPLES), "--seed", "1", "--phases", "coverage,fuzzing",
+        # Time limits for a shared CI machine: slowness is not what this checks.
+        "--request-timeout", "60", "--max-response-time", "60", "--no-color",
+    ]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert "Configuration:" in output and "schemathesis.toml" in output, output[-3000:]
+    assert result.returncode == 0, f"{output[-12000:]}\n--- server log ---\n{short_answer_server.log()[-3000:]}"
+    # Every generated case passed ("No issues found", or a warning such as the 404s of random ids).
+    assert "Failures:" not in output and re.search(r"(\d+) generated, \1 passed", output), output[-3000:]
