@@ -16,7 +16,10 @@ generated as valid is made to keep them; requests generated as invalid are sent 
   random text rarely does, and is a 400 naming the compiler's error.
 - ``/score``: a list ``text_1`` of more than one text pairs with a ``text_2`` list as long.
 - ``/v1/files``: a file uploaded for ``purpose: batch`` is JSONL (its first line an object).
-- ``/v1/chat/completions``: ``top_logprobs`` asks for alternatives only with ``logprobs: true``.
+- ``/v1/responses``: a ``previous_response_id`` names a stored response (a random one is
+  OpenAI's 400 ``previous_response_not_found``), so generated requests start a conversation.
+- A message's ``reasoning_content`` and ``reasoning`` are one field under two names: given
+  both, they are equal.
 """
 
 from __future__ import annotations
@@ -44,11 +47,15 @@ def before_call(context, case, kwargs) -> None:
         # Sent in place of the generated body, which stays as generated: schemathesis judges an
         # edited body holding binary data as invalid (it cannot validate binary).
         kwargs["files"] = {"file": ("batch.jsonl", BATCH_LINE), "purpose": (None, "batch")}
+    if case.path == "/v1/responses" and body.get("previous_response_id") is not None:
+        body["previous_response_id"] = None
     messages = body.get("messages")
     if isinstance(messages, list):
         if case.path == "/chat" and messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
             messages[-1]["role"] = "user"
         for message in messages:
+            if isinstance(message, dict) and message.get("reasoning") is not None and message.get("reasoning_content") is not None:
+                message["reasoning"] = message["reasoning_content"]
             for call in (message.get("tool_calls") or []) if isinstance(message, dict) else []:
                 function = call.get("function") if isinstance(call, dict) else None
                 if isinstance(function, dict) and not _is_json_object(function.get("arguments", "{}")):
@@ -65,8 +72,6 @@ def before_call(context, case, kwargs) -> None:
             schema = None
         if not isinstance(schema, dict):  # serving takes a schema object (structured._schema_text)
             structured["json"] = "{}"
-    if isinstance(body.get("top_logprobs"), int) and case.path.endswith("/chat/completions"):
-        body["logprobs"] = True
     choice, tools = body.get("tool_choice"), body.get("tools")
     if isinstance(choice, dict) and isinstance(choice.get("function"), dict) and tools:
         choice["function"]["name"] = tools[0]["function"]["name"]

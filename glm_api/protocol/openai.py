@@ -305,7 +305,8 @@ def _one_grammar(schema: dict[str, Any]) -> None:
 
 def _chat_rules(schema: dict[str, Any]) -> None:
     """The spec states serving's rules across fields: one grammar, and a forced tool call
-    (tools with ``tool_choice`` required or named) is that grammar, so nothing else asks for one."""
+    (tools with ``tool_choice`` required or named) is that grammar, so nothing else asks for one;
+    ``top_logprobs`` only with ``logprobs: true``."""
     _one_grammar(schema)
     schema["allOf"].append({"anyOf": [
         {"properties": {"tools": {"anyOf": [{"type": "null"}, {"type": "array", "maxItems": 0}]}}},
@@ -314,6 +315,11 @@ def _chat_rules(schema: dict[str, Any]) -> None:
             "response_format": {"anyOf": [{"type": "null"}, {"properties": {"type": {"const": "text"}}}]},
             "structured_outputs": {"type": "null"},
         }},
+    ]})
+    # Alternatives per token only with logprobs on (OpenAI's rule).
+    schema["allOf"].append({"anyOf": [
+        {"properties": {"top_logprobs": {"type": "null"}}},
+        {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}},
     ]})
 
 

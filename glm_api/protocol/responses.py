@@ -13,7 +13,18 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, field_validator, model_validator
 
-from glm_api.protocol.common import MaxTokens, RepetitionPenalty, Temperature, TopP, WireModel
+from glm_api.protocol.common import (
+    MAX_TOKENS_LIMIT,
+    SEED_RANGE,
+    JsonInt,
+    JsonWireModel,
+    RepetitionPenalty,
+    Temperature,
+    TopP,
+    WireModel,
+    json_int,
+    stated,
+)
 
 #: ``reasoning.effort`` values OpenAI defines; a thinking template reads them, others ignore them.
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
@@ -61,7 +72,7 @@ class MessageItem(WireModel):
 class FunctionCallItem(WireModel):
     """A call the model made (as a previous response returned it)."""
 
-    type: Literal["function_call"] = "function_call"
+    type: Literal["function_call"]  # required, so the spec tells the items apart (a message may omit it)
     id: str | None = None
     call_id: str = Field(min_length=1)
     name: str = Field(min_length=1)
@@ -72,7 +83,7 @@ class FunctionCallItem(WireModel):
 class FunctionCallOutputItem(WireModel):
     """The client's result of running a call: ``output`` a string or ``input_text`` parts."""
 
-    type: Literal["function_call_output"] = "function_call_output"
+    type: Literal["function_call_output"]  # required, so the spec tells the items apart (a message may omit it)
     id: str | None = None
     call_id: str = Field(min_length=1)
     output: str | list[dict[str, Any]]
@@ -98,7 +109,7 @@ class ReasoningItemIn(WireModel):
     """A reasoning item sent back (LangChain and agents replay the whole output). Earlier turns'
     thinking is not shown to the model again, as thinking chat templates do."""
 
-    type: Literal["reasoning"] = "reasoning"
+    type: Literal["reasoning"]  # required, so the spec tells the items apart (a message may omit it)
     id: str | None = None
     summary: list[SummaryText] = Field(default_factory=list)
     content: list[ReasoningText] | None = None
@@ -119,7 +130,7 @@ def _input_items(value: Any) -> Any:
     for i, item in enumerate(value):
         if not isinstance(item, dict):
             raise ValueError(f"input[{i}] must be an object")
-        kind = item.get("type") or ("message" if "role" in item else None)
+        kind = item["type"] if item.get("type") is not None else ("message" if "role" in item else None)
         if kind not in INPUT_ITEM_TYPES:
             raise ValueError(
                 f"input[{i}]: items of type {kind!r} are not supported; only {', '.join(INPUT_ITEM_TYPES)}"
@@ -195,7 +206,13 @@ def _check_metadata(value: dict[str, str] | None) -> dict[str, str] | None:
     return value
 
 
-class ResponseCreateRequest(WireModel):
+#: No log-probabilities on this route: ``top_logprobs`` is refused unless 0 or null (the spec says so).
+NO_TOP_LOGPROBS = stated(anyOf=[{"type": "integer", "minimum": 0, "maximum": 0}, {"type": "null"}])
+
+
+class ResponseCreateRequest(JsonWireModel):
+    """JSON's types as they are (``background: 0`` is not ``false``), as on the other OpenAI routes."""
+
     model: str | None = None
     input: str | list[InputItem]
     instructions: str | None = None
@@ -204,7 +221,7 @@ class ResponseCreateRequest(WireModel):
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
     reasoning: ReasoningConfig | None = None
-    max_output_tokens: MaxTokens | None = None
+    max_output_tokens: json_int(ge=1, le=MAX_TOKENS_LIMIT) | None = None  # type: ignore[valid-type]
     temperature: Temperature | None = None
     top_p: TopP | None = None
     metadata: dict[str, str] | None = None
@@ -214,17 +231,17 @@ class ResponseCreateRequest(WireModel):
     user: str | None = None
     truncation: Literal["auto", "disabled"] | None = None
     # Accepted and not needed here: tool-call limits are the model's, tiers are OpenAI's.
-    max_tool_calls: int | None = Field(None, ge=1)
+    max_tool_calls: json_int(ge=1) | None = None  # type: ignore[valid-type]
     service_tier: str | None = None
     # Not OpenAI, accepted as extras (as on chat completions).
-    top_k: int | None = Field(None, ge=0)
+    top_k: json_int(ge=0) | None = None  # type: ignore[valid-type]
     repetition_penalty: RepetitionPenalty | None = None
-    seed: int | None = None
+    seed: json_int(**SEED_RANGE) | None = None  # type: ignore[valid-type]
     # Refused: what this server does not do.
     background: bool | None = None
     conversation: Any = None
     prompt: Any = None
-    top_logprobs: int | None = None
+    top_logprobs: Annotated[JsonInt | None, NO_TOP_LOGPROBS] = None
     include: list[str] | None = None
 
     @field_validator("input", mode="before")

@@ -44,7 +44,8 @@ async def create_response(
 
 @router.get("/responses/{response_id}", response_model=ResponseObject)
 async def get_response(
-    response_id: str, store: ResponseStoreDep, owner: OwnerDep, stream: bool = False
+    response_id: str, store: ResponseStoreDep, owner: OwnerDep,
+    stream: Annotated[bool, Query(json_schema_extra={"enum": [False]})] = False,
 ) -> ResponseObject:
     if stream:
         raise BadRequestError("streaming a stored response again is not supported; it is complete", param="stream")

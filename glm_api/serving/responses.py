@@ -308,7 +308,7 @@ async def list_input_items(
     if after is not None:
         ids = [item["id"] for item in items]
         if after not in ids:
-            raise BadRequestError(f"no input item {after!r} in response {response_id!r}", param="after")
+            raise NotFoundError(f"no input item {after!r} in response {response_id!r}", param="after")
         items = items[ids.index(after) + 1 :]
     page = items[:limit]
     return InputItemList.model_validate({

@@ -227,7 +227,8 @@ def test_what_cannot_be_served_is_a_400_naming_it(rclient, body, param):
 def test_retrieving_a_stored_response_as_a_stream_is_refused(rclient):
     created = response_of(rclient.post("/v1/responses", json={"input": "Hi", **GREEDY}))
     assert_error(rclient.get(f"/v1/responses/{created.id}", params={"stream": "true"}), 400, "stream")
-    assert_error(rclient.get(f"/v1/responses/{created.id}/input_items", params={"after": "nope"}), 400, "after")
+    # An unknown cursor names nothing there: a 404, as for an unknown response.
+    assert_error(rclient.get(f"/v1/responses/{created.id}/input_items", params={"after": "nope"}), 404, "after")
 
 
 # ---------------------------------------------------------------------------------------------
