@@ -32,6 +32,8 @@ def state_settings_limits(components: dict[str, Schema], settings: Settings) -> 
     if limit is not None:
         for name in ("CompletionRequest", "SeedChatRequest"):
             _bound(components[name]["properties"]["max_tokens"], "maximum", limit)
+        if "ResponseCreateRequest" in components:  # /v1/responses' name for it
+            _bound(components["ResponseCreateRequest"]["properties"]["max_output_tokens"], "maximum", limit)
         # Chat reads max_completion_tokens, and max_tokens only without it.
         chat = components["ChatCompletionRequest"]
         completion_tokens = copy.deepcopy(chat["properties"]["max_completion_tokens"])

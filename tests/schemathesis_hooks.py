@@ -7,8 +7,8 @@ break one and get a 400 the spec could not announce. Before each call, a request
 generated as valid is made to keep them; requests generated as invalid are sent as they are.
 
 - ``/chat``: the last message is not the assistant's (there is nothing to answer).
-- An assistant's tool call carries its arguments as the JSON text of an object (chat formats
-  read them as JSON).
+- An assistant's tool call (a ``function_call`` input item on ``/v1/responses``) carries its
+  arguments as the JSON text of an object (chat formats read them as JSON).
 - A named ``tool_choice`` names one of the ``tools``.
 - ``structured_outputs.json`` given as text is JSON text (the spec says so, with
   ``contentMediaType``, which generators do not read).
@@ -49,6 +49,9 @@ def before_call(context, case, kwargs) -> None:
         kwargs["files"] = {"file": ("batch.jsonl", BATCH_LINE), "purpose": (None, "batch")}
     if case.path == "/v1/responses" and body.get("previous_response_id") is not None:
         body["previous_response_id"] = None
+    for item in body.get("input") if case.path == "/v1/responses" and isinstance(body.get("input"), list) else []:
+        if isinstance(item, dict) and item.get("type") == "function_call" and not _is_json_object(item.get("arguments")):
+            item["arguments"] = "{}"  # a call's arguments are the JSON text of an object, as on chat
     messages = body.get("messages")
     if isinstance(messages, list):
         if case.path == "/chat" and messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":

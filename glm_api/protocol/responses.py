@@ -130,7 +130,7 @@ def _input_items(value: Any) -> Any:
     for i, item in enumerate(value):
         if not isinstance(item, dict):
             raise ValueError(f"input[{i}] must be an object")
-        kind = item["type"] if item.get("type") is not None else ("message" if "role" in item else None)
+        kind = item["type"] if "type" in item else ("message" if "role" in item else None)
         if kind not in INPUT_ITEM_TYPES:
             raise ValueError(
                 f"input[{i}]: items of type {kind!r} are not supported; only {', '.join(INPUT_ITEM_TYPES)}"
@@ -167,7 +167,7 @@ class TextFormatJsonObject(WireModel):
 class TextFormatJsonSchema(WireModel):
     type: Literal["json_schema"] = "json_schema"
     name: str = Field(max_length=64)
-    schema_: dict[str, Any] | bool = Field(alias="schema")
+    schema_: dict[str, Any] = Field(alias="schema")  # an object: serving compiles nothing else
     description: str | None = None
     strict: bool | None = None
 
@@ -210,6 +210,10 @@ def _check_metadata(value: dict[str, str] | None) -> dict[str, str] | None:
 NO_TOP_LOGPROBS = stated(anyOf=[{"type": "integer", "minimum": 0, "maximum": 0}, {"type": "null"}])
 
 
+#: The one ``include`` value served (reasoning is always given in plain text): the spec says so.
+INCLUDABLE = stated(anyOf=[{"type": "array", "items": {"const": "reasoning.encrypted_content"}}, {"type": "null"}])
+
+
 class ResponseCreateRequest(JsonWireModel):
     """JSON's types as they are (``background: 0`` is not ``false``), as on the other OpenAI routes."""
 
@@ -238,11 +242,11 @@ class ResponseCreateRequest(JsonWireModel):
     repetition_penalty: RepetitionPenalty | None = None
     seed: json_int(**SEED_RANGE) | None = None  # type: ignore[valid-type]
     # Refused: what this server does not do.
-    background: bool | None = None
-    conversation: Any = None
-    prompt: Any = None
+    background: Annotated[bool | None, stated(anyOf=[{"const": False}, {"type": "null"}])] = None
+    conversation: Annotated[Any, stated(type="null")] = None
+    prompt: Annotated[Any, stated(type="null")] = None
     top_logprobs: Annotated[JsonInt | None, NO_TOP_LOGPROBS] = None
-    include: list[str] | None = None
+    include: Annotated[list[str] | None, INCLUDABLE] = None
 
     @field_validator("input", mode="before")
     @classmethod
