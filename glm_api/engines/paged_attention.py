@@ -83,6 +83,21 @@ class _Group:
             self._windowed[window] = (keys <= q) & (keys > q - window)
         return self._windowed[window]
 
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scaling: float | None
+    ) -> torch.Tensor:
+        """The group's attention: ``q`` ``[rows, heads, q_len, d]`` over its rows' ``k``/``v``
+        ``[rows, kv_heads, kv_len, d]``, causal unless ``mask`` says more."""
+        return F.scaled_dot_product_attention(
+            q,
+            k.to(q.dtype),
+            v.to(q.dtype),
+            attn_mask=mask,
+            is_causal=self.causal and mask is None,
+            scale=scaling,
+            enable_gqa=k.shape[1] != q.shape[1],
+        )
+
     def moved_to(self, device: torch.device) -> _Group:
         mask = None if self.mask is None else self.mask.to(device)
         return replace(self, index=self.index.to(device), q_pos=self.q_pos.to(device), mask=mask, _windowed={})
@@ -286,16 +301,7 @@ def paged_attention(
         v = v_pool.index_select(1, g.index).view(kv_heads, g.rows, width, d)[:, :, : g.kv_len].transpose(0, 1)
         n = g.rows * g.q_len
         q = query[0, :, g.start : g.start + n].reshape(heads, g.rows, g.q_len, d).transpose(0, 1)
-        mask = g.mask_for(window)
-        o = F.scaled_dot_product_attention(
-            q,
-            k.to(q.dtype),
-            v.to(q.dtype),
-            attn_mask=mask,
-            is_causal=g.causal and mask is None,
-            scale=scaling,
-            enable_gqa=kv_heads != heads,
-        )
+        o = g.attend(q, k, v, g.mask_for(window), scaling)
         out[0, g.start : g.start + n] = o.transpose(1, 2).reshape(n, heads, d)
     return out, None
 

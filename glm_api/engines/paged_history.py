@@ -27,7 +27,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from glm_api.engines.paged_attention import PagedStep
@@ -123,15 +122,7 @@ def attention(
             keys = torch.arange(g.kv_len, device=query.device)
             causal = keys[None, None, None, :] <= g.q_pos[:, None, :, None]
             mask = own & (causal if mask is None else mask)
-        o = F.scaled_dot_product_attention(
-            q,
-            k.to(q.dtype),
-            v.to(q.dtype),
-            attn_mask=mask,
-            is_causal=g.causal and mask is None,
-            scale=scaling,
-            enable_gqa=kv_heads != heads,
-        )
+        o = g.attend(q, k, v, mask, scaling)
         out[0, g.start : g.start + n] = o.transpose(1, 2).reshape(n, heads, dv)
     return out
 

@@ -22,7 +22,7 @@ import jinja2
 from transformers import PreTrainedTokenizerBase
 
 from glm_api.families.base import OutputParser, ParsedOutput, PassthroughParser, ToolCall
-from glm_api.families.reasoning import ThinkingParser
+from glm_api.families.reasoning import ThinkingParser, partial_prefix_len
 from glm_api.families.template_features import read_features, template_options
 from glm_api.families.xml_tool_calls import XmlToolParser
 
@@ -274,14 +274,6 @@ class HFChatTemplate:
 # Tool-call parsing
 
 
-def _partial_prefix_len(text: str, marker: str) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of ``marker``."""
-    for n in range(min(len(text), len(marker) - 1), 0, -1):
-        if text.endswith(marker[:n]):
-            return n
-    return 0
-
-
 def _parse_tool_call(body: str) -> ToolCall | None:
     """``{"name": ..., "arguments": {...}}`` -> ToolCall; None for anything else (never eval)."""
     try:
@@ -350,7 +342,7 @@ class HermesToolParser:
                 self._pending = self._pending[start + len(_TOOL_OPEN) :]
                 self._in_call = True
                 continue
-            keep = _partial_prefix_len(self._pending, _TOOL_OPEN)
+            keep = partial_prefix_len(self._pending, _TOOL_OPEN)
             cut = len(self._pending) - keep
             self._emit(self._pending[:cut], out)
             self._pending = self._pending[cut:]
