@@ -148,6 +148,8 @@ def main() -> int:
     p.add_argument("--api", choices=["seed", "openai"], default="seed", help="/embedding or /v1/embeddings")
     p.add_argument("--sentences", type=int, default=512, help="sentences per measurement")
     p.add_argument("--repeats", type=int, default=3, help="runs per figure; the best is kept")
+    p.add_argument("--rerank-repeats", type=int, default=5,
+                   help="paired server/predict runs for the rerank figure; its median is the ratio")
     p.add_argument("--documents", type=int, default=100, help="documents per rerank request")
     p.add_argument("--no-rerank", action="store_true", help="skip the rerank figure")
     p.add_argument("--rerank-only", action="store_true", help="only the rerank figure")
@@ -192,7 +194,7 @@ def main() -> int:
             # median of those paired ratios moves less with a shared machine's swings than best/best.
             best, limit, ratios = 0.0, 0.0, []
             before = predict_limit(cross_encoder, query, documents)
-            for _ in range(args.repeats):
+            for _ in range(args.rerank_repeats):
                 served = asyncio.run(server_rerank(url, query, documents))
                 after = predict_limit(cross_encoder, query, documents)
                 ratios.append(served / ((before + after) / 2))
