@@ -16,6 +16,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from glm_api.app import create_app
+from glm_api.registry import build_registry
 from glm_api.engines.detokenizer import IncrementalDetokenizer
 from glm_api.families.base import ToolCall
 from tests.api.test_seed_api import sse_events
@@ -202,3 +203,19 @@ def test_written_glm4_outputs_parse_alike_whole_and_streamed(glm4, text, tools_e
         assert "".join(pieces) == text
         out = run_stream(template.new_output_parser(tools_enabled, OPENAI_TOOLS, None), pieces)
         assert out == {"content": content, "reasoning": "", "calls": calls}, group
+
+
+def test_a_glm4_9b_chat_folder_starts_the_server_as_published(tiny_glm4_chat_dir, tmp_path):
+    """The real start-up path: detection, native loading (no remote code), both route families."""
+    from tests.fixtures.tiny_encoders import build_tiny_bert
+
+    settings = make_settings(chat_model=str(tiny_glm4_chat_dir), chat_model_name=NAME, cache_dir=tmp_path,
+                             device="cpu", embedding_models={"tiny": str(build_tiny_bert(tmp_path / "bert", with_pooling_config=False))})
+    with TestClient(create_app(settings, build_registry(settings))) as client:
+        assert client.app.state.glm.services.registry.chat.family == "chatglm4"
+        assert NAME in {m["id"] for m in client.get("/v1/models").json()["data"]}
+        question = {"messages": [{"role": "user", "content": "你好"}], "max_tokens": 6, "temperature": 0}
+        seed = client.post("/chat", json=question).json()
+        openai = client.post("/v1/chat/completions", json={"model": NAME, **question}).json()
+        assert seed["choices"][0]["message"]["content"] == openai["choices"][0]["message"]["content"]
+        assert seed["usage"] == {k: openai["usage"][k] for k in seed["usage"]}

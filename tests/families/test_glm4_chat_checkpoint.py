@@ -10,6 +10,7 @@ the raw safetensors tensors of tiny GLM-4-shaped checkpoints.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 from pathlib import Path
@@ -18,9 +19,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from glm_api.engines.base import SamplingParams
+from glm_api.engines.chat_engine import TransformersChatEngine
 from glm_api.families.chatglm3 import is_chatglm3_folder, load_chatglm3
 from glm_api.families.detect import detect_chat_family, load_chat_model
 from glm_api.families.glm4_chat import Glm4ChatTemplate
+from tests.engines.test_chat_batching import collect
 from tests.families.test_chatglm3_checkpoint import reference_greedy, reference_logits
 from tests.fixtures.chatglm3_tiny import build_tiny_chatglm3
 from tests.fixtures.glm4_chat_tiny import build_tiny_glm4_chat
@@ -88,6 +92,35 @@ def test_greedy_generation_matches_reference(loaded, tiny_glm4_chat_dir: Path) -
                 max_new_tokens=10, do_sample=False,
             )
         assert out[0, len(ids) :].tolist() == expected
+
+
+def test_the_paged_engine_answers_as_the_reference(loaded, tiny_glm4_chat_dir: Path) -> None:
+    """Through the engine (paged KV, batched rows, a shared system prompt found in the prefix
+    cache): each answer is the reference's greedy continuation."""
+    config, weights = raw_checkpoint(tiny_glm4_chat_dir)
+    stop = set(loaded.template.stop_token_ids)
+    system = {"role": "system", "content": "You are a helpful assistant. 请用中文回答。"}
+    questions = ["你好", "What is the weather like in Beijing?", "上海明天的天气怎么样？", "def add(a, b):"]
+    asked = [loaded.template.encode_messages([system, {"role": "user", "content": q}]) for q in questions]
+    engine = TransformersChatEngine(loaded, "glm-4-9b-chat", max_running=4, kv_cache_tokens=1024,
+                                    prefix_cache_tokens=512)
+
+    async def answers():
+        return await asyncio.gather(*[collect(engine, p, SamplingParams(max_tokens=10, temperature=0.0), f"r{i}")
+                                      for i, p in enumerate(asked)])
+
+    engine.start()
+    try:
+        first = asyncio.run(answers())
+        cached_before = engine.stats.cached_prompt_tokens
+        again = asyncio.run(answers())
+    finally:
+        engine.stop()
+    assert engine.stats.cached_prompt_tokens - cached_before >= 4 * 16  # the second round reused the pool
+    for prompt, out, out_again in zip(asked, first, again):
+        expected = reference_greedy(config, weights, prompt, steps=10, stop=stop)
+        assert out.ids == out_again.ids == expected
+        assert out.text == loaded.template.decode(expected)
 
 
 def test_config_and_model_facts(loaded, tiny_glm4_chat_dir: Path) -> None:
