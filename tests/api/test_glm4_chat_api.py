@@ -209,8 +209,9 @@ def test_a_glm4_9b_chat_folder_starts_the_server_as_published(tiny_glm4_chat_dir
     """The real start-up path: detection, native loading (no remote code), both route families."""
     from tests.fixtures.tiny_encoders import build_tiny_bert
 
+    bert = build_tiny_bert(tmp_path / "bert", with_pooling_config=False)
     settings = make_settings(chat_model=str(tiny_glm4_chat_dir), chat_model_name=NAME, cache_dir=tmp_path,
-                             device="cpu", embedding_models={"tiny": str(build_tiny_bert(tmp_path / "bert", with_pooling_config=False))})
+                             device="cpu", embedding_models={"tiny": str(bert)})
     with TestClient(create_app(settings, build_registry(settings))) as client:
         assert client.app.state.glm.services.registry.chat.family == "chatglm4"
         assert NAME in {m["id"] for m in client.get("/v1/models").json()["data"]}

@@ -120,7 +120,8 @@ PUBLISHED_STRUCTURE = r"""[gMASK]<sop>
   {%- if item['tools'] is defined -%}
     <|system|>{{ nl }}{{ tool_prompt }}{{ nl ~ nl }}# 可用工具
     {%- for tool in item['tools'] if tool['type'] == 'function' -%}
-      {{ nl ~ nl }}## {{ tool['function']['name'] }}{{ nl ~ nl }}{{ tool['function'] | tojson(indent=4) }}{{ nl }}{{ suffix }}
+      {{ nl ~ nl }}## {{ tool['function']['name'] }}{{ nl ~ nl }}
+      {{- tool['function'] | tojson(indent=4) }}{{ nl }}{{ suffix }}
     {%- endfor -%}
   {%- endif -%}
   {%- if item['content'] -%}
@@ -136,7 +137,8 @@ SUFFIX = "在调用上述函数时，请使用 Json 格式表示调用的参数�
 def published_rendering(tokenizer: Glm4Tokenizer, messages: list[dict]) -> list[int]:
     env = jinja2.Environment()
     env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
-    text = env.from_string(PUBLISHED_STRUCTURE).render(messages=messages, tool_prompt=TOOL_PROMPT, suffix=SUFFIX, nl="\n")
+    template = env.from_string(PUBLISHED_STRUCTURE)
+    text = template.render(messages=messages, tool_prompt=TOOL_PROMPT, suffix=SUFFIX, nl="\n")
     specials = "|".join(re.escape(t) for t in SPECIAL_TOKENS)
     ids: list[int] = []
     for i, part in enumerate(re.split(f"({specials})", text)):
