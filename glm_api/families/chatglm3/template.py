@@ -20,7 +20,7 @@ from glm_api.families.chatglm3.tools import (
     tools_json,
 )
 
-# OpenAI role -> ChatGLM role (ChatGLM3 and GLM-4 share them) ("function" is the OpenAI API's older name for "tool").
+# OpenAI role -> ChatGLM3 and GLM-4 role ("function" is the OpenAI API's older name for "tool").
 ROLES = {
     "system": "system",
     "user": "user",
