@@ -32,6 +32,7 @@ pytest_plugins = [
     "tests.fixtures.chatglm3_tiny",
     "tests.fixtures.chatglm3_tools",
     "tests.fixtures.glm45_tiny",
+    "tests.fixtures.glm4_chat_tiny",
 ]
 
 CPU = torch.device("cpu")

@@ -15,7 +15,8 @@ refusal we can turn into a 400 naming the keyword, never a silently unconstraine
 Vocabularies: a transformers fast tokenizer is read by llguidance itself; ChatGLM3's
 sentencepiece model is described piece by piece (``▁`` is a space, ``<0xNN>`` pieces are single
 bytes, and its control tokens, ``[gMASK]`` ... ``<|observation|>``, are special: never allowed
-inside the grammar's text).
+inside the grammar's text); a tokenizer that gives each id's bytes (``token_bytes``: GLM-4-9B-chat's
+tiktoken one) is described by them, its special tokens likewise special.
 """
 
 from __future__ import annotations
@@ -135,6 +136,8 @@ def _llg_tokenizer(template: Any, vocab_size: int) -> Any:
     tokenizer = getattr(template, "tokenizer", None)
     if hasattr(tokenizer, "sp"):  # ChatGLM3's own sentencepiece tokenizer
         return llguidance.LLTokenizer(llguidance.TokenizerWrapper(_SentencePieceVocab(tokenizer, vocab_size)))
+    if hasattr(tokenizer, "token_bytes"):  # GLM-4-9B-chat's own tiktoken tokenizer
+        return llguidance.LLTokenizer(llguidance.TokenizerWrapper(_TokenBytesVocab(tokenizer, vocab_size)))
     try:
         return llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size)
     except ValueError as exc:  # not a fast tokenizer
@@ -170,3 +173,21 @@ class _SentencePieceVocab:
         ids = self._sp.encode("\n" + text)
         newline = self._sp.encode("\n")
         return ids[len(newline) :] if ids[: len(newline)] == newline else ids
+
+
+class _TokenBytesVocab:
+    """A vocabulary given as each id's bytes (None for special ids and padding rows), as
+    llguidance's TokenizerWrapper reads it."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int) -> None:
+        self.eos_token_id = tokenizer.eos_id
+        self.bos_token_id = None
+        raw = [tokenizer.token_bytes(i) for i in range(vocab_size)]
+        self.tokens = [b"" if r is None else r for r in raw]
+        self.special_token_ids = [i for i, r in enumerate(raw) if r is None]
+        self._encode = tokenizer.encode
+
+    def __call__(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError("text, not bytes")  # TokenizerWrapper then passes str
+        return self._encode(text)

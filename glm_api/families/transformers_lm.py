@@ -68,7 +68,8 @@ def check_causal_lm_config(path: Path, config: dict[str, Any], trust_remote_code
         )
         hint = ""
         if model_type == "chatglm":
-            hint = " (a GLM-4 checkpoint? use its transformers-native '-hf' variant, e.g. glm-4-9b-chat-hf)"
+            # ChatGLM2/3 and GLM-4-9B-chat folders (with kv_channels) are claimed before this.
+            hint = " (of THUDM's ChatGLM layouts only ChatGLM2/3 and GLM-4-9B-chat, with kv_channels, load natively)"
         raise ValueError(
             f"cannot load {path}: model_type {model_type!r} is not supported: {why}; "
             f"remote code is never run{hint}"

@@ -103,16 +103,15 @@ def test_detect_chatglm3_config(tmp_path: Path) -> None:
     assert detect_chat_family(folder) == "chatglm3"
 
 
-def test_refuses_glm4_remote_code_folder(tmp_path: Path) -> None:
-    """GLM-4's remote-code layout shares model_type "chatglm" but is not ChatGLM3."""
-    try:
-        from glm_api.families.chatglm3 import is_chatglm3_folder  # noqa: F401
-    except ImportError:
-        pytest.skip("without the chatglm3 family, detection reads config.json alone")
+def test_glm4_remote_code_folder_is_native_and_chatglm_v1_is_refused(tmp_path: Path) -> None:
+    """GLM-4-9B-chat's remote-code layout is ChatGLM3's (loaded natively with its own tokenizer);
+    ChatGLM-6B v1 (no kv_channels) shares model_type "chatglm" but not the layout."""
     folder = write_config(tmp_path / "glm-4-9b-chat", CHATGLM_CONFIG)
     (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "ChatGLM4Tokenizer"}))
-    with pytest.raises(ValueError, match="remote code is never run.*glm-4-9b-chat-hf"):
-        detect_chat_family(folder)
+    assert detect_chat_family(folder) == "chatglm3"
+    v1 = {k: v for k, v in CHATGLM_CONFIG.items() if k != "kv_channels"}
+    with pytest.raises(ValueError, match="remote code is never run.*ChatGLM2/3 and GLM-4-9B-chat"):
+        detect_chat_family(write_config(tmp_path / "chatglm-6b", v1))
 
 
 def test_refuses_missing_path(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from glm_api.families.json_file import read_json
 from glm_api.families.base import LoadedChatModel
 from glm_api.families.chatglm3.template import ChatGLM3Template
 from glm_api.families.chatglm3.tokenizer import ChatGLM3Tokenizer
+from glm_api.families.glm4_chat import Glm4ChatTemplate, is_glm4_tokenizer, load_glm4_template
 from glm_api.families.quantize import QUANTIZED, QuantMode, replace_modules
 from glm_api.families.tensor_stream import assign, check_all_loaded, iter_checkpoint, listing, weight_files
 
@@ -83,23 +84,17 @@ def _is_chatglm_config(raw: Any) -> bool:
 
 
 def is_chatglm3_folder(path: str | Path) -> bool:
-    """Whether ``path`` looks like a ChatGLM2/3-style checkpoint (THUDM's ``ChatGLMModel``).
+    """Whether ``path`` looks like a ChatGLM2/3-style checkpoint (THUDM's ``ChatGLMModel``),
+    GLM-4-9B-chat's remote-code folders included (same layout, own tokenizer: :func:`chat_template`).
 
-    ChatGLM-6B (v1, no ``kv_channels``) and GLM-4 remote-code folders (tiktoken tokenizer)
-    share the model type but not the format, so they are not claimed.
+    ChatGLM-6B (v1, no ``kv_channels``) shares the model type but not the format: not claimed.
     """
     folder = Path(path)
     try:
         raw = read_json(folder / "config.json", "config")
     except ValueError:
         return False
-    if not _is_chatglm_config(raw) or "kv_channels" not in raw:
-        return False
-    try:
-        tokenizer_config = read_json(folder / "tokenizer_config.json", "tokenizer config")
-    except ValueError:
-        tokenizer_config = {}
-    return "ChatGLM4" not in str(tokenizer_config.get("tokenizer_class", ""))
+    return _is_chatglm_config(raw) and "kv_channels" in raw
 
 
 def read_chatglm3_config(folder: Path) -> ChatGLM3Config:
@@ -152,7 +147,15 @@ def read_chatglm3_config(folder: Path) -> ChatGLM3Config:
     )
 
 
-def glm_config(cfg: ChatGLM3Config, template: ChatGLM3Template, dtype: torch.dtype) -> Any:
+def chat_template(folder: Path) -> tuple[ChatGLM3Template | Glm4ChatTemplate, str]:
+    """The folder's tokenizer and chat format, and the family name they make: ChatGLM3's
+    sentencepiece one, or GLM-4-9B-chat's tiktoken one (the weights are laid out alike)."""
+    if is_glm4_tokenizer(folder):
+        return load_glm4_template(folder), "chatglm4"
+    return ChatGLM3Template(ChatGLM3Tokenizer(folder / "tokenizer.model")), "chatglm3"
+
+
+def glm_config(cfg: ChatGLM3Config, template: ChatGLM3Template | Glm4ChatTemplate, dtype: torch.dtype) -> Any:
     """The ``GlmConfig`` equivalent of a ChatGLM3 config (DESIGN.md "Model facts")."""
     from transformers import GlmConfig
 
@@ -184,7 +187,7 @@ def glm_config(cfg: ChatGLM3Config, template: ChatGLM3Template, dtype: torch.dty
     return config
 
 
-def _stop_ids(template: ChatGLM3Template) -> list[int]:
+def _stop_ids(template: ChatGLM3Template | Glm4ChatTemplate) -> list[int]:
     eos = template.tokenizer.eos_id
     return [eos, *sorted(template.stop_token_ids - {eos})]
 
@@ -276,13 +279,13 @@ def load_chatglm3(
     if not folder.is_dir():
         raise ValueError(f"{folder}: not a folder")
     cfg = read_chatglm3_config(folder)
-    tokenizer = ChatGLM3Tokenizer(folder / "tokenizer.model")
+    template, family = chat_template(folder)
+    tokenizer = template.tokenizer
     if tokenizer.vocab_size > cfg.padded_vocab_size:
         raise ValueError(
             f"{folder / 'tokenizer.model'}: {tokenizer.vocab_size} tokens (with specials) do not fit "
             f"padded_vocab_size {cfg.padded_vocab_size} of config.json"
         )
-    template = ChatGLM3Template(tokenizer)
     config = glm_config(cfg, template, dtype)
     with torch.device("meta"):
         model = GlmForCausalLM(config)
@@ -304,7 +307,7 @@ def load_chatglm3(
         model=model,
         template=template,
         context_length=cfg.seq_length,
-        family="chatglm3",
+        family=family,
         source=str(folder),
     )
 

@@ -20,8 +20,8 @@ from glm_api.families.chatglm3.tools import (
     tools_json,
 )
 
-# OpenAI role -> ChatGLM3 role ("function" is the OpenAI API's older name for "tool").
-_ROLES = {
+# OpenAI role -> ChatGLM3 and GLM-4 role ("function" is the OpenAI API's older name for "tool").
+ROLES = {
     "system": "system",
     "user": "user",
     "assistant": "assistant",
@@ -31,7 +31,7 @@ _ROLES = {
 }
 
 
-def _tool_call_parts(call: Any) -> tuple[str, str]:
+def tool_call_parts(call: Any) -> tuple[str, str]:
     """(name, JSON arguments) of a ToolCall or of an OpenAI-style tool_calls entry."""
     if isinstance(call, ToolCall):
         return call.name, call.arguments
@@ -45,7 +45,7 @@ def _tool_call_parts(call: Any) -> tuple[str, str]:
     raise ValueError("each assistant tool_calls entry needs a function name and JSON arguments")
 
 
-def _text(message: dict[str, Any], key: str, index: int) -> str:
+def message_text(message: dict[str, Any], key: str, index: int) -> str:
     value = message.get(key)
     if value is None:
         return ""
@@ -88,16 +88,16 @@ class ChatGLM3Template:
         for index, message in enumerate(messages):
             if not isinstance(message, dict):
                 raise ValueError(f"messages[{index}] must be an object")
-            role = _ROLES.get(message.get("role"))  # type: ignore[arg-type]
+            role = ROLES.get(message.get("role"))  # type: ignore[arg-type]
             if role is None:
-                allowed = ", ".join(sorted(_ROLES))
+                allowed = ", ".join(sorted(ROLES))
                 raise ValueError(
                     f"messages[{index}].role {message.get('role')!r} is not supported (use one of: {allowed})"
                 )
-            metadata = _text(message, "metadata", index)
+            metadata = message_text(message, "metadata", index)
             if "\n" in metadata:
                 raise ValueError(f"messages[{index}].metadata must be a single line")
-            content = _text(message, "content", index)
+            content = message_text(message, "content", index)
             if role == "system":
                 system_tools = message.get("tools") or []
                 if not isinstance(system_tools, list):
@@ -122,7 +122,7 @@ class ChatGLM3Template:
         if content.strip():
             ids += self._message("assistant", metadata, content)
         for call in calls:
-            name, arguments = _tool_call_parts(call)
+            name, arguments = tool_call_parts(call)
             if not name.strip() or "\n" in name:
                 raise ValueError(f"messages[{index}].tool_calls: a function name must be one non-empty line")
             try:
