@@ -92,6 +92,11 @@ class MoeArchitecture:
 
 
 ARCHITECTURES = {
+    "glm4": MoeArchitecture("GLM-4-32B-0414 (dense)", "Glm4Config", (
+        ("vocab_size", 151552), ("hidden_size", 6144), ("intermediate_size", 23040), ("num_hidden_layers", 61),
+        ("num_attention_heads", 48), ("num_key_value_heads", 2), ("head_dim", 128), ("partial_rotary_factor", 0.5),
+        ("attention_bias", True), ("tie_word_embeddings", False), ("max_position_embeddings", 32768),
+    )),
     "glm4_moe": MoeArchitecture("GLM-4.5-Air (106B, A12B)", "Glm4MoeConfig", (
         ("vocab_size", 151552), ("hidden_size", 4096), ("intermediate_size", 10944), ("moe_intermediate_size", 1408),
         ("num_hidden_layers", 46), ("num_attention_heads", 96), ("num_key_value_heads", 8), ("head_dim", 128),
@@ -155,11 +160,11 @@ def moe_table(gpu_gb: float, utilization: float, step_tokens: int, context: int,
             tokens = kv_tokens_for_memory(total, weights, utilization, reserve, bpt) // block_size * block_size
             row += [f"{weights / GIB:.1f}", f"{tokens // context}" if weights < total * utilization else "no: weights"]
         rows.append(row)
-    print(f"GLM MoE architectures on one {gpu_gb:g} GB GPU ({gpu_gb:g} x 10^9 bytes) at utilization {utilization}, "
+    print(f"GLM architectures (transformers-native) on one {gpu_gb:g} GB GPU ({gpu_gb:g} x 10^9 bytes) at utilization {utilization}, "
           f"bf16 KV cache, step reserve for {step_tokens} tokens; weights in bf16 or --quantize int4:")
     print_table(["model", "params", "KV bytes/token", f"GiB per {context // 1024}k context", "bf16 weights GiB",
                  f"{context // 1024}k contexts (bf16)", "int4 weights GiB", f"{context // 1024}k contexts (int4)"], rows)
-    print("KV bytes/token: GLM-4.5-Air 2 x 46 layers x 8 KV heads x 128 x 2 bytes; GLM-4.7-Flash and GLM-5 cache a "
+    print("KV bytes/token: GLM-4-32B-0414 2 x 61 layers x 2 KV heads x 128 x 2 bytes; GLM-4.5-Air 2 x 46 layers x 8 KV heads x 128 x 2 bytes; GLM-4.7-Flash and GLM-5 cache a "
           "latent (512) and a rope key (64) per layer, GLM-5 also an indexer key (128), each x 2 bytes. Latent layers "
           "expand their history per step (transformers' MLA), activations not in the reserve above.")
 
