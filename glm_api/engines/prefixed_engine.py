@@ -82,4 +82,6 @@ class PrefixedChatEngine:
 
     def __getattr__(self, name: str) -> Any:
         # Anything else an engine offers (load figures, the family, the device) is the base's.
+        if name == "base":  # not set yet (a copy being built): no recursion
+            raise AttributeError(name)
         return getattr(self.base, name)
