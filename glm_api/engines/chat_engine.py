@@ -183,11 +183,22 @@ class TransformersChatEngine(EngineThread):
                 for r in (*self._running, *self._waiting)
             )
 
-    def cached_prefix_tokens(self, prompt_ids: list[int]) -> int:
-        """Tokens at the start of ``prompt_ids`` that this engine's KV pool holds now. The blocks
-        change only under the lock, so the lookup sees them whole."""
+    def cached_prefix_tokens(self, prompt_ids: list[int], prefix: str | None = None) -> int:
+        """Tokens at the start of ``prompt_ids`` that this engine's KV pool holds now (behind the
+        pinned prefix ``prefix``, or the default one). The blocks change only under the lock, so
+        the lookup sees them whole."""
+        pinned = self._prefix(prefix)
         with self._cv:
-            return self.kv.cached_prefix_tokens(prompt_ids)
+            return self.kv.cached_prefix_tokens(prompt_ids, pinned.salt if pinned is not None else None)
+
+    def _prefix(self, name: str | None) -> PinnedPrefix | None:
+        """The pinned prefix a request names (NotFoundError for one not pinned here), else the default."""
+        if name is None:
+            return self.default_prefix
+        prefix = self.prefixes.get(name)
+        if prefix is None:
+            raise NotFoundError(f"prefix {name!r} is not loaded", param="model")
+        return prefix
 
     # -- client side (event loop) ------------------------------------------------------------
 
@@ -209,11 +220,7 @@ class TransformersChatEngine(EngineThread):
                 f"{self.row_limit} tokens of one request (--kv-cache-tokens)",
                 param="messages",
             )
-        prefix = self.default_prefix
-        if params.prefix is not None:
-            prefix = self.prefixes.get(params.prefix)
-            if prefix is None:
-                raise NotFoundError(f"prefix {params.prefix!r} is not loaded", param="model")
+        prefix = self._prefix(params.prefix)
         queue: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
         request = EngineRequest(
             request_id=request_id,

@@ -72,6 +72,9 @@ class PrefixedChatEngine:
     def vocab_size(self) -> int | None:
         return self.base.vocab_size
 
+    def cached_prefix_tokens(self, prompt_ids: list[int]) -> int:
+        return self.base.cached_prefix_tokens(prompt_ids, self.prefix)
+
     @property
     def num_running(self) -> int:
         return self.base.num_running

@@ -251,6 +251,10 @@ def test_prefix_cache_hits_stay_behind_their_own_prefix_and_equal_the_reference(
     first = random_rows(rng, 6, ["mlp5", "plain6"], shared=system, joins=0)
     harness = Harness(engine)
     harness.run(first)
+    # What the engine (and the replica balancer's affinity) reports is looked up behind the
+    # prefix the request names.
+    assert engine.cached_prefix_tokens(first[0].full, "mlp5") >= len(system)
+    assert engine.cached_prefix_tokens(first[0].full) == engine.cached_prefix_tokens(first[0].full, "mlp8") == 0
     # Then the same system prompt behind the same prefixes, and (once each) behind none and
     # behind a prefix that has not seen it.
     later = random_rows(rng, 6, ["mlp5", "plain6", None, "mlp5", "plain6", "mlp8"], shared=system, joins=2)
