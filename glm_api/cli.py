@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rerank-model", metavar="NAME=PATH", action="append", dest="rerank_models",
                    help="a cross-encoder reranker folder, repeatable (default ./model/bge-reranker-*; without one, "
                    "/rerank and /score use an embedding model's cosine similarity)")
+    p.add_argument("--ptuning", metavar="NAME=PATH", action="append", dest="ptuning",
+                   help="a P-Tuning v2 checkpoint of the ChatGLM3 chat model, served as NAME (repeatable); its "
+                   "prefix takes pre_seq_len tokens of the KV cache, once for all requests")
     p.add_argument("--model-dir", metavar="DIR", help="where the seed's model folders are looked for (default ./model)")
     p.add_argument("--disable-chat", action="store_true", default=None, help="serve embeddings only")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto); a comma-separated list (cuda:0,cuda:1) "

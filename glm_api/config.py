@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     # Cross-encoder rerankers, NAME=PATH (default: ./model/bge-reranker-*). Without one, /rerank
     # and /score use an embedding model's cosine similarity.
     rerank_models: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    # P-Tuning v2 checkpoints of the (ChatGLM3) chat model, NAME=PATH: each served as NAME, its
+    # prefix's keys/values pinned in the chat model's KV cache.
+    ptuning: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
 
     # Chat scheduling and limits.
     max_running: int = Field(32, ge=1, description="sequences decoded together in one batch")
@@ -180,3 +183,8 @@ class Settings(BaseSettings):
     @classmethod
     def _parse_rerank_models(cls, value: object) -> dict[str, str]:
         return parse_name_paths(value, "rerank model")
+
+    @field_validator("ptuning", mode="before")
+    @classmethod
+    def _parse_ptuning(cls, value: object) -> dict[str, str]:
+        return parse_name_paths(value, "P-Tuning v2 checkpoint")

@@ -47,6 +47,7 @@ class ModelSources:
     chat: ModelSource | None
     embeddings: tuple[ModelSource, ...]
     rerankers: tuple[ModelSource, ...] = ()  # cross-encoders; none: cosine over an embedding model
+    ptuning: tuple[ModelSource, ...] = ()  # P-Tuning v2 prefixes over the chat model (glm_api/ptuning.py)
 
 
 def resolve_model_sources(settings: Settings) -> ModelSources:
@@ -113,7 +114,10 @@ def resolve_model_sources(settings: Settings) -> ModelSources:
         chat = ModelSource(chat.name, chat.path, trust_remote_code=True)
     rerankers = _rerank_sources(settings)
     _check_families(chat, embeddings, rerankers)
-    return ModelSources(chat, embeddings, rerankers)
+    from glm_api.ptuning import ptuning_sources
+
+    taken = {s.name for s in (chat, *embeddings, *rerankers) if s is not None}
+    return ModelSources(chat, embeddings, rerankers, ptuning_sources(settings, chat, taken))
 
 
 def _rerank_sources(settings: Settings) -> tuple[ModelSource, ...]:
@@ -169,10 +173,14 @@ class ModelRegistry:
         chat: ChatEngine | None,
         embeddings: dict[str, EmbeddingEngine],
         rerankers: dict[str, RerankEngine] | None = None,
+        variants: dict[str, ChatEngine] | None = None,
     ) -> None:
         self.chat = chat
         self.embeddings = embeddings
         self.rerankers = rerankers or {}  # cross-encoders; each has its own worker thread
+        # Other names the chat engine serves (a P-Tuning v2 prefix over its model), each a view
+        # of ``chat`` with its ``parent``: started and stopped with it.
+        self.variants = variants or {}
         self.created = int(time.time())
 
     def start(self) -> None:
@@ -206,10 +214,11 @@ class ModelRegistry:
         """The chat engine; a name that is not the loaded chat model is a 404, never a swap."""
         if self.chat is None:
             raise NotFoundError("this server has no chat model loaded", param="model")
+        if name and name in self.variants:
+            return self.variants[name]
         if name and name != self.chat.model_name:
-            raise NotFoundError(
-                f"model {name!r} is not loaded; the chat model here is {self.chat.model_name!r}", param="model"
-            )
+            names = ", ".join(repr(n) for n in (self.chat.model_name, *self.variants))
+            raise NotFoundError(f"model {name!r} is not loaded; chat models here: {names}", param="model")
         return self.chat
 
     def embedding_engine(self, name: str | None) -> EmbeddingEngine:
@@ -266,10 +275,11 @@ def build_registry(settings: Settings, sources: ModelSources | None = None) -> M
         log.info("--device-map %s with one device (%s): the chat model loads whole", settings.device_map, devices[0])
     chat: ChatEngine | None = None
     if sources.chat is not None and split is not None:  # one model over all the devices: one engine
-        chat = _load_chat_replica(settings, sources.chat, devices[0], 0, 1, split)
+        chat = _load_chat_replica(settings, sources.chat, devices[0], 0, 1, split, ptuning=sources.ptuning)
     elif sources.chat is not None:
         engines = [
-            _load_chat_replica(settings, sources.chat, device, i, len(devices)) for i, device in enumerate(devices)
+            _load_chat_replica(settings, sources.chat, device, i, len(devices), ptuning=sources.ptuning)
+            for i, device in enumerate(devices)
         ]
         chat = engines[0] if len(engines) == 1 else ReplicaBalancer(engines, [str(d) for d in devices])
     device = resolve_device(settings.embedding_device) if settings.embedding_device else devices[0]
@@ -293,7 +303,10 @@ def build_registry(settings: Settings, sources: ModelSources | None = None) -> M
     rerankers: dict[str, RerankEngine] = {}
     for source in sources.rerankers:
         rerankers[source.name] = _load_reranker(settings, source, device, dtype)
-    return ModelRegistry(chat, embeddings, rerankers)
+    from glm_api.ptuning import prefixed_views
+
+    variants = prefixed_views(chat, sources.ptuning) if chat is not None else {}
+    return ModelRegistry(chat, embeddings, rerankers, variants)
 
 
 def _load_reranker(settings: Settings, source: ModelSource, device: torch.device, dtype: torch.dtype) -> RerankEngine:
@@ -331,10 +344,17 @@ def layer_split(settings: Settings, devices: list[torch.device]) -> LayerSplit |
 
 
 def _load_chat_replica(
-    settings: Settings, source: ModelSource, device: torch.device, index: int, count: int, split: LayerSplit | None = None
+    settings: Settings,
+    source: ModelSource,
+    device: torch.device,
+    index: int,
+    count: int,
+    split: LayerSplit | None = None,
+    *,
+    ptuning: tuple[ModelSource, ...] = (),
 ) -> ChatEngine:
     """The chat model loaded on one device (or split over ``split``'s devices), in its own
-    engine (own KV pool and prefix cache)."""
+    engine (own KV pool and prefix cache), with P-Tuning v2 prefixes pinned in that pool."""
     from glm_api.engines.cache_layout import UnsupportedCacheError
     from glm_api.engines.chat_engine import TransformersChatEngine
     from glm_api.families.detect import load_chat_model
@@ -361,7 +381,7 @@ def _load_chat_replica(
 
         choose_kernels(loaded.model, dtype, widths=(1, settings.max_running, settings.prefill_chunk_tokens))
     try:
-        return TransformersChatEngine(
+        engine = TransformersChatEngine(
             loaded, source.name, max_running=settings.max_running, max_waiting=settings.max_waiting,
             prefix_cache_tokens=settings.prefix_cache_tokens, kv_cache_tokens=settings.kv_cache_tokens,
             kv_block_size=settings.kv_block_size, prefill_chunk_tokens=settings.prefill_chunk_tokens,
@@ -370,3 +390,8 @@ def _load_chat_replica(
         )
     except UnsupportedCacheError as exc:  # refused now, not served to fail every request
         raise StartupError(f"cannot serve {source.path} as the chat model {source.name!r}: {exc}") from None
+    if loaded.family == "chatglm3":
+        from glm_api.ptuning import pin_prefixes
+
+        pin_prefixes(engine, source, ptuning, dtype)
+    return engine

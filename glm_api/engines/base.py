@@ -52,6 +52,9 @@ class SamplingParams:
     # that many most likely alternatives (0-20) at each position.
     logprobs: int | None = None  # of each generated token
     prompt_logprobs: int | None = None  # of each prompt token (computed: never from the prefix cache)
+    # A P-Tuning v2 prefix the engine holds pinned, by name, attended before the prompt (None:
+    # the engine's default, usually none). Set by the serving layer's routing, not by clients.
+    prefix: str | None = None
 
     @property
     def greedy(self) -> bool:

@@ -26,12 +26,20 @@ from glm_api.engines.kv_cache_manager import BlockOps, KVCacheManager
 from glm_api.engines.model_runner import ModelRunner
 from glm_api.engines.output_processor import OutputProcessor
 from glm_api.engines.pacing import PrefillPacer
+from glm_api.engines.pinned_prefix import PinnedPrefix, prefix_salt, write_prefix
 from glm_api.engines.request_state import EngineRequest, stream_output
 from glm_api.engines.sampler import Sampler, needs_per_row_sampling
 from glm_api.engines.scheduler import Scheduler, SchedulerPlan, enqueue
 from glm_api.engines.sequence import Sequence
 from glm_api.engines.stats import ChatEngineStats
-from glm_api.errors import BadRequestError, ContextLengthError, EngineUnavailableError, InternalError, RateLimitError
+from glm_api.errors import (
+    BadRequestError,
+    ContextLengthError,
+    EngineUnavailableError,
+    InternalError,
+    NotFoundError,
+    RateLimitError,
+)
 from glm_api.families.base import LoadedChatModel
 from glm_api.units import ceil_div
 
@@ -85,6 +93,34 @@ class TransformersChatEngine(EngineThread):
         self._waiting: deque[EngineRequest] = deque()
         self._running: list[EngineRequest] = []  # admission order (the newest is preempted first)
         self._aborts: set[str] = set()
+        # P-Tuning v2 prefixes pinned in the pool, by name; the default one serves requests
+        # that name none (a P-tuned checkpoint served as its own model).
+        self.prefixes: dict[str, PinnedPrefix] = {}
+        self.default_prefix: PinnedPrefix | None = None
+
+    def pin_prefix(self, name: str, key_values: list, *, default: bool = False) -> PinnedPrefix:
+        """Keep a prefix's keys/values (per layer, ``[kv_heads, tokens, head_dim]`` each) pinned
+        in the KV pool for the requests that name it (:mod:`pinned_prefix`). At start-up, before
+        :meth:`start`; MemoryError when the pool cannot hold it and still serve a request."""
+        if self._thread is not None:
+            raise RuntimeError("prefixes are pinned before the engine starts")
+        tokens = key_values[0][0].shape[1]
+        count = ceil_div(tokens, self.kv.block_size)
+        if count + self.scheduler.watermark + 1 > self.kv.num_blocks:
+            raise MemoryError(
+                f"the KV cache ({self.kv.num_blocks} free blocks of {self.kv.block_size} tokens) cannot hold the "
+                f"{tokens}-token prefix {name!r} and still serve requests; raise --kv-cache-tokens"
+            )
+        blocks = self.kv.pin(count)
+        hidden = write_prefix(self.runner.pool, blocks, key_values)
+        prefix = PinnedPrefix(name, tokens, tuple(blocks), hidden, prefix_salt(name))
+        self.prefixes[name] = prefix
+        if default:
+            self.default_prefix = prefix
+        # A request's own tokens fit in what the pinned blocks leave.
+        self.row_limit = self.output.row_limit = min(self.context_length, self.scheduler.capacity_tokens())
+        log.info("%s: prefix %s pinned: %d tokens in %d KV blocks", self.model_name, name, tokens, count)
+        return prefix
 
     # -- what it serves, and its tokenizer (any thread) ------------------------------------------
 
@@ -147,11 +183,22 @@ class TransformersChatEngine(EngineThread):
                 for r in (*self._running, *self._waiting)
             )
 
-    def cached_prefix_tokens(self, prompt_ids: list[int]) -> int:
-        """Tokens at the start of ``prompt_ids`` that this engine's KV pool holds now. The blocks
-        change only under the lock, so the lookup sees them whole."""
+    def cached_prefix_tokens(self, prompt_ids: list[int], prefix: str | None = None) -> int:
+        """Tokens at the start of ``prompt_ids`` that this engine's KV pool holds now (behind the
+        pinned prefix ``prefix``, or the default one). The blocks change only under the lock, so
+        the lookup sees them whole."""
+        pinned = self._prefix(prefix)
         with self._cv:
-            return self.kv.cached_prefix_tokens(prompt_ids)
+            return self.kv.cached_prefix_tokens(prompt_ids, pinned.salt if pinned is not None else None)
+
+    def _prefix(self, name: str | None) -> PinnedPrefix | None:
+        """The pinned prefix a request names (NotFoundError for one not pinned here), else the default."""
+        if name is None:
+            return self.default_prefix
+        prefix = self.prefixes.get(name)
+        if prefix is None:
+            raise NotFoundError(f"prefix {name!r} is not loaded", param="model")
+        return prefix
 
     # -- client side (event loop) ------------------------------------------------------------
 
@@ -173,6 +220,7 @@ class TransformersChatEngine(EngineThread):
                 f"{self.row_limit} tokens of one request (--kv-cache-tokens)",
                 param="messages",
             )
+        prefix = self._prefix(params.prefix)
         queue: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
         request = EngineRequest(
             request_id=request_id,
@@ -181,7 +229,12 @@ class TransformersChatEngine(EngineThread):
             loop=asyncio.get_running_loop(),
             queue=queue,
             detok=IncrementalDetokenizer(self.template.decode, params.stop),
-            seq=Sequence(list(prompt_ids), scores_prompt=params.prompt_logprobs is not None and len(prompt_ids) > 1),
+            seq=Sequence(
+                list(prompt_ids),
+                scores_prompt=params.prompt_logprobs is not None and len(prompt_ids) > 1,
+                prefix=prefix,
+                cache_salt=prefix.salt if prefix is not None else None,
+            ),
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
             stop_ids=self.template.stop_token_ids | frozenset(params.stop_token_ids),
             per_row=needs_per_row_sampling(params),

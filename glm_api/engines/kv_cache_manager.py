@@ -39,12 +39,24 @@ class KVCacheManager:
         self.blocks = BlockManager(pool.num_blocks, pool.block_size, cached_blocks=cached_blocks)
         self.block_size = pool.block_size
         self._ops = BlockOps()
+        self.num_pinned = 0  # blocks held for good (pinned prefixes): never a request's
+
+    def pin(self, count: int) -> list[int]:
+        """``count`` blocks taken out of circulation for good, zeroed now (at start-up, before
+        any step): they hold what every row of a model reads (:mod:`pinned_prefix`)."""
+        if not self.blocks.can_allocate(count):
+            raise MemoryError(f"{count} KV blocks to pin, {self.blocks.num_free} free")
+        blocks, first_use = self.blocks.allocate(count)
+        self.pool.zero(first_use)
+        self.num_pinned += count
+        return blocks
 
     # -- counts (under the engine's lock) ------------------------------------------------------
 
     @property
     def num_blocks(self) -> int:
-        return self.blocks.num_blocks
+        """Blocks requests may hold (pinned ones excluded)."""
+        return self.blocks.num_blocks - self.num_pinned
 
     @property
     def num_free(self) -> int:
@@ -70,11 +82,11 @@ class KVCacheManager:
 
     # -- the prefix cache ----------------------------------------------------------------------
 
-    def lookup(self, token_ids: list[int]) -> PrefixHit:
-        return self.blocks.lookup(token_ids)
+    def lookup(self, token_ids: list[int], salt: bytes | None = None) -> PrefixHit:
+        return self.blocks.lookup(token_ids, salt)
 
-    def cached_prefix_tokens(self, token_ids: list[int]) -> int:
-        return self.blocks.lookup(token_ids).tokens(self.block_size)
+    def cached_prefix_tokens(self, token_ids: list[int], salt: bytes | None = None) -> int:
+        return self.blocks.lookup(token_ids, salt).tokens(self.block_size)
 
     # -- sequences -----------------------------------------------------------------------------
 
@@ -82,9 +94,11 @@ class KVCacheManager:
         """Give a starting sequence the blocks of its prefix hit and ``need`` new ones; the part
         of a cached block it shares is copied into the first new one."""
         self.blocks.share(hit.blocks)
+        if seq.prefix is not None:  # referenced while the row runs, as a shared cached block is
+            self.blocks.share(seq.prefix.blocks)
         seq.block_table = list(hit.blocks)
         seq.num_hashed_blocks = len(hit.blocks)
-        seq.last_digest = self.blocks.blocks[hit.blocks[-1]].digest if hit.blocks else None
+        seq.last_digest = self.blocks.blocks[hit.blocks[-1]].digest if hit.blocks else seq.cache_salt
         if hit.copy_from is not None and hit.copy_tokens:
             self.blocks.share([hit.copy_from])  # so allocating cannot hand it out to this sequence
             self.grow(seq, need)
@@ -108,6 +122,8 @@ class KVCacheManager:
         if self.blocks.prefix_caching and start < seq.num_computed_tokens:
             tokens = tuple(seq.token_ids[start : seq.num_computed_tokens])
             self.blocks.cache_block(seq.block_table[seq.num_hashed_blocks], seq.last_digest, tokens)
+        if seq.prefix is not None and seq.block_table:  # admitted: it holds the prefix's blocks
+            self.blocks.release(seq.prefix.blocks)
         self.blocks.release(seq.block_table)
         seq.block_table, seq.num_computed_tokens, seq.num_hashed_blocks, seq.last_digest = [], 0, 0, None
 

@@ -94,7 +94,13 @@ class ModelRunner:
         rows = []
         for seq, n in scheduled:
             past = seq.num_computed_tokens
-            rows.append(ScheduledRow(seq.block_table, past, seq.token_ids[past : past + n]))
+            new_ids = seq.token_ids[past : past + n]
+            if seq.prefix is None:
+                rows.append(ScheduledRow(seq.block_table, past, new_ids))
+            else:  # its pinned prefix's blocks head its table: attended first, shared by every row
+                prefix = seq.prefix
+                table = [*prefix.blocks, *seq.block_table]
+                rows.append(ScheduledRow(table, past, new_ids, prefix.slots(self.pool.block_size), prefix.hidden))
         step = PagedStep.build(self.pool, rows)
         # Logits only where a sequence's last known token is computed: decoding ones and finished prompts.
         sampling = [i for i, (seq, n) in enumerate(scheduled) if seq.num_computed_tokens + n == len(seq.token_ids)]

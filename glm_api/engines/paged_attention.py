@@ -53,11 +53,16 @@ BUCKET_SLACK_TOKENS = 256
 
 @dataclass
 class ScheduledRow:
-    """One row's part of a step: its block table, the tokens already in the pool, the new ones."""
+    """One row's part of a step: its block table, the tokens already in the pool, the new ones.
+    With a pinned prefix (:mod:`pinned_prefix`) the table starts with the prefix's blocks:
+    ``offset`` slots before the row's own tokens, of which the first ``hidden`` are never
+    attended; positions still count the row's own tokens from 0."""
 
     table: list[int]
     past: int
     new_ids: list[int]
+    offset: int = 0
+    hidden: int = 0
 
 
 @dataclass
@@ -147,7 +152,9 @@ class PagedStep:
     @classmethod
     def build(cls, pool: KVPool, rows: list[ScheduledRow]) -> "PagedStep":
         bs, device = pool.block_size, pool.device
-        decode = sorted((i for i, r in enumerate(rows) if len(r.new_ids) == 1), key=lambda i: rows[i].past)
+        decode = sorted(
+            (i for i, r in enumerate(rows) if len(r.new_ids) == 1), key=lambda i: rows[i].offset + rows[i].past
+        )
         prefill = [i for i, r in enumerate(rows) if len(r.new_ids) > 1]
         ids: list[int] = []
         positions: list[int] = []
@@ -157,18 +164,19 @@ class PagedStep:
 
         def place(i: int) -> None:
             row = rows[i]
-            for offset, token in enumerate(row.new_ids):
-                pos = row.past + offset
+            for k, token in enumerate(row.new_ids):
+                pos = row.past + k
+                at = row.offset + pos  # its key's index in the row's table
                 ids.append(token)
                 positions.append(pos)
-                slots.append(row.table[pos // bs] * bs + pos % bs)
+                slots.append(row.table[at // bs] * bs + at % bs)
             last_index[i] = len(ids) - 1
 
         for bucket in _buckets(decode, rows):
             start = len(ids)
             for i in bucket:
                 place(i)
-            lengths = [rows[i].past + 1 for i in bucket]
+            lengths = [rows[i].offset + rows[i].past + 1 for i in bucket]
             kv_len = max(lengths)
             n_blocks = ceil_div(kv_len, bs)
             table = [b for i in bucket for b in _padded(rows[i].table, n_blocks)]
@@ -177,6 +185,7 @@ class PagedStep:
             if min(lengths) != kv_len:
                 mask = torch.arange(kv_len, device=device) < torch.tensor(lengths, device=device)[:, None]
                 mask = mask[:, None, None, :]
+            mask = _hide(mask, [rows[i].hidden for i in bucket], (len(bucket), 1, 1, kv_len), device)
             groups.append(
                 _Group(start, len(bucket), 1, kv_len, torch.tensor(table, device=device), n_blocks, q_pos, mask, False)
             )
@@ -184,12 +193,14 @@ class PagedStep:
             start = len(ids)
             place(i)
             row = rows[i]
-            q_len, kv_len = len(row.new_ids), row.past + len(row.new_ids)
+            past = row.offset + row.past  # keys before its first new token (the prefix's too)
+            q_len, kv_len = len(row.new_ids), past + len(row.new_ids)
             n_blocks = ceil_div(kv_len, bs)
-            q_pos = torch.arange(row.past, kv_len, device=device)[None, :]
+            q_pos = torch.arange(past, kv_len, device=device)[None, :]
             mask = None
-            if row.past:  # causal, aligned at the end: query k sees keys up to past + k
-                mask = torch.ones((q_len, kv_len), dtype=torch.bool, device=device).tril(diagonal=row.past)[None, None]
+            if past:  # causal, aligned at the end: query k sees keys up to past + k
+                mask = torch.ones((q_len, kv_len), dtype=torch.bool, device=device).tril(diagonal=past)[None, None]
+            mask = _hide(mask, [row.hidden], (1, 1, q_len, kv_len), device)
             groups.append(
                 _Group(
                     start,
@@ -200,7 +211,7 @@ class PagedStep:
                     n_blocks,
                     q_pos,
                     mask,
-                    row.past == 0,
+                    past == 0,
                 )
             )
         return cls(
@@ -213,6 +224,21 @@ class PagedStep:
         )
 
 
+def _hide(
+    mask: torch.Tensor | None, hidden: list[int], shape: tuple[int, ...], device: torch.device
+) -> torch.Tensor | None:
+    """``mask`` with each row's first ``hidden`` keys (a pinned prefix's padding) masked out."""
+    if not any(hidden):
+        return mask
+    if mask is None:  # only reached with a prefix before the keys: never causal within them alone
+        mask = torch.ones(shape, dtype=torch.bool, device=device)
+    else:
+        mask = mask.expand(shape).clone()
+    for r, h in enumerate(hidden):
+        mask[r, ..., :h] = False
+    return mask
+
+
 def _padded(table: list[int], n: int) -> list[int]:
     return table[:n] + [NULL_BLOCK] * (n - len(table))
 
@@ -223,7 +249,7 @@ def _buckets(order: list[int], rows: list[ScheduledRow]) -> list[list[int]]:
     current: list[int] = []
     total = 0
     for i in order:
-        length = rows[i].past + 1
+        length = rows[i].offset + rows[i].past + 1
         if current and (len(current) + 1) * length > BUCKET_PADDING * (total + length) + BUCKET_SLACK_TOKENS:
             out.append(current)
             current, total = [], 0

@@ -45,7 +45,7 @@ class BalancedEngine(ChatEngine, Protocol):
 
     def outstanding_tokens(self) -> int: ...
 
-    def cached_prefix_tokens(self, prompt_ids: list[int]) -> int: ...
+    def cached_prefix_tokens(self, prompt_ids: list[int], prefix: str | None = None) -> int: ...
 
 
 @dataclass(eq=False)
@@ -187,7 +187,7 @@ class ReplicaBalancer:
                 retry_after=1,
             )
         error: APIError | None = None
-        for replica in self.rank(candidates, prompt_ids):
+        for replica in self.rank(candidates, prompt_ids, params.prefix):
             try:
                 stream = replica.engine.generate(prompt_ids, params, request_id)
             except EngineUnavailableError as exc:  # died since the check
@@ -201,14 +201,14 @@ class ReplicaBalancer:
         assert error is not None
         raise error
 
-    def rank(self, candidates: Sequence[Replica], prompt_ids: list[int]) -> list[Replica]:
+    def rank(self, candidates: Sequence[Replica], prompt_ids: list[int], prefix: str | None = None) -> list[Replica]:
         """``candidates`` best first: least outstanding work once this prompt is added (prompt
         tokens the replica has cached are not work), then fewest requests, then in turn."""
         n = len(self.replicas)
         keyed = []
         for replica in candidates:
             engine = replica.engine
-            cached = engine.cached_prefix_tokens(prompt_ids) if self.prefix_affinity else 0
+            cached = engine.cached_prefix_tokens(prompt_ids, prefix) if self.prefix_affinity else 0
             work = engine.outstanding_tokens() + len(prompt_ids) - cached
             keyed.append(((work, engine.num_running + engine.num_waiting, (replica.index - self._turn) % n), replica))
         self._turn += 1

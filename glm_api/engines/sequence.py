@@ -7,6 +7,10 @@ Torch-free plain data (nano-vllm's ``Sequence``, vLLM's ``Request`` bookkeeping)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from glm_api.engines.pinned_prefix import PinnedPrefix
 
 
 @dataclass(eq=False)
@@ -20,6 +24,11 @@ class Sequence:
     # Its prompt's log-probabilities are wanted and not all taken yet: it takes nothing from the
     # prefix cache (those positions are computed) and every position it computes returns logits.
     scores_prompt: bool = False
+    # Keys/values attended before its own (a P-Tuning v2 prefix pinned in the pool), and the
+    # root of its prefix-cache digest chain (None: the base model's): rows whose KV differ for
+    # the same tokens never share cached blocks.
+    prefix: PinnedPrefix | None = None
+    cache_salt: bytes | None = None
 
     @property
     def num_uncomputed_tokens(self) -> int:

@@ -26,6 +26,13 @@ def model_cards(registry: ModelRegistry) -> list[ModelCard]:
         )
     cards += [
         ModelCard(
+            id=name, created=registry.created, kind="chat", context_length=engine.context_length,
+            parent=getattr(engine, "parent", None),
+        )
+        for name, engine in registry.variants.items()
+    ]
+    cards += [
+        ModelCard(
             id=name,
             created=registry.created,
             kind="embedding",

@@ -153,4 +153,11 @@ def seed_models(registry: ModelRegistry) -> SeedModelList:
                 context_length=registry.chat.context_length,
             )
         )
+    cards += [
+        SeedModelCard(
+            id=name, object="chat.completion", created=registry.created, context_length=engine.context_length,
+            parent=getattr(engine, "parent", None),
+        )
+        for name, engine in registry.variants.items()
+    ]
     return SeedModelList(data=cards)

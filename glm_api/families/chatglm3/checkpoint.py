@@ -52,6 +52,7 @@ _REQUIRED_FLAGS = {
     "apply_residual_connection_post_layernorm": False,
     "original_rope": True,
 }
+PREFIX_ENCODER = "prefix_encoder."  # P-Tuning v2 weights, under transformer.
 _UNEXPECTED = "unexpected weights (not ChatGLM3, or more layers than config.json says)"
 
 
@@ -70,6 +71,10 @@ class ChatGLM3Config:
     rope_ratio: float
     layernorm_epsilon: float
     add_qkv_bias: bool
+    # A P-Tuning v2 checkpoint (THUDM's finetune demo): its prefix encoder's length; the
+    # encoder's weights are read apart (:mod:`~glm_api.families.chatglm3.prefix_encoder`).
+    pre_seq_len: int | None = None
+    prefix_projection: bool = False
 
     @property
     def qkv_sizes(self) -> tuple[int, int, int]:
@@ -115,8 +120,7 @@ def read_chatglm3_config(folder: Path) -> ChatGLM3Config:
     for flag, needed in _REQUIRED_FLAGS.items():
         if flag in raw and bool(raw[flag]) != needed:
             raise ValueError(f"{path}: '{flag}: {raw[flag]}' is not supported (only {needed}, as in ChatGLM3)")
-    if raw.get("pre_seq_len"):
-        raise ValueError(f"{path}: P-tuning prefix checkpoints (pre_seq_len) are not supported")
+    pre_seq_len = positive_int("pre_seq_len") if raw.get("pre_seq_len") is not None else None
     if raw.get("quantization_bit"):
         raise ValueError(f"{path}: quantised checkpoints (quantization_bit) are not supported")
 
@@ -144,6 +148,8 @@ def read_chatglm3_config(folder: Path) -> ChatGLM3Config:
         rope_ratio=float(rope_ratio),
         layernorm_epsilon=float(eps),
         add_qkv_bias=bool(raw.get("add_qkv_bias", False)),
+        pre_seq_len=pre_seq_len,
+        prefix_projection=bool(raw.get("prefix_projection", False)),
     )
 
 
@@ -196,8 +202,8 @@ def target_names(key: str, cfg: ChatGLM3Config) -> tuple[str, ...] | None:
     """GlmForCausalLM names one checkpoint key becomes: () when it is dropped, three for the
     fused qkv, None when the key is not part of ChatGLM3 (or of this config's layers)."""
     name = key.removeprefix("transformer.")
-    if name in _DROPPED:
-        return ()
+    if name in _DROPPED or (cfg.pre_seq_len is not None and name.startswith(PREFIX_ENCODER)):
+        return ()  # a P-Tuning v2 prefix encoder is not part of the base model
     if name in _TOP_RENAMES:
         return (_TOP_RENAMES[name],)
     match = _LAYER_KEY.fullmatch(name)
@@ -256,6 +262,11 @@ def load_weights(
     if unexpected:
         raise ValueError(f"{folder}: {_UNEXPECTED}: {listing(unexpected)}")
     missing = expected - filled
+    if missing and not filled and cfg.pre_seq_len is not None:
+        raise ValueError(
+            f"{folder}: holds a P-Tuning v2 prefix encoder and no base weights; serve it over its base "
+            "model with --ptuning NAME=PATH (GLM_API_PTUNING)"
+        )
     if missing:
         raise ValueError(f"{folder}: weights missing from the checkpoint: {listing(missing)}")
 
