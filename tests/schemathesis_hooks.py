@@ -89,7 +89,7 @@ def before_call(context, case, kwargs) -> None:
 
 def _starts_a_conversation(body: dict[str, Any]) -> bool:
     """A /v1/responses body gives the model something to answer without an earlier response:
-    the spec's rule (``protocol.responses._request_rules``)."""
+    the spec's rule (``protocol.responses_request._request_rules``)."""
     given = body.get("input")
     items = given if isinstance(given, list) else []
     turns = [item for item in items if not (isinstance(item, dict) and item.get("type") == "reasoning")]

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from glm_api.app import create_app
 from glm_api.config import Settings
-from glm_api.protocol.responses import ResponseCreateRequest
+from glm_api.protocol.responses_request import ResponseCreateRequest
 
 TOOL = {"type": "function", "name": "get_weather", "parameters": {"type": "object"}}
 JSON_SCHEMA_FORMAT = {"type": "json_schema", "name": "a", "schema": {}}
