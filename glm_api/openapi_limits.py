@@ -87,12 +87,15 @@ def state_model_limits(components: dict[str, Schema], registry: ModelRegistry) -
     if chat is not None and not chat.template.supports_tools:
         no_tools = {"anyOf": [{"type": "null"}, {"type": "array", "maxItems": 0}]}
         # Offered tools need a chat format with tools; forcing one (required, or a named
-        # function) works on any model, through the grammar.
-        _require(components["ChatCompletionRequest"], {"anyOf": [
+        # function) works on any model, through the grammar. /v1/responses translates to chat.
+        tools_rule = {"anyOf": [
             {"properties": {"tools": no_tools}},
             {"required": ["tool_choice"], "properties": {"tool_choice": {"anyOf": [{"const": "required"}, {"type": "object"}]}}},
             {"required": ["tool_choice"], "properties": {"tool_choice": {"const": "none"}}},
-        ]})
+        ]}
+        for name in ("ChatCompletionRequest", "ResponseCreateRequest"):
+            if name in components:
+                _require(components[name], copy.deepcopy(tools_rule))
         _require(components["TokenizeRequest"], {"properties": {"tools": no_tools}})
         # The seed's clients put tools on a message, which the chat format must render.
         components["SeedMessage"]["properties"]["tools"] = no_tools

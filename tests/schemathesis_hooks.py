@@ -17,7 +17,9 @@ generated as valid is made to keep them; requests generated as invalid are sent 
 - ``/score``: a list ``text_1`` of more than one text pairs with a ``text_2`` list as long.
 - ``/v1/files``: a file uploaded for ``purpose: batch`` is JSONL (its first line an object).
 - ``/v1/responses``: a ``previous_response_id`` names a stored response (a random one is
-  OpenAI's 400 ``previous_response_not_found``), so generated requests start a conversation.
+  OpenAI's 400 ``previous_response_not_found``), so generated requests start a conversation
+  (given as ``input``, where only the earlier response would have made one). A named
+  ``tool_choice`` names one of the ``tools`` there too.
 - A message's ``reasoning_content`` and ``reasoning`` are one field under two names: given
   both, they are equal.
 """
@@ -49,6 +51,11 @@ def before_call(context, case, kwargs) -> None:
         kwargs["files"] = {"file": ("batch.jsonl", BATCH_LINE), "purpose": (None, "batch")}
     if case.path == "/v1/responses" and body.get("previous_response_id") is not None:
         body["previous_response_id"] = None
+        if not _starts_a_conversation(body):
+            body["input"] = "Hi"
+    named, offered = body.get("tool_choice"), body.get("tools")
+    if case.path == "/v1/responses" and isinstance(named, dict) and isinstance(offered, list) and offered:
+        named["name"] = offered[0]["name"]
     for item in body.get("input") if case.path == "/v1/responses" and isinstance(body.get("input"), list) else []:
         if isinstance(item, dict) and item.get("type") == "function_call" and not _is_json_object(item.get("arguments")):
             item["arguments"] = "{}"  # a call's arguments are the JSON text of an object, as on chat
@@ -78,6 +85,15 @@ def before_call(context, case, kwargs) -> None:
     choice, tools = body.get("tool_choice"), body.get("tools")
     if isinstance(choice, dict) and isinstance(choice.get("function"), dict) and tools:
         choice["function"]["name"] = tools[0]["function"]["name"]
+
+
+def _starts_a_conversation(body: dict[str, Any]) -> bool:
+    """A /v1/responses body gives the model something to answer without an earlier response:
+    the spec's rule (``protocol.responses_request._request_rules``)."""
+    given = body.get("input")
+    items = given if isinstance(given, list) else []
+    turns = [item for item in items if not (isinstance(item, dict) and item.get("type") == "reasoning")]
+    return isinstance(given, str) or bool(turns) or bool(body.get("instructions"))
 
 
 def _is_json_object(text: Any) -> bool:

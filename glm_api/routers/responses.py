@@ -9,13 +9,8 @@ from fastapi import APIRouter, Query, Request
 from glm_api.deps import OwnerDep, RequestIdDep, ResponseStoreDep, ServicesDep, until_disconnect
 from glm_api.errors import BadRequestError
 from glm_api.protocol.common import ERROR_RESPONSES, typed_stream_response
-from glm_api.protocol.responses import (
-    InputItemList,
-    ResponseCreateRequest,
-    ResponseDeleted,
-    ResponseObject,
-    ResponseStreamEventData,
-)
+from glm_api.protocol.responses import InputItemList, ResponseDeleted, ResponseObject, ResponseStreamEventData
+from glm_api.protocol.responses_request import ResponseCreateRequest
 from glm_api.serving import responses
 from glm_api.serving.sse import typed_sse_response
 

@@ -28,6 +28,7 @@ from tests.fixtures.tool_calling_lm import (
     WEATHER_TOOL,
     build_tool_calling_lm,
 )
+from tests.unit.test_responses_protocol import ITEM_SHAPES
 
 KEY_A, KEY_B = "key-a", "key-b"
 GREEDY = {"temperature": 0, "max_output_tokens": 8}
@@ -222,6 +223,45 @@ def test_what_cannot_be_served_is_a_400_naming_it(rclient, body, param):
     error = assert_error(response, response.status_code)
     if param is not None:
         assert (error["param"] or "").startswith(param), error
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        # JSON's types as they are, in nested items too (a schemathesis run found strict: 0 served).
+        ({"input": "x", "text": {"format": {"type": "json_schema", "name": "a", "schema": {}, "strict": 0}}},
+         "text.format.strict"),
+        ({"input": "x", "tools": [{**WEATHER_FUNCTION, "strict": "true"}]}, "tools.0.strict"),
+        ({"input": [{"type": "function_call_output", "call_id": 1, "output": "sunny"}]}, "input.0.call_id"),
+        ({"input": [{"type": "reasoning", "summary": [{"type": "summary_text", "text": 2}]}]}, "input.0.summary.0.text"),
+        ({"input": [{"role": "user", "content": [{"type": "input_text", "text": "x"}], "status": True}]}, "input.0.status"),
+        ({"input": "x", "max_output_tokens": "8"}, "max_output_tokens"),
+        # Serving's rules across fields (the spec states them).
+        ({"input": []}, "input"),
+        ({"input": [{"type": "reasoning", "summary": []}], "instructions": ""}, "input"),
+        ({"input": "x", "tools": [WEATHER_FUNCTION], "tool_choice": "required", "text": {"format": {"type": "json_object"}}},
+         "tool_choice"),
+    ],
+)
+def test_wrong_json_types_and_empty_conversations_are_a_400_naming_the_field(rclient, body, param):
+    assert_error(rclient.post("/v1/responses", json=body), 400, param)
+
+
+def test_every_input_item_shape_the_spec_states_is_served(rclient):
+    """One conversation of every shape (tests/unit/test_responses_protocol.py checks each against
+    the spec): served, and listed back in the shapes ``input_items`` gives."""
+    items = list(ITEM_SHAPES.values())
+    created = response_of(rclient.post("/v1/responses", json={
+        "input": items, "instructions": "Be brief.", "temperature": 0, "max_output_tokens": 1,
+    }))
+    listed = ResponseItemList.model_validate(
+        rclient.get(f"/v1/responses/{created.id}/input_items", params={"order": "asc", "limit": 100}).json()
+    )
+    assert [i.type for i in listed.data] == [item.get("type", "message") for item in items]
+    # A reasoning item alone is nothing to answer; with instructions, the model answers those.
+    response_of(rclient.post("/v1/responses", json={
+        "input": [ITEM_SHAPES["reasoning, bare"]], "instructions": "Say hi.", "temperature": 0, "max_output_tokens": 1,
+    }))
 
 
 def test_retrieving_a_stored_response_as_a_stream_is_refused(rclient):
