@@ -31,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rerank-model", metavar="NAME=PATH", action="append", dest="rerank_models",
                    help="a cross-encoder reranker folder, repeatable (default ./model/bge-reranker-*; without one, "
                    "/rerank and /score use an embedding model's cosine similarity)")
+    p.add_argument("--lora", metavar="NAME=PATH", action="append", dest="lora",
+                   help="a peft LoRA adapter folder of the chat model, served as model NAME (repeatable; "
+                   "GLM_API_LORA takes a comma-separated list)")
+    p.add_argument("--allow-runtime-lora", action="store_true", default=None,
+                   help="allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter (off by default)")
     p.add_argument("--model-dir", metavar="DIR", help="where the seed's model folders are looked for (default ./model)")
     p.add_argument("--disable-chat", action="store_true", default=None, help="serve embeddings only")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto); a comma-separated list (cuda:0,cuda:1) "

@@ -67,6 +67,12 @@ class Settings(BaseSettings):
     # Cross-encoder rerankers, NAME=PATH (default: ./model/bge-reranker-*). Without one, /rerank
     # and /score use an embedding model's cosine similarity.
     rerank_models: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    # LoRA adapters of the chat model, NAME=PATH (peft folders): a request whose model is NAME
+    # runs under that adapter. Loading/unloading them over HTTP is off unless allowed.
+    lora: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    allow_runtime_lora: bool = Field(
+        False, description="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's routes)"
+    )
 
     # Chat scheduling and limits.
     max_running: int = Field(32, ge=1, description="sequences decoded together in one batch")
@@ -180,3 +186,8 @@ class Settings(BaseSettings):
     @classmethod
     def _parse_rerank_models(cls, value: object) -> dict[str, str]:
         return parse_name_paths(value, "rerank model")
+
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _parse_lora(cls, value: object) -> dict[str, str]:
+        return parse_name_paths(value, "LoRA adapter")

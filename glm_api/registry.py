@@ -7,6 +7,7 @@ fails before the server starts); ``build_registry`` loads them (slow, runs in a 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING
 from glm_api.config import SEED_CHAT_MODEL, SEED_EMBEDDING_MODELS, SEED_RERANK_MODELS, Settings
 from glm_api.devices import resolve_device, resolve_devices, resolve_dtype
 from glm_api.engines.base import ChatEngine, EmbeddingEngine
-from glm_api.errors import BadRequestError, NotFoundError
+from glm_api.errors import AdapterError, BadRequestError, ConflictError, NotFoundError
 
 if TYPE_CHECKING:
     import torch
@@ -47,6 +48,7 @@ class ModelSources:
     chat: ModelSource | None
     embeddings: tuple[ModelSource, ...]
     rerankers: tuple[ModelSource, ...] = ()  # cross-encoders; none: cosine over an embedding model
+    loras: tuple[ModelSource, ...] = ()  # LoRA adapters of the chat model (peft folders)
 
 
 def resolve_model_sources(settings: Settings) -> ModelSources:
@@ -113,7 +115,29 @@ def resolve_model_sources(settings: Settings) -> ModelSources:
         chat = ModelSource(chat.name, chat.path, trust_remote_code=True)
     rerankers = _rerank_sources(settings)
     _check_families(chat, embeddings, rerankers)
-    return ModelSources(chat, embeddings, rerankers)
+    return ModelSources(chat, embeddings, rerankers, _lora_sources(settings, chat, embeddings, rerankers))
+
+
+def _lora_sources(
+    settings: Settings, chat: ModelSource | None, embeddings: tuple[ModelSource, ...], rerankers: tuple[ModelSource, ...]
+) -> tuple[ModelSource, ...]:
+    """``--lora`` folders, checked for their files (their fit to the model is checked when they
+    load onto it); a name must not be another model's."""
+    from glm_api.adapters.lora_files import check_adapter_folder
+
+    if settings.lora and chat is None:
+        raise StartupError("--lora / GLM_API_LORA: LoRA adapters need a chat model, and chat is disabled")
+    taken = {s.name for s in (*([chat] if chat else []), *embeddings, *rerankers)}
+    out = []
+    for name, path in settings.lora.items():
+        if name in taken:
+            raise StartupError(f"--lora {name}={path}: {name!r} is already the name of a model here; name the adapter apart")
+        try:
+            check_adapter_folder(Path(path))
+        except AdapterError as exc:
+            raise StartupError(f"--lora {name}={path}: {exc.message}") from None
+        out.append(ModelSource(name, Path(path)))
+    return tuple(out)
 
 
 def _rerank_sources(settings: Settings) -> tuple[ModelSource, ...]:
@@ -174,6 +198,8 @@ class ModelRegistry:
         self.embeddings = embeddings
         self.rerankers = rerankers or {}  # cross-encoders; each has its own worker thread
         self.created = int(time.time())
+        self.adapters: dict[str, str] = {}  # LoRA adapters of the chat model: name -> folder
+        self._adapter_lock = threading.Lock()  # one load or unload at a time
 
     def start(self) -> None:
         if self.chat is not None:
@@ -203,14 +229,59 @@ class ModelRegistry:
         return [replica.status() for replica in replicas_of(self.chat)]
 
     def chat_engine(self, name: str | None) -> ChatEngine:
-        """The chat engine; a name that is not the loaded chat model is a 404, never a swap."""
+        """The chat engine (under a LoRA adapter's name: the engine that runs requests with that
+        adapter); a name that is not the loaded chat model is a 404, never a swap."""
+        from glm_api.engines.adapter_engine import AdapterEngine
+
         if self.chat is None:
             raise NotFoundError("this server has no chat model loaded", param="model")
+        if name and name in self.adapters:
+            return AdapterEngine(self.chat, name)
         if name and name != self.chat.model_name:
             raise NotFoundError(
                 f"model {name!r} is not loaded; the chat model here is {self.chat.model_name!r}", param="model"
             )
         return self.chat
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """Load a LoRA adapter onto every replica of the chat model and serve it as ``name``
+        (blocking: seconds; AdapterError when it does not fit the model)."""
+        from glm_api.engines.replica_balancer import replicas_of
+
+        if self.chat is None:
+            raise NotFoundError("this server has no chat model to load an adapter onto", param="lora_name")
+        with self._adapter_lock:
+            taken = {self.chat.model_name, *self.embeddings, *self.rerankers, *self.adapters}
+            if name in taken:
+                raise ConflictError(f"{name!r} is already the name of a model or adapter here", param="lora_name")
+            done = []
+            try:
+                for replica in replicas_of(self.chat):
+                    replica.engine.load_adapter(name, path)
+                    done.append(replica.engine)
+            except BaseException:
+                for engine in done:  # all replicas or none
+                    engine.unload_adapter(name)
+                raise
+            self.adapters[name] = str(path)
+
+    def unload_adapter(self, name: str) -> None:
+        """Stop serving an adapter; ConflictError while requests of it are in flight."""
+        from glm_api.engines.replica_balancer import replicas_of
+
+        with self._adapter_lock:
+            if name not in self.adapters or self.chat is None:
+                raise NotFoundError(f"no LoRA adapter named {name!r} is loaded", param="lora_name")
+            done = []
+            try:
+                for replica in replicas_of(self.chat):
+                    replica.engine.unload_adapter(name)  # ConflictError while it has requests in flight
+                    done.append(replica.engine)
+            except ConflictError:
+                for engine in done:  # all replicas or none
+                    engine.load_adapter(name, self.adapters[name])
+                raise
+            del self.adapters[name]
 
     def embedding_engine(self, name: str | None) -> EmbeddingEngine:
         if not self.embeddings:
@@ -293,7 +364,13 @@ def build_registry(settings: Settings, sources: ModelSources | None = None) -> M
     rerankers: dict[str, RerankEngine] = {}
     for source in sources.rerankers:
         rerankers[source.name] = _load_reranker(settings, source, device, dtype)
-    return ModelRegistry(chat, embeddings, rerankers)
+    registry = ModelRegistry(chat, embeddings, rerankers)
+    for source in sources.loras:
+        try:
+            registry.load_adapter(source.name, str(source.path))
+        except AdapterError as exc:  # refused now, not served to answer wrongly
+            raise StartupError(f"--lora {source.name}={source.path}: {exc.message}") from None
+    return registry
 
 
 def _load_reranker(settings: Settings, source: ModelSource, device: torch.device, dtype: torch.dtype) -> RerankEngine:

@@ -52,6 +52,9 @@ class SamplingParams:
     # that many most likely alternatives (0-20) at each position.
     logprobs: int | None = None  # of each generated token
     prompt_logprobs: int | None = None  # of each prompt token (computed: never from the prefix cache)
+    # Not a sampling knob, but it travels with the request's parameters as vLLM's lora_request
+    # does: the LoRA adapter the request runs under (None: the base model).
+    adapter: str | None = None
 
     @property
     def greedy(self) -> bool:

@@ -106,14 +106,15 @@ class BlockManager:
 
     # -- prefix lookup -------------------------------------------------------------------------
 
-    def lookup(self, tokens: Sequence[int]) -> PrefixHit:
+    def lookup(self, tokens: Sequence[int], root: bytes | None = None) -> PrefixHit:
         """The longest beginning of ``tokens`` in the pool, leaving at least one token to compute
-        (its logits give the next token)."""
+        (its logits give the next token). ``root``: the parent digest of a first block (a LoRA
+        adapter's, None for the base model): only blocks cached under the same root match."""
         hit = PrefixHit()
         if not self.prefix_caching:
             return hit
         bs, limit = self.block_size, len(tokens) - 1
-        parent: bytes | None = None
+        parent: bytes | None = root
         while (len(hit.blocks) + 1) * bs <= limit:
             start = len(hit.blocks) * bs
             chunk = tuple(tokens[start : start + bs])

@@ -70,11 +70,11 @@ class KVCacheManager:
 
     # -- the prefix cache ----------------------------------------------------------------------
 
-    def lookup(self, token_ids: list[int]) -> PrefixHit:
-        return self.blocks.lookup(token_ids)
+    def lookup(self, token_ids: list[int], root: bytes | None = None) -> PrefixHit:
+        return self.blocks.lookup(token_ids, root)
 
-    def cached_prefix_tokens(self, token_ids: list[int]) -> int:
-        return self.blocks.lookup(token_ids).tokens(self.block_size)
+    def cached_prefix_tokens(self, token_ids: list[int], root: bytes | None = None) -> int:
+        return self.blocks.lookup(token_ids, root).tokens(self.block_size)
 
     # -- sequences -----------------------------------------------------------------------------
 
@@ -84,7 +84,7 @@ class KVCacheManager:
         self.blocks.share(hit.blocks)
         seq.block_table = list(hit.blocks)
         seq.num_hashed_blocks = len(hit.blocks)
-        seq.last_digest = self.blocks.blocks[hit.blocks[-1]].digest if hit.blocks else None
+        seq.last_digest = self.blocks.blocks[hit.blocks[-1]].digest if hit.blocks else seq.cache_root
         if hit.copy_from is not None and hit.copy_tokens:
             self.blocks.share([hit.copy_from])  # so allocating cannot hand it out to this sequence
             self.grow(seq, need)

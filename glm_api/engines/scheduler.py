@@ -151,7 +151,7 @@ class Scheduler:
                 skipped += 1
                 continue
             # A prompt that is scored computes every position: nothing from the prefix cache.
-            hit = PrefixHit() if seq.scores_prompt else self.kv.lookup(seq.token_ids)
+            hit = PrefixHit() if seq.scores_prompt else self.kv.lookup(seq.token_ids, seq.cache_root)
             found = hit.tokens(self.kv.block_size)
             if not seq.scores_prompt and any(
                 common_length(seq.token_ids, ids) - found >= MIN_SHARED_TOKENS for ids in prefilling

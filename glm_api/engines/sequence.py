@@ -20,6 +20,10 @@ class Sequence:
     # Its prompt's log-probabilities are wanted and not all taken yet: it takes nothing from the
     # prefix cache (those positions are computed) and every position it computes returns logits.
     scores_prompt: bool = False
+    adapter: str | None = None  # the LoRA adapter its tokens are computed with (None: the base model)
+    # The prefix cache's parent digest of its first block: its adapter's (one per load), so
+    # blocks are shared only between sequences of the same adapter; None for the base model.
+    cache_root: bytes | None = None
 
     @property
     def num_uncomputed_tokens(self) -> int:
