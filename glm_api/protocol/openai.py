@@ -583,6 +583,7 @@ class ModelCard(BaseModel):
     kind: Literal["chat", "embedding", "rerank"]
     context_length: int | None = None
     dimensions: int | None = None
+    parent: str | None = None  # a LoRA adapter's base model (vLLM's field)
 
 
 class ModelList(BaseModel):

@@ -153,4 +153,11 @@ def seed_models(registry: ModelRegistry) -> SeedModelList:
                 context_length=registry.chat.context_length,
             )
         )
+        cards += [
+            SeedModelCard(
+                id=name, object="chat.completion", created=registry.created,
+                context_length=registry.chat.context_length, parent=registry.chat.model_name,
+            )
+            for name in registry.adapters
+        ]
     return SeedModelList(data=cards)
