@@ -122,7 +122,7 @@ class Scheduler:
             return plan
         # What the pacer grants the running long prompts is theirs; shorter prompts take the rest.
         grant = min(paced, sum(r.seq.num_uncomputed_tokens for r in long_prefills))
-        prefilling = [req.seq.token_ids for req, n in plan.scheduled if n > 1]
+        prefilling = [req.seq for req, n in plan.scheduled if n > 1]
         budget = grant + self._admit_waiting(plan, running, waiting, prefilling, budget - grant, paced, long=False)
         for req in long_prefills:
             n = min(req.seq.num_uncomputed_tokens, budget, paced)
@@ -131,7 +131,7 @@ class Scheduler:
                 paced -= n
                 plan.scheduled.append((req, n))
                 plan.long_tokens += n if n > 1 else 0
-                prefilling.append(req.seq.token_ids)
+                prefilling.append(req.seq)
         self._admit_waiting(plan, running, waiting, prefilling, budget, paced, long=True)
         return plan
 
@@ -154,7 +154,9 @@ class Scheduler:
             hit = PrefixHit() if seq.scores_prompt else self.kv.lookup(seq.token_ids, seq.cache_root)
             found = hit.tokens(self.kv.block_size)
             if not seq.scores_prompt and any(
-                common_length(seq.token_ids, ids) - found >= MIN_SHARED_TOKENS for ids in prefilling
+                common_length(seq.token_ids, other.token_ids) - found >= MIN_SHARED_TOKENS
+                for other in prefilling
+                if other.cache_root == seq.cache_root  # another adapter's blocks are never shared
             ):
                 skipped += 1  # next step, that beginning is in the pool
                 continue
@@ -175,7 +177,7 @@ class Scheduler:
             running.append(req)
             plan.admitted.append(req)
             plan.scheduled.append((req, n))
-            prefilling.append(seq.token_ids)
+            prefilling.append(seq)
         return budget
 
     def observe(self, plan: SchedulerPlan, seconds: float) -> None:
