@@ -6,19 +6,27 @@ own adapter: ``y += scale[i] * B[i] (A[i] x)``. The base weights are never touch
 the same model serves every adapter and the base, and a quantised base (``--quantize``) keeps its
 quantised kernels, the delta being computed beside it in the model's dtype.
 
-The adapters of a module are stacked (A ``[n, r, in]``, B ``[n, out, r]``, stored transposed; rank padded with
-zeros to the largest; a slot whose adapter does not target the module holds zeros). Per step the
-runner says which adapter each of its rows uses (:meth:`LoraLayers.step`); the tokens of the
-adapter rows are grouped by adapter once for the step (:class:`_Routing`), so each hooked module
-does, per adapter present, one gather-free slice or one index gather, two small matmuls and one
-scatter-add. A per-token gather of the stacked matrices (``A[idx]``, then batched ``bmm``: the
-punica/S-LoRA "BGMV" kernel) was measured slower on CPU (bench/bench_lora.py ``--kernels``):
-it moves ``tokens x r x (in + out)`` values per module where grouping moves ``r x (in + out)``
-per adapter. A step with no adapter row costs one attribute test per hooked module.
+Per module, the ``n`` loaded adapters sit side by side: ``a_cat`` ``[in, n*r]`` (each A
+transposed, input-major as glm_api/families/weight_layout.py stores base weights on CPU) and
+``b_cat`` ``[n*r, out]`` (each B transposed, times its scale), every rank padded with zeros to
+the largest ``r`` of all, and zeros for an adapter that does not target the module. Per step the
+runner says which adapter each row uses (:meth:`LoraLayers.step`); from that, once per step:
+
+- *masked* (while ``n*r`` is at most :data:`MASKED_WIDTH`): a ``[tokens, n*r]`` 0/1 mask that
+  keeps each token's own adapter's columns; each module then does ``h = (x @ a_cat) * mask;
+  y += h @ b_cat``: three kernel calls whatever the mix, at ``n*r`` columns of extra work;
+- *grouped* (wider stacks): each adapter's tokens (a slice when they are one run, else an index)
+  through its own ``r`` columns: per adapter present a gather, two small matmuls and a
+  scatter-add.
+
+Measured on the 2-core CPU for SmolLM2's projections, 32 decode rows over 4 adapters of rank 8,
+all seven projections of 30 layers (``python bench/bench_lora.py --kernels``): base 46.5 ms,
+masked +6.6 ms, grouped +21 ms, and a per-token gather of the stacked matrices followed by
+batched matmuls (punica's BGMV) +33 ms, since it moves ``tokens x r x (in + out)`` values per
+module. A step with no adapter row costs one attribute test per hooked module.
 
 All state is on the :class:`LoraLayers` object the runner holds; its lock is held for a whole
-forward, so loading or unloading an adapter (which restacks) never changes the tensors under a
-step.
+forward, so loading or unloading an adapter (which restacks) never changes tensors under a step.
 """
 
 from __future__ import annotations
@@ -34,36 +42,48 @@ from torch import nn
 
 from glm_api.adapters.lora_files import LoraWeights
 
+#: Widest stack (adapters x padded rank) applied masked; wider ones go grouped.
+MASKED_WIDTH = 128
+
 
 @dataclass
 class _Stack:
-    """One module's adapters, stacked by slot."""
+    """One module's adapters, side by side (slot ``s`` owns columns ``s*r .. s*r + r``)."""
 
-    # Input-major, as glm_api/families/weight_layout.py stores the base weights on CPU: the
-    # products are then x @ a[slot] @ b[slot], which MKL reads without a transpose.
-    a: torch.Tensor  # [n, in, r]: each adapter's A transposed
-    b: torch.Tensor  # [n, r, out]: each adapter's B transposed
-    scale: list[float]  # per slot; 0 where the slot's adapter does not target this module
+    a_cat: torch.Tensor  # [in, n*r]
+    b_cat: torch.Tensor  # [n*r, out], each adapter's scale folded in
     present: list[bool]  # per slot: whether its adapter targets this module
 
 
 @dataclass
 class _Routing:
-    """Which tokens of the step use which adapter: ``groups`` of (slot, token selection), the
-    selection a ``slice`` when the adapter's tokens are one contiguous run, else an index tensor
-    (per device, made on first use)."""
+    """Which tokens of the step use which adapter, in the form the step's strategy needs (its
+    tensors made per device and dtype on first use)."""
 
-    groups: list[tuple[int, slice | list[int]]] = field(default_factory=list)
-    _indices: dict[tuple[int, torch.device], torch.Tensor] = field(default_factory=dict)
+    tokens: int
+    rank: int
+    slots: int
+    token_slots: list[int]  # per packed token: its adapter's slot, -1 for the base model
+    masked: bool
+    groups: list[tuple[int, slice | list[int]]] = field(default_factory=list)  # grouped: (slot, its tokens)
+    _cache: dict[tuple, torch.Tensor] = field(default_factory=dict)
+
+    def mask(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = ("mask", device, dtype)
+        if key not in self._cache:
+            own = torch.tensor(self.token_slots, device=device)[:, None]
+            columns = torch.arange(self.slots, device=device).repeat_interleave(self.rank)[None, :]
+            self._cache[key] = (own == columns).to(dtype)
+        return self._cache[key]
 
     def select(self, group: int, device: torch.device) -> slice | torch.Tensor:
         rows = self.groups[group][1]
         if isinstance(rows, slice):
             return rows
-        key = (group, device)
-        if key not in self._indices:
-            self._indices[key] = torch.tensor(rows, dtype=torch.long, device=device)
-        return self._indices[key]
+        key = ("rows", group, device)
+        if key not in self._cache:
+            self._cache[key] = torch.tensor(rows, dtype=torch.long, device=device)
+        return self._cache[key]
 
 
 class LoraLayers:
@@ -75,6 +95,7 @@ class LoraLayers:
         self.adapters: dict[str, LoraWeights] = {}  # in slot order
         self.cache_roots: dict[str, bytes] = {}
         self._loads = 0  # a new load of a name gets a new cache root: old blocks never match
+        self._rank = 0  # the largest rank of any loaded adapter: every stack's padded rank
         self._stacks: dict[str, _Stack] = {}
         self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
         self._routing: _Routing | None = None  # set for the length of one forward
@@ -102,28 +123,28 @@ class LoraLayers:
             self._restack()
 
     def _restack(self) -> None:
-        """Stack every adapter's deltas per module (slots in ``adapters`` order) and hook exactly
-        the modules some adapter targets."""
+        """Lay every adapter's deltas side by side per module (slots in ``adapters`` order) and
+        hook exactly the modules some adapter targets."""
         modules = dict(self.model.named_modules())
         targets = sorted({t for w in self.adapters.values() for t in w.deltas})
+        rank = max((w.max_rank for w in self.adapters.values()), default=0)
+        n = len(self.adapters)
         stacks = {}
         for target in targets:
             deltas = [w.deltas.get(target) for w in self.adapters.values()]
             some = next(d for d in deltas if d is not None)
-            rank = max(d.rank for d in deltas if d is not None)
-            n, out_f, in_f = len(deltas), some.b.shape[0], some.a.shape[1]
-            a = some.a.new_zeros(n, in_f, rank)
-            b = some.b.new_zeros(n, rank, out_f)
+            a_cat = some.a.new_zeros(some.a.shape[1], n * rank)
+            b_cat = some.b.new_zeros(n * rank, some.b.shape[0])
             for slot, d in enumerate(deltas):
                 if d is not None:
-                    a[slot, :, : d.rank] = d.a.T
-                    b[slot, : d.rank] = d.b.T
-            stacks[target] = _Stack(a, b, [d.scale if d else 0.0 for d in deltas], [d is not None for d in deltas])
+                    a_cat[:, slot * rank : slot * rank + d.rank] = d.a.T
+                    b_cat[slot * rank : slot * rank + d.rank] = d.b.T * d.scale
+            stacks[target] = _Stack(a_cat, b_cat, [d is not None for d in deltas])
         for target in set(self._hooks) - set(stacks):
             self._hooks.pop(target).remove()
         for target in set(stacks) - set(self._hooks):
             self._hooks[target] = modules[target].register_forward_hook(self._hook(target))
-        self._stacks = stacks
+        self._stacks, self._rank = stacks, rank
 
     # -- one step (the runner's thread) ----------------------------------------------------------
 
@@ -139,18 +160,23 @@ class LoraLayers:
                 self._routing = None
 
     def _route(self, rows: Sequence[tuple[str | None, int, int]]) -> _Routing | None:
+        if all(name is None for name, _, _ in rows):
+            return None  # a step of base rows only: the hooks return at once
         slots = {name: i for i, name in enumerate(self.adapters)}
-        tokens: dict[int, list[int]] = {}
+        token_slots = [-1] * sum(n for _, _, n in rows)
         for name, start, n in rows:
             if name is not None:
-                tokens.setdefault(slots[name], []).extend(range(start, start + n))
-        if not tokens:
-            return None  # a step of base rows only: the hooks return at once
-        routing = _Routing()
-        for slot, positions in sorted(tokens.items()):
-            positions.sort()
-            contiguous = positions[-1] - positions[0] + 1 == len(positions)
-            routing.groups.append((slot, slice(positions[0], positions[-1] + 1) if contiguous else positions))
+                token_slots[start : start + n] = [slots[name]] * n
+        masked = len(slots) * self._rank <= MASKED_WIDTH
+        routing = _Routing(len(token_slots), self._rank, len(slots), token_slots, masked)
+        if not masked:
+            by_slot: dict[int, list[int]] = {}
+            for t, slot in enumerate(token_slots):
+                if slot >= 0:
+                    by_slot.setdefault(slot, []).append(t)
+            for slot, positions in sorted(by_slot.items()):
+                run = positions[-1] - positions[0] + 1 == len(positions)
+                routing.groups.append((slot, slice(positions[0], positions[-1] + 1) if run else positions))
         return routing
 
     def _hook(self, target: str):
@@ -160,16 +186,22 @@ class LoraLayers:
                 return output
             stack = self._stacks[target]
             x = args[0].reshape(-1, args[0].shape[-1])
-            y = output.reshape(-1, output.shape[-1])
+            y = output.view(-1, output.shape[-1])  # a view: the deltas land in the output
+            if routing.masked:
+                h = (x @ stack.a_cat).mul_(routing.mask(x.device, x.dtype))
+                y.addmm_(h, stack.b_cat)
+                return output
+            r = routing.rank
             for g, (slot, _) in enumerate(routing.groups):
                 if not stack.present[slot]:
                     continue
                 rows = routing.select(g, x.device)
-                delta = (x[rows] @ stack.a[slot]) @ stack.b[slot]
+                cols = slice(slot * r, slot * r + r)
+                delta = (x[rows] @ stack.a_cat[:, cols]) @ stack.b_cat[cols]
                 if isinstance(rows, slice):
-                    y[rows].add_(delta, alpha=stack.scale[slot])
+                    y[rows] += delta
                 else:
-                    y.index_add_(0, rows, delta, alpha=stack.scale[slot])
+                    y.index_add_(0, rows, delta)
             return output
 
         return add_deltas

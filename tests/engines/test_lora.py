@@ -122,8 +122,11 @@ def test_one_adapter_alone_equals_peft_merged_model(llama_adapters) -> None:
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
 
 
-def test_three_adapters_and_the_base_in_one_step_each_see_their_own_model(llama_adapters) -> None:
+@pytest.mark.parametrize("strategy", ["masked", "grouped"])
+def test_three_adapters_and_the_base_in_one_step_each_see_their_own_model(llama_adapters, strategy, monkeypatch) -> None:
     base, adapters = llama_adapters
+    if strategy == "grouped":  # the path stacks wider than MASKED_WIDTH take
+        monkeypatch.setattr("glm_api.engines.lora.MASKED_WIDTH", 0)
     runner, kv = runner_with(copy.deepcopy(base), {name: folder for name, (folder, _) in adapters.items()})
     names = [*adapters, None]
     rows = [(PROMPTS[i], names[i]) for i in range(4)]
@@ -136,7 +139,10 @@ def test_three_adapters_and_the_base_in_one_step_each_see_their_own_model(llama_
             torch.testing.assert_close(logits, expected, atol=2e-5, rtol=1e-4, msg=lambda m, n=names[i]: f"{n}: {m}")
 
 
-def test_chatglm3_adapter_on_fused_qkv_equals_peft_merged_model(tiny_chatglm3_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("strategy", ["masked", "grouped"])
+def test_chatglm3_adapter_on_fused_qkv_equals_peft_merged_model(tiny_chatglm3_dir: Path, tmp_path: Path, strategy, monkeypatch) -> None:
+    if strategy == "grouped":
+        monkeypatch.setattr("glm_api.engines.lora.MASKED_WIDTH", 0)
     config, weights = chatglm3_checkpoint(tiny_chatglm3_dir)
     linears = ChatGLM3Linears(weights, config["num_layers"])
     merged_folders = {}
