@@ -412,3 +412,30 @@ def test_unloading_refuses_while_requests_of_the_adapter_are_in_flight(tiny_chat
         asyncio.run(main())
     finally:
         engine.stop()
+
+
+class _Req:
+    def __init__(self, ids: list[int], root: bytes | None = None) -> None:
+        self.seq = Sequence(list(ids), cache_root=root)
+        self.priority = 0
+
+
+@pytest.mark.parametrize(
+    ("cached_blocks", "roots", "first_step"),
+    [
+        (16, (None, None), 1),  # same model, prefix cache on: the second waits a step for the shared beginning
+        (16, (None, b"adapter-root-1234"), 2),  # another adapter's blocks would never be shared: no wait
+        (0, (None, None), 2),  # prefix cache off: nothing to wait for
+    ],
+)
+def test_a_prompt_waits_for_a_shared_beginning_only_when_it_could_reuse_it(cached_blocks, roots, first_step) -> None:
+    from collections import deque
+
+    from glm_api.engines.scheduler import MIN_SHARED_TOKENS, Scheduler
+
+    model = tiny_llama()
+    kv = KVCacheManager(KVPool(probe_layout(model), 64, 4, CPU), cached_blocks=cached_blocks)
+    shared = list(range(1, MIN_SHARED_TOKENS + 5))
+    waiting = deque([_Req(shared + [60, 61], roots[0]), _Req(shared + [70, 71], roots[1])])
+    plan = Scheduler(kv, max_running=8, chunk_tokens=256).schedule([], waiting)
+    assert len(plan.admitted) == first_step
