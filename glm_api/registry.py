@@ -238,8 +238,9 @@ class ModelRegistry:
         if name and name in self.adapters:
             return AdapterEngine(self.chat, name)
         if name and name != self.chat.model_name:
+            adapters = f"; its LoRA adapters: {', '.join(self.adapters)}" if self.adapters else ""
             raise NotFoundError(
-                f"model {name!r} is not loaded; the chat model here is {self.chat.model_name!r}", param="model"
+                f"model {name!r} is not loaded; the chat model here is {self.chat.model_name!r}{adapters}", param="model"
             )
         return self.chat
 
@@ -263,7 +264,7 @@ class ModelRegistry:
                 for engine in done:  # all replicas or none
                     engine.unload_adapter(name)
                 raise
-            self.adapters[name] = str(path)
+            self.adapters = {**self.adapters, name: str(path)}  # replaced, not changed: the event loop iterates it
 
     def unload_adapter(self, name: str) -> None:
         """Stop serving an adapter; ConflictError while requests of it are in flight."""
@@ -281,7 +282,7 @@ class ModelRegistry:
                 for engine in done:  # all replicas or none
                     engine.load_adapter(name, self.adapters[name])
                 raise
-            del self.adapters[name]
+            self.adapters = {n: p for n, p in self.adapters.items() if n != name}
 
     def embedding_engine(self, name: str | None) -> EmbeddingEngine:
         if not self.embeddings:
