@@ -20,7 +20,7 @@ from glm_api.serving.batches import BatchStore
 from glm_api.serving.responses_store import ResponseStore
 from glm_api.security import ApiKeyMiddleware, BodyLimitMiddleware
 from glm_api.registry import ModelRegistry, ModelSources, build_registry
-from glm_api.routers import batch, openai, ops, playground, rerank, responses, seed
+from glm_api.routers import batch, lora_adapters, openai, ops, playground, rerank, responses, seed
 from glm_api.state import AppState, Services
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,7 @@ def create_app(
     install_error_handlers(app)
     app.include_router(seed.router)
     app.include_router(openai.router)
+    app.include_router(lora_adapters.router)
     app.include_router(responses.router)
     app.include_router(rerank.router)
     app.include_router(batch.router)

@@ -34,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ptuning", metavar="NAME=PATH", action="append", dest="ptuning",
                    help="a P-Tuning v2 checkpoint of the ChatGLM3 chat model, served as NAME (repeatable); its "
                    "prefix takes pre_seq_len tokens of the KV cache, once for all requests")
+    p.add_argument("--lora", metavar="NAME=PATH", action="append", dest="lora",
+                   help="a peft LoRA adapter folder of the chat model, served as model NAME (repeatable; "
+                   "GLM_API_LORA takes a comma-separated list)")
+    p.add_argument("--allow-runtime-lora", action="store_true", default=None,
+                   help="allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter (off by default)")
     p.add_argument("--model-dir", metavar="DIR", help="where the seed's model folders are looked for (default ./model)")
     p.add_argument("--disable-chat", action="store_true", default=None, help="serve embeddings only")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto); a comma-separated list (cuda:0,cuda:1) "

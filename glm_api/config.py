@@ -70,6 +70,12 @@ class Settings(BaseSettings):
     # P-Tuning v2 checkpoints of the (ChatGLM3) chat model, NAME=PATH: each served as NAME, its
     # prefix's keys/values pinned in the chat model's KV cache.
     ptuning: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    # LoRA adapters of the chat model, NAME=PATH (peft folders): a request whose model is NAME
+    # runs under that adapter. Loading/unloading them over HTTP is off unless allowed.
+    lora: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    allow_runtime_lora: bool = Field(
+        False, description="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's routes)"
+    )
 
     # Chat scheduling and limits.
     max_running: int = Field(32, ge=1, description="sequences decoded together in one batch")
@@ -188,3 +194,8 @@ class Settings(BaseSettings):
     @classmethod
     def _parse_ptuning(cls, value: object) -> dict[str, str]:
         return parse_name_paths(value, "P-Tuning v2 checkpoint")
+
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _parse_lora(cls, value: object) -> dict[str, str]:
+        return parse_name_paths(value, "LoRA adapter")

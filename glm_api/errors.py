@@ -6,9 +6,12 @@ are 4xx so that SDKs, which retry 429 and 5xx, do not retry them.
 
     APIError (500, internal_error)
     ├── BadRequestError (400, invalid_request_error)
-    │   └── ContextLengthError (400, code context_length_exceeded)
+    │   ├── ContextLengthError (400, code context_length_exceeded)
+    │   └── AdapterError (400, code invalid_lora_adapter: a LoRA folder that does not fit the model)
     ├── AuthenticationError (401)
+    ├── ForbiddenError (403: a route the server's settings switch off)
     ├── NotFoundError (404)
+    ├── ConflictError (409: the resource is in use)
     ├── PayloadTooLargeError (413)
     ├── UnsupportedMediaTypeError (415)
     ├── RateLimitError (429, carries Retry-After)
@@ -47,16 +50,35 @@ class ContextLengthError(BadRequestError):
     code = "context_length_exceeded"
 
 
+class AdapterError(BadRequestError):
+    """A LoRA adapter folder that cannot be applied to the chat model: at start-up the server
+    refuses to start with it, at run time (``/v1/load_lora_adapter``) it is a 400."""
+
+    code = "invalid_lora_adapter"
+
+
 class AuthenticationError(APIError):
     status_code = 401
     type = "authentication_error"
     code = "invalid_api_key"
 
 
+class ForbiddenError(APIError):
+    status_code = 403
+    type = "permission_error"
+    code = "forbidden"
+
+
 class NotFoundError(APIError):
     status_code = 404
     type = "invalid_request_error"
     code = "model_not_found"
+
+
+class ConflictError(APIError):
+    status_code = 409
+    type = "invalid_request_error"
+    code = "conflict"
 
 
 class PayloadTooLargeError(APIError):

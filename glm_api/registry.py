@@ -7,6 +7,7 @@ fails before the server starts); ``build_registry`` loads them (slow, runs in a 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING
 from glm_api.config import SEED_CHAT_MODEL, SEED_EMBEDDING_MODELS, SEED_RERANK_MODELS, Settings
 from glm_api.devices import resolve_device, resolve_devices, resolve_dtype
 from glm_api.engines.base import ChatEngine, EmbeddingEngine
-from glm_api.errors import BadRequestError, NotFoundError
+from glm_api.errors import AdapterError, BadRequestError, ConflictError, NotFoundError
 
 if TYPE_CHECKING:
     import torch
@@ -48,6 +49,7 @@ class ModelSources:
     embeddings: tuple[ModelSource, ...]
     rerankers: tuple[ModelSource, ...] = ()  # cross-encoders; none: cosine over an embedding model
     ptuning: tuple[ModelSource, ...] = ()  # P-Tuning v2 prefixes over the chat model (glm_api/ptuning.py)
+    loras: tuple[ModelSource, ...] = ()  # LoRA adapters of the chat model (peft folders)
 
 
 def resolve_model_sources(settings: Settings) -> ModelSources:
@@ -117,7 +119,27 @@ def resolve_model_sources(settings: Settings) -> ModelSources:
     from glm_api.ptuning import ptuning_sources
 
     taken = {s.name for s in (chat, *embeddings, *rerankers) if s is not None}
-    return ModelSources(chat, embeddings, rerankers, ptuning_sources(settings, chat, taken))
+    ptuning = ptuning_sources(settings, chat, taken)
+    return ModelSources(chat, embeddings, rerankers, ptuning, _lora_sources(settings, chat, taken | {s.name for s in ptuning}))
+
+
+def _lora_sources(settings: Settings, chat: ModelSource | None, taken: set[str]) -> tuple[ModelSource, ...]:
+    """``--lora`` folders, checked for their files (their fit to the model is checked when they
+    load onto it); a name must not be another model's."""
+    from glm_api.adapters.lora_files import check_adapter_folder
+
+    if settings.lora and chat is None:
+        raise StartupError("--lora / GLM_API_LORA: LoRA adapters need a chat model, and chat is disabled")
+    out = []
+    for name, path in settings.lora.items():
+        if name in taken:
+            raise StartupError(f"--lora {name}={path}: {name!r} is already the name of a model here; name the adapter apart")
+        try:
+            check_adapter_folder(Path(path))
+        except AdapterError as exc:
+            raise StartupError(f"--lora {name}={path}: {exc.message}") from None
+        out.append(ModelSource(name, Path(path)))
+    return tuple(out)
 
 
 def _rerank_sources(settings: Settings) -> tuple[ModelSource, ...]:
@@ -182,6 +204,8 @@ class ModelRegistry:
         # of ``chat`` with its ``parent``: started and stopped with it.
         self.variants = variants or {}
         self.created = int(time.time())
+        self.adapters: dict[str, str] = {}  # LoRA adapters of the chat model: name -> folder
+        self._adapter_lock = threading.Lock()  # one load or unload at a time
 
     def start(self) -> None:
         if self.chat is not None:
@@ -211,15 +235,61 @@ class ModelRegistry:
         return [replica.status() for replica in replicas_of(self.chat)]
 
     def chat_engine(self, name: str | None) -> ChatEngine:
-        """The chat engine; a name that is not the loaded chat model is a 404, never a swap."""
+        """The chat engine (under a LoRA adapter's name: the engine that runs requests with that
+        adapter); a name that is not the loaded chat model is a 404, never a swap."""
+        from glm_api.engines.adapter_engine import AdapterEngine
+
         if self.chat is None:
             raise NotFoundError("this server has no chat model loaded", param="model")
         if name and name in self.variants:
             return self.variants[name]
+        if name and name in self.adapters:
+            return AdapterEngine(self.chat, name)
         if name and name != self.chat.model_name:
             names = ", ".join(repr(n) for n in (self.chat.model_name, *self.variants))
-            raise NotFoundError(f"model {name!r} is not loaded; chat models here: {names}", param="model")
+            adapters = f"; its LoRA adapters: {', '.join(self.adapters)}" if self.adapters else ""
+            raise NotFoundError(f"model {name!r} is not loaded; chat models here: {names}{adapters}", param="model")
         return self.chat
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """Load a LoRA adapter onto every replica of the chat model and serve it as ``name``
+        (blocking: seconds; AdapterError when it does not fit the model)."""
+        from glm_api.engines.replica_balancer import replicas_of
+
+        if self.chat is None:
+            raise NotFoundError("this server has no chat model to load an adapter onto", param="lora_name")
+        with self._adapter_lock:
+            taken = {self.chat.model_name, *self.embeddings, *self.rerankers, *self.variants, *self.adapters}
+            if name in taken:
+                raise ConflictError(f"{name!r} is already the name of a model or adapter here", param="lora_name")
+            done = []
+            try:
+                for replica in replicas_of(self.chat):
+                    replica.engine.load_adapter(name, path)
+                    done.append(replica.engine)
+            except BaseException:
+                for engine in done:  # all replicas or none
+                    engine.unload_adapter(name)
+                raise
+            self.adapters = {**self.adapters, name: str(path)}  # replaced, not changed: the event loop iterates it
+
+    def unload_adapter(self, name: str) -> None:
+        """Stop serving an adapter; ConflictError while requests of it are in flight."""
+        from glm_api.engines.replica_balancer import replicas_of
+
+        with self._adapter_lock:
+            if name not in self.adapters or self.chat is None:
+                raise NotFoundError(f"no LoRA adapter named {name!r} is loaded", param="lora_name")
+            done = []
+            try:
+                for replica in replicas_of(self.chat):
+                    replica.engine.unload_adapter(name)  # ConflictError while it has requests in flight
+                    done.append(replica.engine)
+            except ConflictError:
+                for engine in done:  # all replicas or none
+                    engine.load_adapter(name, self.adapters[name])
+                raise
+            self.adapters = {n: p for n, p in self.adapters.items() if n != name}
 
     def embedding_engine(self, name: str | None) -> EmbeddingEngine:
         if not self.embeddings:
@@ -306,7 +376,13 @@ def build_registry(settings: Settings, sources: ModelSources | None = None) -> M
     from glm_api.ptuning import prefixed_views
 
     variants = prefixed_views(chat, sources.ptuning) if chat is not None else {}
-    return ModelRegistry(chat, embeddings, rerankers, variants)
+    registry = ModelRegistry(chat, embeddings, rerankers, variants)
+    for source in sources.loras:
+        try:
+            registry.load_adapter(source.name, str(source.path))
+        except AdapterError as exc:  # refused now, not served to answer wrongly
+            raise StartupError(f"--lora {source.name}={source.path}: {exc.message}") from None
+    return registry
 
 
 def _load_reranker(settings: Settings, source: ModelSource, device: torch.device, dtype: torch.dtype) -> RerankEngine:

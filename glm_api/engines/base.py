@@ -55,6 +55,9 @@ class SamplingParams:
     # A P-Tuning v2 prefix the engine holds pinned, by name, attended before the prompt (None:
     # the engine's default, usually none). Set by the serving layer's routing, not by clients.
     prefix: str | None = None
+    # Not a sampling knob, but it travels with the request's parameters as vLLM's lora_request
+    # does: the LoRA adapter the request runs under (None: the base model).
+    adapter: str | None = None
 
     @property
     def greedy(self) -> bool:

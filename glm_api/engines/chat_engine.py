@@ -22,7 +22,9 @@ from glm_api.engines.base import Constraint, EngineInfo, GenerationChunk, Sampli
 from glm_api.engines.detokenizer import IncrementalDetokenizer
 from glm_api.engines.engine_thread import EngineThread
 from glm_api.engines.grammar import CompiledGrammar, GrammarCompiler
+from glm_api.engines.kv_blocks import join_salts
 from glm_api.engines.kv_cache_manager import BlockOps, KVCacheManager
+from glm_api.engines.lora import LoraLayers
 from glm_api.engines.model_runner import ModelRunner
 from glm_api.engines.output_processor import OutputProcessor
 from glm_api.engines.pacing import PrefillPacer
@@ -34,6 +36,7 @@ from glm_api.engines.sequence import Sequence
 from glm_api.engines.stats import ChatEngineStats
 from glm_api.errors import (
     BadRequestError,
+    ConflictError,
     ContextLengthError,
     EngineUnavailableError,
     InternalError,
@@ -97,6 +100,7 @@ class TransformersChatEngine(EngineThread):
         # that name none (a P-tuned checkpoint served as its own model).
         self.prefixes: dict[str, PinnedPrefix] = {}
         self.default_prefix: PinnedPrefix | None = None
+        self._unloading: set[str] = set()  # adapters being unloaded: refused to new requests
 
     def pin_prefix(self, name: str, key_values: list, *, default: bool = False) -> PinnedPrefix:
         """Keep a prefix's keys/values (per layer, ``[kv_heads, tokens, head_dim]`` each) pinned
@@ -222,6 +226,12 @@ class TransformersChatEngine(EngineThread):
             )
         prefix = self._prefix(params.prefix)
         queue: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
+        seq = Sequence(
+            list(prompt_ids),
+            scores_prompt=params.prompt_logprobs is not None and len(prompt_ids) > 1,
+            prefix=prefix,
+            cache_salt=prefix.salt if prefix is not None else None,
+        )
         request = EngineRequest(
             request_id=request_id,
             prompt_ids=list(prompt_ids),
@@ -229,18 +239,16 @@ class TransformersChatEngine(EngineThread):
             loop=asyncio.get_running_loop(),
             queue=queue,
             detok=IncrementalDetokenizer(self.template.decode, params.stop),
-            seq=Sequence(
-                list(prompt_ids),
-                scores_prompt=params.prompt_logprobs is not None and len(prompt_ids) > 1,
-                prefix=prefix,
-                cache_salt=prefix.salt if prefix is not None else None,
-            ),
+            seq=seq,
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
             stop_ids=self.template.stop_token_ids | frozenset(params.stop_token_ids),
             per_row=needs_per_row_sampling(params),
             matcher=params.grammar.matcher() if params.grammar is not None else None,
         )
         with self._cv:
+            if params.adapter is not None:  # checked under the lock: an unload cannot slip in between
+                seq.adapter = params.adapter
+                seq.cache_salt = join_salts(seq.cache_salt, self._adapter_root(params.adapter))
             if self._queue_full():
                 self.stats.rejected += 1
                 raise RateLimitError(
@@ -251,6 +259,57 @@ class TransformersChatEngine(EngineThread):
             enqueue(self._waiting, request)
             self._cv.notify()
         return stream_output(queue, lambda: self.abort(request_id))
+
+    # -- LoRA adapters (engines/lora.py); blocking: callers run them off the event loop --------
+
+    @property
+    def adapters(self) -> list[str]:
+        lora = self.runner.lora
+        return lora.names if lora is not None else []
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """Read a peft LoRA folder, fit it onto this model (AdapterError when it does not fit) and
+        serve it to requests whose ``params.adapter`` is ``name``; waits for the step in progress."""
+        from glm_api.adapters.lora_files import read_lora
+
+        weights = read_lora(name, path, self.model)
+        with self._cv:
+            if self.runner.lora is None:
+                self.runner.lora = LoraLayers(self.model)
+            if name in self.runner.lora:
+                raise ConflictError(f"a LoRA adapter named {name!r} is already loaded", param="lora_name")
+        self.runner.lora.add(weights)  # the lock of a step, not the engine's: the event loop never waits on a forward
+        log.info("LoRA adapter %s loaded from %s (%d modules, rank <= %d)", name, path, len(weights.deltas), weights.max_rank)
+
+    def unload_adapter(self, name: str) -> None:
+        """Stop serving an adapter. Refused (ConflictError, naming them) while requests of it are
+        queued or running: they would lose their weights mid-answer."""
+        lora = self.runner.lora
+        with self._cv:
+            if lora is None or name not in lora or name in self._unloading:
+                raise NotFoundError(f"no LoRA adapter named {name!r} is loaded", param="lora_name")
+            busy = [r.request_id for r in (*self._running, *self._waiting) if r.seq.adapter == name]
+            if busy:
+                shown = ", ".join(busy[:8]) + (f" and {len(busy) - 8} more" if len(busy) > 8 else "")
+                raise ConflictError(
+                    f"LoRA adapter {name!r} has {len(busy)} request(s) in flight ({shown}); unload it when they finish",
+                    param="lora_name",
+                )
+            self._unloading.add(name)  # new requests of it are refused from now on
+        try:
+            lora.remove(name)
+        finally:
+            with self._cv:
+                self._unloading.discard(name)
+        log.info("LoRA adapter %s unloaded", name)
+
+    def _adapter_root(self, name: str) -> bytes:
+        """The adapter's prefix-cache root; NotFoundError when it is not (or no longer) loaded.
+        Caller holds the lock."""
+        lora = self.runner.lora
+        if lora is None or name not in lora or name in self._unloading:
+            raise NotFoundError(f"LoRA adapter {name!r} is not loaded", param="model")
+        return lora.cache_roots[name]
 
     def abort(self, request_id: str) -> None:
         with self._cv:

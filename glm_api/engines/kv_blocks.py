@@ -109,7 +109,8 @@ class BlockManager:
     def lookup(self, tokens: Sequence[int], salt: bytes | None = None) -> PrefixHit:
         """The longest beginning of ``tokens`` in the pool, leaving at least one token to compute
         (its logits give the next token). ``salt``: the root of the chain (what besides the
-        tokens decides the blocks' keys/values, e.g. a pinned prefix; None for the model alone)."""
+        tokens decides the blocks' keys/values, a pinned prefix, a LoRA adapter; None for the base model alone):
+        only blocks cached under the same salt match."""
         hit = PrefixHit()
         if not self.prefix_caching:
             return hit
@@ -214,3 +215,9 @@ def chain_digest(parent: bytes | None, tokens: tuple[int, ...]) -> bytes:
     h = hashlib.blake2b(parent or bytes(16), digest_size=16)  # fixed framing: 16 bytes, then the ids
     h.update(array("q", tokens).tobytes())
     return h.digest()
+
+
+def join_salts(first: bytes | None, second: bytes) -> bytes:
+    """One chain root for rows whose keys/values depend on two things (a pinned prefix and a
+    LoRA adapter): equal only when both are."""
+    return second if first is None else hashlib.blake2b(first + second, digest_size=16).digest()

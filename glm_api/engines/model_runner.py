@@ -15,12 +15,14 @@ graph-captured step, or another attention backend, plugs in here (nano-vllm's an
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
 from glm_api.engines.cache_layout import probe_layout
 from glm_api.engines.kv_pool import KVPool, layer_devices, size_pool
+from glm_api.engines.lora import LoraLayers
 from glm_api.engines.paged_attention import PagedStep, ScheduledRow, install
 from glm_api.engines.sequence import Sequence
 
@@ -44,6 +46,8 @@ class ModelRunner:
         self.pool = pool
         self.device = next(model.parameters()).device
         self._keep_device = self.device
+        # LoRA adapters, per row (engines/lora.py); None until the first adapter loads.
+        self.lora: LoraLayers | None = None
         if hasattr(model, "_hf_hook"):  # split over devices (glm_api/device_map.py)
             # Steps are built on the first layer's device and the hooks bring the logits back
             # there; the last hidden states stay on the last device, so the rows to keep are
@@ -111,7 +115,12 @@ class ModelRunner:
                 spans[i] = (len(positions), n)
                 positions += range(step.last_index[i] - n + 1, step.last_index[i] + 1)
         keep = torch.tensor(positions, dtype=torch.long, device=self._keep_device)
-        out = self.model(**step.model_inputs(), logits_to_keep=keep)
+        lora = self.lora
+        adapters = nullcontext()
+        if lora is not None:  # each row's tokens are one run ending at its last index (the step orders rows its way)
+            adapters = lora.step([(seq.adapter, step.last_index[i] - n + 1, n) for i, (seq, n) in enumerate(scheduled)])
+        with adapters:
+            out = self.model(**step.model_inputs(), logits_to_keep=keep)
         if not positions:
             return StepOutput(sampling, None)
         logits = out.logits[0]

@@ -153,10 +153,10 @@ class Scheduler:
             # A prompt that is scored computes every position: nothing from the prefix cache.
             hit = PrefixHit() if seq.scores_prompt else self.kv.lookup(seq.token_ids, seq.cache_salt)
             found = hit.tokens(self.kv.block_size)
-            if not seq.scores_prompt and any(
+            if not seq.scores_prompt and self.kv.prefix_caching and any(
                 common_length(seq.token_ids, other.token_ids) - found >= MIN_SHARED_TOKENS
                 for other in prefilling
-                if other.cache_salt == seq.cache_salt  # behind another prefix it would not be found
+                if other.cache_salt == seq.cache_salt  # another prefix's or adapter's blocks are never shared
             ):
                 skipped += 1  # next step, that beginning is in the pool
                 continue

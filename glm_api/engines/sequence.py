@@ -29,6 +29,7 @@ class Sequence:
     # the same tokens never share cached blocks.
     prefix: PinnedPrefix | None = None
     cache_salt: bytes | None = None
+    adapter: str | None = None  # the LoRA adapter its tokens are computed with (None: the base model)
 
     @property
     def num_uncomputed_tokens(self) -> int:

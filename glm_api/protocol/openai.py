@@ -583,7 +583,7 @@ class ModelCard(BaseModel):
     kind: Literal["chat", "embedding", "rerank"]
     context_length: int | None = None
     dimensions: int | None = None
-    parent: str | None = None  # the model this one runs over (vLLM's field): a P-Tuning v2 prefix's base
+    parent: str | None = None  # the model this one runs over (vLLM's field): a LoRA adapter's or P-Tuning v2 prefix's base
 
 
 class ModelList(BaseModel):

@@ -24,6 +24,13 @@ def model_cards(registry: ModelRegistry) -> list[ModelCard]:
                 context_length=registry.chat.context_length,
             )
         )
+        cards += [  # each LoRA adapter is a chat model of its own, over the base
+            ModelCard(
+                id=name, created=registry.created, kind="chat", context_length=registry.chat.context_length,
+                parent=registry.chat.model_name,
+            )
+            for name in registry.adapters
+        ]
     cards += [
         ModelCard(
             id=name, created=registry.created, kind="chat", context_length=engine.context_length,

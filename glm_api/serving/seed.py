@@ -153,6 +153,13 @@ def seed_models(registry: ModelRegistry) -> SeedModelList:
                 context_length=registry.chat.context_length,
             )
         )
+        cards += [
+            SeedModelCard(
+                id=name, object="chat.completion", created=registry.created,
+                context_length=registry.chat.context_length, parent=registry.chat.model_name,
+            )
+            for name in registry.adapters
+        ]
     cards += [
         SeedModelCard(
             id=name, object="chat.completion", created=registry.created, context_length=engine.context_length,
