@@ -36,7 +36,7 @@ def _client(tiny_llama_dir: Path, adapters, **settings) -> TestClient:
     _, made = adapters
     config = Settings(_env_file=None, chat_model=str(tiny_llama_dir), chat_model_name="tiny", **settings)
     loras = tuple(ModelSource(name, made[name][0]) for name in config.lora)
-    registry = build_registry(config, ModelSources(ModelSource("tiny", tiny_llama_dir), (), (), loras))
+    registry = build_registry(config, ModelSources(ModelSource("tiny", tiny_llama_dir), (), (), loras=loras))
     return TestClient(create_app(config, registry))
 
 

@@ -54,7 +54,7 @@ def test_adapter_folder_without_weights_is_refused_before_loading(tiny_llama_dir
 
 def test_adapters_load_with_the_chat_model_or_the_server_does_not_start(tiny_llama_dir, tiny_chatglm3_dir, llama_adapter) -> None:
     settings = _settings(tiny_llama_dir, lora={"sql": str(llama_adapter)})
-    registry = build_registry(settings, ModelSources(ModelSource("tiny", tiny_llama_dir), (), (), (ModelSource("sql", llama_adapter),)))
+    registry = build_registry(settings, ModelSources(ModelSource("tiny", tiny_llama_dir), (), (), loras=(ModelSource("sql", llama_adapter),)))
     try:
         assert registry.adapters == {"sql": str(llama_adapter)}
         assert registry.chat_engine("sql").model_name == "sql"
@@ -63,6 +63,6 @@ def test_adapters_load_with_the_chat_model_or_the_server_does_not_start(tiny_lla
         registry.stop()
     # The same adapter over a ChatGLM3 model: modules of another architecture.
     settings = _settings(tiny_chatglm3_dir, lora={"sql": str(llama_adapter)})
-    sources = ModelSources(ModelSource("glm", tiny_chatglm3_dir), (), (), (ModelSource("sql", llama_adapter),))
+    sources = ModelSources(ModelSource("glm", tiny_chatglm3_dir), (), (), loras=(ModelSource("sql", llama_adapter),))
     with pytest.raises(StartupError, match=r"--lora sql=.*: LoRA adapter 'sql' .* (does not have|does not fit)"):
         build_registry(settings, sources)
