@@ -40,17 +40,20 @@ CPU = torch.device("cpu")
 STORY = [{"role": "user", "content": "Write a long story about a lighthouse keeper and a storm."}]
 
 
-def bandwidth_gbs(mib: int = 256, reps: int = 12) -> float:
+def bandwidth_gbs(mib: int = 256, reps: int = 12, device: torch.device = CPU) -> float:
     """GB/s (10^9) of a float32 matrix-vector product over a ``mib`` MiB matrix: the rate one
     stream's decode reads weights at, at best."""
     n = int((mib * 2**20 / 4) ** 0.5)
-    matrix, vector = torch.randn(n, n), torch.randn(n)
-    out = torch.empty(n)
+    matrix, vector = torch.randn(n, n, device=device), torch.randn(n, device=device)
+    out = torch.empty(n, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.mv(matrix, vector, out=out)
     best = float("inf")
     for _ in range(reps):
+        sync()
         start = time.perf_counter()
         torch.mv(matrix, vector, out=out)
+        sync()
         best = min(best, time.perf_counter() - start)
     return matrix.numel() * 4 / best / 1e9
 
