@@ -49,8 +49,9 @@ MIN_GRAPH_BLOCKS = 8
 
 def decode_options(compile_decode: str, cuda_graphs: str, device: torch.device) -> tuple[bool, bool]:
     """(compiled, graphs) for the settings ``auto|on|off`` on ``device``. ``auto``: both on for
-    CUDA; on a CPU the eager step (measured on the 2-core dev CPU, see README "Decode step":
-    compiling costs start-up time there for a gain that ...)."""
+    CUDA; on a CPU the eager step: compiling cost ~45 s of start-up per row bucket for SmolLM2
+    on the 2-core dev CPU, for a gain its load did not let us measure reliably (README, "Decode
+    step"). CUDA graphs exist only on CUDA."""
     cuda = device.type == "cuda"
     compiled = compile_decode == "on" or (compile_decode == "auto" and cuda)
     graphs = cuda and (cuda_graphs == "on" or (cuda_graphs == "auto"))
@@ -250,6 +251,7 @@ class DecodeStep:
         self._static: dict[tuple[int, int], _StaticInputs] = {}
         self._graph_pool = None
         self.steps = 0  # decode steps run (warm-up included)
+        self.warm_up_seconds = 0.0  # what warm_up took (compiling, capturing)
         self._placeholder = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.device)
         self._forward = self._eager_forward
         if compiled:
@@ -355,7 +357,7 @@ class DecodeStep:
                 self.run(rows)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        seconds = time.perf_counter() - started
+        seconds = self.warm_up_seconds = time.perf_counter() - started
         log.info(
             "decode step warmed up for %d row buckets (%s%s) in %.1f s",
             len(self.buckets), "compiled" if self.compiled else "eager", ", CUDA graphs" if self._capture else "",
