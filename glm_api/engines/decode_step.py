@@ -278,7 +278,9 @@ class DecodeStep:
         """Logits ``[len(rows), V]`` of one decode token of each row, in the order given (rows
         run sorted by length: put back with one copy only when that changed their order)."""
         self.steps += 1
-        bucket = bucket_for(len(rows), self.buckets)
+        # Only a compiled graph or a captured one needs a fixed batch size: eager steps run the
+        # rows there are (a padding row would cost a row of every matmul and its attention).
+        bucket = bucket_for(len(rows), self.buckets) if self.compiled or self.graphs else len(rows)
         host = DecodeRows.build(rows, bucket, self.pool.block_size)
         if self.graphs:
             logits = self._run_static(host, bucket)

@@ -19,6 +19,7 @@ from glm_api.cli import settings_from_args
 from glm_api.engines.base import SamplingParams
 from glm_api.engines.chat_engine import TransformersChatEngine
 from glm_api.engines.decode_step import bucket_for, decode_options, row_buckets
+from glm_api.engines.sequence import Sequence
 from glm_api.families.detect import load_chat_model
 from tests.engines.test_paged_kv import _assert_alone, _Harness, _random_rows, _stock_and_paged
 
@@ -60,6 +61,34 @@ def test_decode_steps_see_what_each_row_sees_alone(kind, mode):
     _assert_alone(reference, rows, lens)
     assert harness.runner.decode.steps > 10  # the decode path ran, not only the general step
     assert harness.kv.num_used == 0
+
+
+@pytest.mark.parametrize("kind", ["glm4_moe_lite", "glm_moe_dsa"])
+def test_latent_and_indexer_layouts_keep_the_general_step(kind):
+    reference, model = _stock_and_paged(kind)
+    rows, lens = _random_rows(random.Random(4), 6)
+    harness = _Harness(model, blocks=200, block_size=4, chunk=64, max_running=8)
+    assert harness.runner.decode is None  # their layers read a history the pool rebuilds
+    harness.run(rows)
+    _assert_alone(reference, rows, lens)
+
+
+def test_a_row_that_scores_its_prompt_keeps_the_general_step():
+    """A one-token step of a scoring row must still return that position's logits in ``scored``."""
+    _, model = _stock_and_paged("llama")
+    harness = _Harness(model, blocks=50, block_size=4, chunk=64, max_running=4)
+    runner = harness.runner
+    prompt = [5, 9, 11, 3, 7]
+    seq = Sequence(list(prompt), scores_prompt=True)
+    seq.block_table = harness.kv.blocks.allocate(harness.kv.blocks_for(len(prompt)))[0]
+    with torch.inference_mode():
+        first = runner.execute([(seq, len(prompt) - 1)])
+        seq.num_computed_tokens = len(prompt) - 1
+        steps = runner.decode.steps
+        last = runner.execute([(seq, 1)])
+    assert runner.decode.steps == steps  # not the lean step
+    assert first.scored[0].shape[0] == len(prompt) - 1 and last.scored[0].shape[0] == 1
+    torch.testing.assert_close(last.scored[0][0], last.logits[0])
 
 
 def test_preempted_rows_decode_to_the_same_logits_compiled():
