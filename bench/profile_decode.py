@@ -20,9 +20,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import logging
+
 import torch
 
-from bench.bench_decode import CPU, STORY, make_engine, tiny_model
+from bench.bench_decode import CPU, STORY, tiny_model, variant
 
 
 def main() -> int:
@@ -32,8 +34,11 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--tiny", action="store_true", help="the random 2-layer model instead of SmolLM2")
     parser.add_argument("--compile", choices=["on", "off", "default"], default="default")
+    parser.add_argument("--main", action="store_true", help="main's path: the general step, F.linear")
     parser.add_argument("--cache-dir", default=".cache/glm-api")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("glm_api.families.dense_kernels").setLevel(logging.INFO)
 
     from glm_api.engines.base import SamplingParams
     from glm_api.engines.request_state import EngineRequest
@@ -46,7 +51,7 @@ def main() -> int:
     if args.tiny:
         loaded = tiny_model(loaded.template)
     options = {} if args.compile == "default" else {"compile_decode": args.compile == "on"}
-    engine = make_engine(loaded, max_running=max(args.rows, 1), **options)
+    engine = variant(loaded, not args.main, max_running=max(args.rows, 1), **options)
     engine._warm_up() if hasattr(engine, "_warm_up") else None
     prompt = loaded.template.encode_messages(STORY)
     params = SamplingParams(max_tokens=10_000, temperature=0.0)
@@ -66,7 +71,7 @@ def main() -> int:
         out = engine.runner.execute(scheduled)
         engine.kv.computed(scheduled)
         rows = [plan.scheduled[i][0] for i in out.sampling]
-        for req, token in zip(rows, engine.sampler.sample(rows, out.logits)):
+        for req, token in zip(rows, engine.sampler.sample(rows, out.logits).tokens):
             req.output_ids.append(token)
             req.seq.token_ids.append(token)
 

@@ -91,6 +91,11 @@ class Settings(BaseSettings):
     compile_decode: Literal["auto", "on", "off"] = Field(
         "auto", description="decode steps through torch.compile, warmed up at start-up (auto: on for CUDA, off on CPU)"
     )
+    cpu_kernels: Literal["auto", "off"] = Field(
+        "auto",
+        description="CPU float32: projections through oneDNN's packed linear where it times faster at start-up "
+        "(auto; costs a second copy of the weights), or F.linear everywhere (off)",
+    )
     cuda_graphs: Literal["auto", "on", "off"] = Field(
         "auto", description="CUDA: decode steps captured as CUDA graphs per batch bucket (auto: on; no effect on CPU)"
     )

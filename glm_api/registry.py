@@ -358,6 +358,7 @@ def _load_chat_replica(
     from glm_api.engines.cache_layout import UnsupportedCacheError
     from glm_api.engines.chat_engine import TransformersChatEngine
     from glm_api.engines.decode_step import decode_options
+    from glm_api.families.dense_kernels import pack_linears, packed_linear_available
     from glm_api.families.detect import load_chat_model
 
     dtype = resolve_dtype(settings.dtype, device)
@@ -382,6 +383,8 @@ def _load_chat_replica(
 
         choose_kernels(loaded.model, dtype, widths=(1, settings.max_running, settings.prefill_chunk_tokens))
     compile_decode, decode_graphs = decode_options(settings.compile_decode, settings.cuda_graphs, device)
+    if settings.cpu_kernels == "auto" and not compile_decode and packed_linear_available(device, dtype):
+        pack_linears(loaded.model, widths=(1, settings.max_running, settings.prefill_chunk_tokens))
     try:
         engine = TransformersChatEngine(
             loaded, source.name, max_running=settings.max_running, max_waiting=settings.max_waiting,
