@@ -141,7 +141,7 @@ def engine_options(compiled: bool) -> dict:
     return {"compile_decode": compiled}
 
 
-def variant(loaded, new: bool, **kwargs):
+def variant(loaded, new: bool, pack: bool = True, **kwargs):
     """An engine on today's main path (``new`` False: the general packed step, ``F.linear``) or
     this branch's (the lean decode step, projections packed where they time faster), over the
     same loaded weights."""
@@ -151,7 +151,7 @@ def variant(loaded, new: bool, **kwargs):
         pack_linears = unpack_linears = None
     if unpack_linears is not None:
         unpack_linears(loaded.model)
-        if new:
+        if new and pack:
             pack_linears(loaded.model, widths=(1, kwargs.get("max_running", 32), 512))
     engine = make_engine(loaded, **kwargs)
     if not new and getattr(engine.runner, "decode", None) is not None:

@@ -34,9 +34,13 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--tiny", action="store_true", help="the random 2-layer model instead of SmolLM2")
     parser.add_argument("--compile", choices=["on", "off", "default"], default="default")
+    parser.add_argument("--no-pack", action="store_true", help="this branch's step without packed projections")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads before the engine starts")
     parser.add_argument("--main", action="store_true", help="main's path: the general step, F.linear")
     parser.add_argument("--cache-dir", default=".cache/glm-api")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("glm_api.families.dense_kernels").setLevel(logging.INFO)
 
@@ -51,7 +55,7 @@ def main() -> int:
     if args.tiny:
         loaded = tiny_model(loaded.template)
     options = {} if args.compile == "default" else {"compile_decode": args.compile == "on"}
-    engine = variant(loaded, not args.main, max_running=max(args.rows, 1), **options)
+    engine = variant(loaded, not args.main, pack=not args.no_pack, max_running=max(args.rows, 1), **options)
     engine._warm_up() if hasattr(engine, "_warm_up") else None
     prompt = loaded.template.encode_messages(STORY)
     params = SamplingParams(max_tokens=10_000, temperature=0.0)

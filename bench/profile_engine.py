@@ -48,6 +48,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=400)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--threads", type=int, help="torch.set_num_threads before the engine starts")
+    parser.add_argument("--no-pack", action="store_true", help="this branch's step without packed projections")
     parser.add_argument("--main", action="store_true", help="main's path: the general step, F.linear")
     parser.add_argument("--cache-dir", default=".cache/glm-api")
     args = parser.parse_args()
@@ -59,7 +60,7 @@ def main() -> int:
     template = _template(Path(args.cache_dir), packaged_chat_gguf)
     loaded = tiny_model(template)
     prompt = template.encode_messages(STORY)
-    engine = variant(loaded, not args.main, max_running=max(4, args.streams))
+    engine = variant(loaded, not args.main, pack=not args.no_pack, max_running=max(4, args.streams))
     profile = cProfile.Profile()
     profiling = {"on": False}
     inner = engine._step

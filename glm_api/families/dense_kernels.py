@@ -43,6 +43,9 @@ _DTYPES = (torch.float32, torch.bfloat16)
 MEMORY_SHARE = 0.25
 #: Seconds spent timing one candidate at one width.
 TIME_PER_CANDIDATE = 0.03
+#: Narrower inputs keep F.linear: the 2-layer probe's 64-wide head timed faster packed alone at
+#: start-up, yet made its whole decode step 2.8x slower (5.3 ms against 1.9; bench/profile_decode.py).
+MIN_IN_FEATURES = 256
 #: The packed path must be at least this much faster to be used (timing noise on a busy CPU).
 MIN_GAIN = 1.05
 
@@ -95,7 +98,11 @@ def pack_linears(
     groups: dict[tuple[int, int], list[nn.Linear]] = {}
     for module in model.modules():
         weight = getattr(module, "weight", None)
-        if type(module) is nn.Linear and packed_linear_available(weight.device, weight.dtype):
+        if (
+            type(module) is nn.Linear
+            and module.in_features >= MIN_IN_FEATURES
+            and packed_linear_available(weight.device, weight.dtype)
+        ):
             groups.setdefault((*weight.shape, weight.dtype), []).append(module)
     if not groups:
         return {}

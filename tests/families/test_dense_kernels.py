@@ -21,6 +21,11 @@ CPU = torch.device("cpu")
 pytestmark = pytest.mark.skipif(not packed_linear_available(CPU, torch.float32), reason="no oneDNN in this build")
 
 
+@pytest.fixture(autouse=True)
+def _narrow_inputs_too(monkeypatch):
+    monkeypatch.setattr(dense_kernels, "MIN_IN_FEATURES", 1)  # the tiny models' 64-wide projections
+
+
 def _tiny():
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -131,6 +136,14 @@ async def _greedy_all(engine, prompts, params_type):
     return await asyncio.gather(*[one(p, i) for i, p in enumerate(prompts)])
 
 
+
+
+def test_narrow_projections_keep_f_linear(monkeypatch):
+    monkeypatch.setattr(dense_kernels, "MIN_IN_FEATURES", 128)
+    model = _tiny()
+    figures = pack_linears(model, widths=(1, 8), force=True)
+    assert set(figures) == {(64, 128)}  # only down (128 wide in) was considered
+    assert {tuple(m.weight.shape) for m in _packed(model)} == {(64, 128)}
 
 
 def test_the_setting_turns_it_off():
