@@ -95,31 +95,35 @@ def decode_attention(
     heads, rows = query.shape[1], query.shape[2]
     k_pool.view(kv_heads, -1, d).index_copy_(1, slots, key[0].to(k_pool.dtype))
     v_pool.view(kv_heads, -1, d).index_copy_(1, slots, value[0].to(v_pool.dtype))
-    out = query.new_empty((1, rows, heads, d))
     if static:
-        groups = [(0, rows, tables.shape[1], False)]
+        groups = [(0, rows, tables.shape[1], tables.shape[1] * block_size, True)]
     else:
         groups = _groups(lengths.tolist(), block_size)
-    for start, count, n_blocks, masked in groups:
+    out = query.new_empty((1, rows, heads, d)) if len(groups) > 1 else None
+    for start, count, n_blocks, kv_len, masked in groups:
         width = n_blocks * block_size
         index = tables[start : start + count, :n_blocks].reshape(-1)
-        k = k_pool.index_select(1, index).view(kv_heads, count, width, d).transpose(0, 1)
-        v = v_pool.index_select(1, index).view(kv_heads, count, width, d).transpose(0, 1)
+        # Keys past the group's longest row are cut off, not masked: a lone row needs no mask.
+        k = k_pool.index_select(1, index).view(kv_heads, count, width, d)[:, :, :kv_len].transpose(0, 1)
+        v = v_pool.index_select(1, index).view(kv_heads, count, width, d)[:, :, :kv_len].transpose(0, 1)
         q = query[0, :, start : start + count].transpose(0, 1).unsqueeze(2)
         mask = None
-        if static or masked:
-            keys = torch.arange(width, device=lengths.device)
+        if masked:
+            keys = torch.arange(kv_len, device=lengths.device)
             mask = (keys < lengths[start : start + count, None])[:, None, None, :]
-        o = F.scaled_dot_product_attention(
-            q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale, enable_gqa=kv_heads != heads
-        )
+        if k.dtype != q.dtype:
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=kv_heads != heads)
+        if out is None:  # one group: its output is the layer's
+            return o.squeeze(2).unsqueeze(0)
         out[0, start : start + count] = o.squeeze(2)
     return out
 
 
-def _groups(lengths: list[int], block_size: int) -> list[tuple[int, int, int, bool]]:
-    """Runs of rows (sorted by length) gathered together: (start, rows, blocks, needs a mask)."""
-    out: list[tuple[int, int, int, bool]] = []
+def _groups(lengths: list[int], block_size: int) -> list[tuple[int, int, int, int, bool]]:
+    """Runs of rows (sorted by length) gathered together: (start, rows, blocks, keys of the
+    longest row, whether shorter rows need a mask)."""
+    out: list[tuple[int, int, int, int, bool]] = []
     start, total = 0, 0
     for i, length in enumerate(lengths):
         count = i - start
@@ -131,10 +135,9 @@ def _groups(lengths: list[int], block_size: int) -> list[tuple[int, int, int, bo
     return out
 
 
-def _group(lengths: list[int], start: int, end: int, block_size: int) -> tuple[int, int, int, bool]:
+def _group(lengths: list[int], start: int, end: int, block_size: int) -> tuple[int, int, int, int, bool]:
     longest = max(lengths[start:end])
-    n_blocks = ceil_div(longest, block_size)
-    return start, end - start, n_blocks, min(lengths[start:end]) != n_blocks * block_size
+    return start, end - start, ceil_div(longest, block_size), longest, min(lengths[start:end]) != longest
 
 
 @torch.library.custom_op("glm_api::paged_decode_attention", mutates_args=("k_pool", "v_pool"))
