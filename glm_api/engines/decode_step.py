@@ -154,8 +154,8 @@ def paged_decode_attention(
     static: bool,
 ) -> torch.Tensor:
     """:func:`decode_attention` as an op the compiler keeps whole (it reads lengths on the host
-    and writes the pool in place)."""
-    return decode_attention(query, key, value, k_pool, v_pool, slots, tables, lengths, scale, static)
+    and writes the pool in place); contiguous, as its fake kernel says."""
+    return decode_attention(query, key, value, k_pool, v_pool, slots, tables, lengths, scale, static).contiguous()
 
 
 @paged_decode_attention.register_fake
