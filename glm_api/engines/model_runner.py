@@ -144,12 +144,14 @@ class ModelRunner:
 
 
     def _all_decoding(self, scheduled: Seq[tuple[Sequence, int]]) -> bool:
-        """Whether the lean decode step can run this plan: every row adds its one last token and
-        none scores its prompt (those keep the general step, which returns per-position logits)."""
+        """Whether the lean decode step can run this plan: every row adds its one last token,
+        none scores its prompt (the general step returns per-position logits) and none sits
+        behind a pinned prefix (the general step offsets its positions and masks its padding)."""
         if self.decode is None or len(scheduled) > self.decode.max_rows:
             return False
         return all(
             n == 1 and seq.num_computed_tokens + 1 == len(seq.token_ids) and not seq.scores_prompt
+            and seq.prefix is None  # a pinned P-Tuning prefix: its keys come first, its padding masked
             for seq, n in scheduled
         )
 
