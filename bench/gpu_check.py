@@ -28,7 +28,12 @@ unless ``--device cpu`` asks for it. On a GPU host it runs, on ``cuda:0`` unless
    the device: last-position logits against the float32 CPU model (cosine bounds of the CPU
    tests) and batched greedy answers equal to alone;
 8. quantized throughput: the bench model in bfloat16 and each mode, weight memory and engine
-   tokens/s at 1 and 32 streams.
+   tokens/s at 1 and 32 streams;
+9. decode limit (issue 24): the device's bandwidth (a large matrix-vector product), a
+   ChatGLM3-6B-shaped random GLM in bfloat16 and its limit (bandwidth / weight bytes per token),
+   and the engine's decode tokens/s at 1 and 32 streams with the decode step eager, eager with
+   CUDA graphs, and compiled with CUDA graphs (each with its start-up warm-up time), the one
+   stream's share of the limit.
 
 Exit status: 0 when nothing failed (skips included), 1 when a check failed.
 """
@@ -433,6 +438,69 @@ class _NoStop:
         return getattr(self._template, name)
 
 
+def check_decode_limit(device: torch.device, levels: list[int], max_tokens: int, deadline: float) -> list[Row]:
+    """One stream and many against the bandwidth limit, with the decode step's options."""
+    from bench.bench_chat import prompts as conversations
+    from bench.bench_decode import bandwidth_gbs, decode_rate, weight_bytes
+
+    loaded, params, dtype = decode_model(device)
+    gbs = bandwidth_gbs(1024 if device.type == "cuda" else 256, device=device)
+    size = weight_bytes(loaded.model)
+    limit = gbs * 1e9 / size
+    rows = [Row("decode limit", str(device), "INFO",
+                f"bandwidth {gbs:.0f} GB/s (mv); {params / 1e9:.2f}B params {str(dtype).removeprefix('torch.')}, "
+                f"{size / 1e9:.2f} GB a token: limit {limit:.1f} tok/s per stream")]
+    prompts = [loaded.template.encode_messages(c) for c in conversations(max(levels))]
+    options = {"eager": {}, "eager + CUDA graphs": {"decode_graphs": True},
+               "compiled + CUDA graphs": {"compile_decode": True, "decode_graphs": True}}
+    for name, option in options.items():
+        if time.monotonic() > deadline:
+            rows.append(Row(f"decode {name}", str(device), "SKIP", "time budget spent"))
+            continue
+        started = time.monotonic()
+        engine = engine_for(loaded, max_running=max(levels), max_waiting=max(levels),
+                            kv_cache_tokens=max(levels) * (max(map(len, prompts)) + max_tokens + 32), **option)
+        warm = time.monotonic() - started
+        engine.template = _NoStop(loaded.template)
+        with running(engine):
+            decode_rate(engine, prompts[:1], 4)
+            speeds = {n: decode_rate(engine, prompts[:n], max_tokens) for n in levels}
+        detail = ", ".join(f"{n} streams {v:.1f} tok/s" for n, v in speeds.items())
+        rows.append(Row(f"decode {name}", str(device), "INFO",
+                        f"{detail}; one stream {speeds[min(levels)] / limit:.2f} of the limit; start-up {warm:.1f} s"))
+        del engine
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def decode_model(device: torch.device):
+    """ChatGLM3-6B's shape (28 layers, 4096 wide, 2 KV heads, 65024 ids) as a random GLM in
+    bfloat16 on a GPU; a small one of the same family on the CPU."""
+    from transformers import GlmConfig, GlmForCausalLM
+
+    from glm_api.families.base import LoadedChatModel
+
+    small, _, _ = bench_model(CPU, "small")  # for SmolLM2's tokenizer and template
+    template = small.template
+    if device.type == "cuda":
+        shape = {"hidden_size": 4096, "intermediate_size": 13696, "num_hidden_layers": 28, "num_attention_heads": 32,
+                 "num_key_value_heads": 2, "head_dim": 128, "vocab_size": 65024}
+        dtype = torch.bfloat16
+    else:
+        shape = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
+                 "num_key_value_heads": 2, "head_dim": 64, "vocab_size": len(template.tokenizer)}
+        dtype = torch.float32
+    config = GlmConfig(max_position_embeddings=4096, attention_bias=True, partial_rotary_factor=0.5,
+                       eos_token_id=template.tokenizer.eos_token_id, pad_token_id=template.tokenizer.eos_token_id,
+                       bos_token_id=None, tie_word_embeddings=False, **shape)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = GlmForCausalLM(config).to(dtype).eval()
+    params = sum(p.numel() for p in model.parameters())
+    return LoadedChatModel(model, template, 4096, "transformers", "random ChatGLM3-6B-shaped GLM"), params, dtype
+
+
 # -- main ---------------------------------------------------------------------------------------
 
 
@@ -443,6 +511,8 @@ def main() -> int:
     p.add_argument("--bench-tokens", type=int, default=64, help="greedy tokens per stream in the throughput check")
     p.add_argument("--bench-size", choices=["1b", "small"], help="default: 1b on a GPU, small on the CPU")
     p.add_argument("--budget-s", type=float, default=480, help="the throughput check stops starting levels after this")
+    p.add_argument("--decode-budget-s", type=float, default=300, help="the decode-limit check stops starting options after this")
+    p.add_argument("--only-decode", action="store_true", help="run the decode-limit check alone (issue 24's figures)")
     args = p.parse_args()
     if args.device not in ("cuda", "cpu"):
         p.error("--device is cuda or cpu")
@@ -480,15 +550,21 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="glm-api-gpu-check-") as tmp:
         root = Path(tmp)
-        folders = build_tiny_checkpoints(root)
-        for family, folder in folders.items():
-            run(f"precision {family}", check_precision, family, folder, device, root / "cache")
-        run("batching and prefix cache", check_batching_and_prefix, folders["llama"], device, root / "cache")
-        run("replicas", check_replicas, folders["llama"], replica_spec, root / "cache")
-        run("layer split", check_layer_split, folders["chatglm3"], replica_spec, root / "cache")
-        run("quantize", check_quantize, folders["chatglm3"], device, root / "cache")
-        run("chat throughput", check_throughput, device, size, levels, args.bench_tokens, deadline)
-        run("quantized throughput", check_quantized_throughput, device, size, [1, 32], args.bench_tokens, deadline)
+        if args.only_decode:
+            run("decode limit", check_decode_limit, device, [1, 32], args.bench_tokens, started + args.decode_budget_s)
+        else:
+            folders = build_tiny_checkpoints(root)
+            for family, folder in folders.items():
+                run(f"precision {family}", check_precision, family, folder, device, root / "cache")
+            run("batching and prefix cache", check_batching_and_prefix, folders["llama"], device, root / "cache")
+            run("replicas", check_replicas, folders["llama"], replica_spec, root / "cache")
+            run("layer split", check_layer_split, folders["chatglm3"], replica_spec, root / "cache")
+            run("quantize", check_quantize, folders["chatglm3"], device, root / "cache")
+            run("chat throughput", check_throughput, device, size, levels, args.bench_tokens, deadline)
+            run("quantized throughput", check_quantized_throughput, device, size, [1, 32], args.bench_tokens, deadline)
+            # the decode figures have their own budget, after the others'
+            run("decode limit", check_decode_limit, device, [1, 32], args.bench_tokens,
+                time.monotonic() + args.decode_budget_s)
 
     print()
     print(f"gpu_check: {time.monotonic() - started:.0f} s")

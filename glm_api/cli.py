@@ -64,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="while other requests decode or wait, the share of the engine's time long prompts' chunks get (default 0.15; 1: no pacing)")
     p.add_argument("--prefill-step-ms", type=float,
                    help="how long a step carrying a long prompt's chunk may last, so a newcomer waits little (default 500)")
+    p.add_argument("--compile-decode", choices=["auto", "on", "off"],
+                   help="run decode steps through torch.compile, compiled at start-up for each batch bucket "
+                   "(default auto: on for CUDA, off on CPU)")
+    p.add_argument("--cpu-kernels", choices=["auto", "off"],
+                   help="CPU float32: projections through oneDNN's packed linear where it times faster at start-up "
+                   "(default auto; costs a second copy of the weights)")
+    p.add_argument("--cuda-graphs", choices=["auto", "on", "off"],
+                   help="on CUDA, capture decode steps as CUDA graphs per batch bucket (default auto: on)")
     p.add_argument("--gpu-memory-utilization", type=float,
                    help="share of the GPU's memory for the weights and the KV cache (default 0.9)")
     p.add_argument("--api-key", metavar="KEY", action="append", dest="api_keys",

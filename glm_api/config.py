@@ -94,6 +94,17 @@ class Settings(BaseSettings):
     prefill_step_ms: float = Field(
         500.0, gt=0.0, description="a step with a long prompt's chunk aims to last at most this (a newcomer's wait)"
     )
+    compile_decode: Literal["auto", "on", "off"] = Field(
+        "auto", description="decode steps through torch.compile, warmed up at start-up (auto: on for CUDA, off on CPU)"
+    )
+    cpu_kernels: Literal["auto", "off"] = Field(
+        "auto",
+        description="CPU float32: projections through oneDNN's packed linear where it times faster at start-up "
+        "(auto; costs a second copy of the weights), or F.linear everywhere (off)",
+    )
+    cuda_graphs: Literal["auto", "on", "off"] = Field(
+        "auto", description="CUDA: decode steps captured as CUDA graphs per batch bucket (auto: on; no effect on CPU)"
+    )
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="share of GPU memory for weights + KV pool")
     max_prompt_tokens: int | None = Field(None, ge=1, description="cap below the model's context")
     default_max_tokens: int = Field(4096, ge=1, description="the seed's default max_tokens")

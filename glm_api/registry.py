@@ -433,6 +433,8 @@ def _load_chat_replica(
     engine (own KV pool and prefix cache), with P-Tuning v2 prefixes pinned in that pool."""
     from glm_api.engines.cache_layout import UnsupportedCacheError
     from glm_api.engines.chat_engine import TransformersChatEngine
+    from glm_api.engines.decode_step import decode_options
+    from glm_api.families.dense_kernels import pack_linears, packed_linear_available
     from glm_api.families.detect import load_chat_model
 
     dtype = resolve_dtype(settings.dtype, device)
@@ -456,9 +458,13 @@ def _load_chat_replica(
         from glm_api.families.quant_kernels import choose_kernels
 
         choose_kernels(loaded.model, dtype, widths=(1, settings.max_running, settings.prefill_chunk_tokens))
+    compile_decode, decode_graphs = decode_options(settings.compile_decode, settings.cuda_graphs, device)
+    if settings.cpu_kernels == "auto" and not compile_decode and packed_linear_available(device, dtype):
+        pack_linears(loaded.model, widths=(1, settings.max_running, settings.prefill_chunk_tokens))
     try:
         engine = TransformersChatEngine(
             loaded, source.name, max_running=settings.max_running, max_waiting=settings.max_waiting,
+            compile_decode=compile_decode, decode_graphs=decode_graphs,
             prefix_cache_tokens=settings.prefix_cache_tokens, kv_cache_tokens=settings.kv_cache_tokens,
             kv_block_size=settings.kv_block_size, prefill_chunk_tokens=settings.prefill_chunk_tokens,
             gpu_memory_utilization=settings.gpu_memory_utilization, prefill_time_share=settings.prefill_time_share,

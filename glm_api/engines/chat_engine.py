@@ -66,6 +66,8 @@ class TransformersChatEngine(EngineThread):
         gpu_memory_utilization: float = 0.9,
         prefill_time_share: float = 0.15,
         prefill_step_ms: float = 500.0,
+        compile_decode: bool = False,
+        decode_graphs: bool = False,
     ) -> None:
         self.template = loaded.template
         self.context_length = loaded.context_length
@@ -83,7 +85,12 @@ class TransformersChatEngine(EngineThread):
             kv_cache_tokens=kv_cache_tokens,
             gpu_memory_utilization=gpu_memory_utilization,
             step_tokens=prefill_chunk_tokens + max_running,
+            max_decode_rows=max_running,
+            compile_decode=compile_decode,
+            decode_graphs=decode_graphs,
         )
+        if self.runner.decode is not None and (compile_decode or decode_graphs):
+            self.runner.decode.warm_up()  # compile (capture) every row bucket before the first request
         self.kv = KVCacheManager(self.runner.pool, cached_blocks=ceil_div(prefix_cache_tokens, kv_block_size))
         pacer = PrefillPacer(prefill_chunk_tokens, prefill_time_share, prefill_step_ms / 1000)
         self.scheduler = Scheduler(self.kv, max_running=max_running, chunk_tokens=prefill_chunk_tokens, pacer=pacer)

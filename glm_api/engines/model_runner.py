@@ -17,10 +17,12 @@ from __future__ import annotations
 from collections.abc import Sequence as Seq
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from glm_api.engines.cache_layout import probe_layout
+from glm_api.engines.decode_step import DecodeStep
 from glm_api.engines.kv_pool import KVPool, layer_devices, size_pool
 from glm_api.engines.lora import LoraLayers
 from glm_api.engines.paged_attention import PagedStep, ScheduledRow, install
@@ -40,7 +42,19 @@ class StepOutput:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, pool: KVPool) -> None:
+    """``max_decode_rows``: decode-only steps up to this many rows take the lean decode step
+    (:mod:`decode_step`), compiled with ``compile_decode``, captured as CUDA graphs with
+    ``decode_graphs`` (CUDA only: elsewhere the same static buffers without a capture)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        pool: KVPool,
+        *,
+        max_decode_rows: int = 32,
+        compile_decode: bool = False,
+        decode_graphs: bool = False,
+    ) -> None:
         install(model)
         self.model = model
         self.pool = pool
@@ -48,11 +62,17 @@ class ModelRunner:
         self._keep_device = self.device
         # LoRA adapters, per row (engines/lora.py); None until the first adapter loads.
         self.lora: LoraLayers | None = None
-        if hasattr(model, "_hf_hook"):  # split over devices (glm_api/device_map.py)
+        self.decode: DecodeStep | None = None
+        split = hasattr(model, "_hf_hook")
+        if split:  # split over devices (glm_api/device_map.py)
             # Steps are built on the first layer's device and the hooks bring the logits back
             # there; the last hidden states stay on the last device, so the rows to keep are
             # picked with an index on the CPU (one that any device's tensor accepts).
             self.device, self._keep_device = pool.device, torch.device("cpu")
+        elif max_decode_rows > 0 and _lean_decode_fits(model, pool):
+            self.decode = DecodeStep(
+                model, pool, max_rows=max_decode_rows, compiled=compile_decode, graphs=decode_graphs
+            )
 
     @classmethod
     def for_model(
@@ -65,6 +85,7 @@ class ModelRunner:
         kv_cache_tokens: int | None,
         gpu_memory_utilization: float,
         step_tokens: int,
+        **options: Any,
     ) -> ModelRunner:
         """The runner with a pool sized for ``model``'s cache entries, as a probe forward finds them
         (each layer's beside it: all on one device, unless the model is split);
@@ -82,7 +103,7 @@ class ModelRunner:
             hidden_size=model.config.get_text_config().hidden_size,
             model_name=model_name,
         )
-        return cls(model, KVPool(layout, num_blocks, block_size, devices))
+        return cls(model, KVPool(layout, num_blocks, block_size, devices), **options)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -95,6 +116,9 @@ class ModelRunner:
     def execute(self, scheduled: Seq[tuple[Sequence, int]]) -> StepOutput:
         """One forward over ``n`` new tokens of each sequence (their blocks are allocated and
         their ``num_computed_tokens`` not yet advanced)."""
+        if self._all_decoding(scheduled):
+            rows = [(seq.block_table, seq.num_computed_tokens, seq.token_ids[-1]) for seq, _ in scheduled]
+            return StepOutput(list(range(len(rows))), self.decode.run(rows))
         rows = []
         for seq, n in scheduled:
             past = seq.num_computed_tokens
@@ -126,3 +150,32 @@ class ModelRunner:
         logits = out.logits[0]
         scored = {i: logits[start : start + n] for i, (start, n) in spans.items()}
         return StepOutput(sampling, logits[: len(sampling)] if sampling else None, scored)
+
+
+    def _all_decoding(self, scheduled: Seq[tuple[Sequence, int]]) -> bool:
+        """Whether the lean decode step can run this plan: every row adds its one last token,
+        none scores its prompt (the general step returns per-position logits), none runs under a LoRA
+        adapter and none sits behind a pinned prefix (the general step offsets its positions and masks its padding)."""
+        if self.decode is None or len(scheduled) > self.decode.max_rows:
+            return False
+        return all(
+            n == 1 and seq.num_computed_tokens + 1 == len(seq.token_ids) and not seq.scores_prompt
+            and seq.prefix is None  # a pinned P-Tuning prefix: its keys come first, its padding masked
+            and seq.adapter is None  # LoRA rows: the adapters' token spans follow the general step's order
+            for seq, n in scheduled
+        )
+
+
+def _lean_decode_fits(model: torch.nn.Module, pool: KVPool) -> bool:
+    """The lean decode step attends over whole rows of a key/value pool: not for sliding windows,
+    nor for latent or indexer layouts (their layers read a history the pool rebuilds)."""
+    layout = pool.layout
+    return not _has_sliding_window(model) and not layout.indexed and all(layer.direct for layer in layout.layers)
+
+
+def _has_sliding_window(model: torch.nn.Module) -> bool:
+    config = model.config.get_text_config()
+    types = getattr(config, "layer_types", None) or ()
+    return bool(getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)) or any(
+        "sliding" in str(t) for t in types
+    )

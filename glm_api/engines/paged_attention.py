@@ -39,6 +39,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from glm_api.engines import paged_history
+from glm_api.engines.decode_step import DecodeBatch
 from glm_api.engines.kv_blocks import NULL_BLOCK
 from glm_api.engines.kv_pool import KVPool
 from glm_api.units import ceil_div
@@ -295,9 +296,12 @@ def paged_attention(
     dropout: float = 0.0,
     paged_step: PagedStep | None = None,
     sliding_window: int | None = None,
+    paged_decode: DecodeBatch | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """``query`` ``[1, heads, T, d]`` of the packed step; returns ``[1, T, heads, d]``."""
+    if paged_decode is not None:  # a decode-only step (glm_api/engines/decode_step.py)
+        return paged_decode.attend(module.layer_idx, query, key, value, scaling), None
     indices = kwargs.pop("indices", None)  # a key indexer's top-k (glm_moe_dsa)
     if paged_step is None:  # not an engine step: plain SDPA with transformers' mask
         if indices is not None:

@@ -181,8 +181,11 @@ class _Harness:
     """The engine's step (scheduler, KV cache manager, model runner) without sampling: each row
     is fed its predetermined tokens."""
 
-    def __init__(self, model, *, blocks: int, block_size: int, chunk: int, cached_blocks: int = 0, max_running=64):
-        self.runner = ModelRunner(model, KVPool(probe_layout(model), blocks, block_size, CPU))
+    def __init__(
+        self, model, *, blocks: int, block_size: int, chunk: int, cached_blocks: int = 0, max_running=64, **runner_options
+    ):
+        pool = KVPool(probe_layout(model), blocks, block_size, CPU)
+        self.runner = ModelRunner(model, pool, max_decode_rows=max_running, **runner_options)
         self.kv = KVCacheManager(self.runner.pool, cached_blocks=cached_blocks)
         self.scheduler = Scheduler(self.kv, max_running=max_running, chunk_tokens=chunk)
         self.running: list[_Row] = []

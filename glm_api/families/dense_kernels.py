@@ -1,0 +1,164 @@
+"""Dense projections (float32, bfloat16) through oneDNN's packed linear on CPU, chosen by measurement at
+start-up (issue 24 item 2).
+
+A decode step multiplies a few rows by every weight matrix once, so one stream's speed is the
+speed of these skinny products. On the 2-core dev CPU (AMD EPYC, AVX-512) ``F.linear`` in
+float32 (MKL sgemm) read SmolLM2-135M's weights at 5-12 GB/s, against ~18 GB/s for a large
+matrix-vector product; oneDNN's linear over a weight reordered once for it
+(``torch.ops.mkldnn._linear_pointwise``, what inductor's freezing uses) ran the same products
+1.1-2.9x faster at 1 to 32 rows, and no slower for a 512-row prompt chunk
+(``bench/bench_matmul.py`` has every path and figure). Same arithmetic: the answers agree with
+``F.linear`` within float rounding. A bfloat16 model on a CPU with native bf16 kernels
+(``--dtype bfloat16``) gets the same treatment over its bf16 weights.
+
+:func:`pack_linears` times, per distinct projection shape, ``F.linear`` against the packed path
+over all of the model's modules of that shape (so that the weights stream from memory as in a
+real step) at the widths steps carry (one stream's decode, every running stream's decode, a
+prompt chunk), and gives each module a packed copy of its weight where the packed path wins at
+some width. An input takes the path that won at the nearest measured width at or above its rows
+(the widest one for wider inputs). The original weight stays (tied embeddings, adapters
+and checkpoints read it), so packing costs a second copy of the weights: it is skipped, with a
+log line, when that copy would take more than :data:`MEMORY_SHARE` of the memory available.
+A weight changed after packing must be packed again (:func:`unpack_linears`, then pack again).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import types
+from bisect import bisect_left
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from glm_api.units import byte_size
+
+log = logging.getLogger(__name__)
+
+_DTYPES = (torch.float32, torch.bfloat16)
+#: The packed copies may take at most this share of the memory available at start-up.
+MEMORY_SHARE = 0.25
+#: Seconds spent timing one candidate at one width.
+TIME_PER_CANDIDATE = 0.03
+#: Narrower inputs keep F.linear: the 2-layer probe's 64-wide head timed faster packed alone at
+#: start-up, yet made its whole decode step 2.8x slower (5.3 ms against 1.9; bench/profile_decode.py).
+MIN_IN_FEATURES = 256
+#: The packed path must be at least this much faster to be used (timing noise on a busy CPU).
+MIN_GAIN = 1.05
+
+
+def packed_linear_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """oneDNN's packed linear exists for ``dtype`` (float32; bfloat16 where the CPU has native
+    bf16 kernels) on this CPU build."""
+    return (
+        device.type == "cpu"
+        and dtype in _DTYPES
+        and torch.backends.mkldnn.is_available()
+        and (dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
+def _packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    rows = x.numel() // self.in_features
+    # The measured width at or above ``rows`` (the widest for wider inputs) says which path.
+    use = self.packed_use[min(bisect_left(self.packed_widths, rows), len(self.packed_widths) - 1)]
+    if not use or x.dtype != self.weight.dtype or torch.is_grad_enabled():
+        return nn.functional.linear(x, self.weight, self.bias)
+    return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+
+
+def _ms(fn: Callable[[], object]) -> float:
+    fn()
+    calls, started = 0, time.perf_counter()
+    while calls < 1 or time.perf_counter() - started < TIME_PER_CANDIDATE:
+        fn()
+        calls += 1
+    return (time.perf_counter() - started) / calls * 1000
+
+
+def _available_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system that says
+        return None
+
+
+@torch.inference_mode()
+def pack_linears(
+    model: nn.Module, widths: tuple[int, ...], *, force: bool = False
+) -> dict[tuple[int, int], dict[str, dict[int, float]]]:
+    """Give ``model``'s float32 ``nn.Linear`` projections the packed path where it measured
+    faster (see the module docstring; ``force``: everywhere, whatever the figures); returns the
+    figures (ms per module) per (out, in) shape and logs them with the choice made."""
+    groups: dict[tuple[int, int], list[nn.Linear]] = {}
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if (
+            type(module) is nn.Linear
+            and module.in_features >= MIN_IN_FEATURES
+            and packed_linear_available(weight.device, weight.dtype)
+        ):
+            groups.setdefault((*weight.shape, weight.dtype), []).append(module)
+    if not groups:
+        return {}
+    extra = sum(m.weight.nbytes for modules in groups.values() for m in modules)
+    available = _available_bytes()
+    if available is not None and extra > MEMORY_SHARE * available:
+        log.info(
+            "dense kernels: F.linear kept (packed copies would take %s of the %s available)",
+            byte_size(extra), byte_size(available),
+        )
+        return {}
+    started = time.perf_counter()
+    widths = tuple(sorted(set(widths)))
+    figures: dict[tuple[int, int], dict[str, dict[int, float]]] = {}
+    packed_bytes = 0
+    for (*shape, dtype), modules in groups.items():
+        shape = (shape[0], shape[1])
+        packed = [torch.ops.mkldnn._reorder_linear_weight(m.weight, widths[-1]) for m in modules]
+        plain, fast = {}, {}
+        for width in widths:
+            x = torch.randn(width, shape[1], dtype=dtype)
+            plain[width] = _ms(lambda: [nn.functional.linear(x, m.weight, m.bias) for m in modules]) / len(modules)
+            fast[width] = _ms(
+                lambda: [
+                    torch.ops.mkldnn._linear_pointwise(x, p, m.bias, "none", [], "") for p, m in zip(packed, modules)
+                ]
+            ) / len(modules)
+        figures[shape] = {"F.linear": plain, "onednn packed": fast}
+        use = tuple(force or fast[w] * MIN_GAIN <= plain[w] for w in widths)
+        line = ", ".join(
+            f"{name} " + "/".join(f"{ms[w]:.3f}" for w in widths) for name, ms in figures[shape].items()
+        )
+        widths_text = "/".join(map(str, widths))
+        if not any(use):
+            log.info("dense kernels %d->%d x%d: F.linear kept; ms at %s rows: %s", shape[1], shape[0], len(modules),
+                     widths_text, line)
+            continue
+        for module, weight in zip(modules, packed):
+            module.packed_weight = weight
+            module.packed_widths, module.packed_use = widths, use
+            module.forward = types.MethodType(_packed_forward, module)
+        chosen = "/".join(str(w) for w, u in zip(widths, use) if u)
+        log.info("dense kernels %d->%d x%d: oneDNN packed at %s rows; ms at %s rows: %s", shape[1], shape[0],
+                 len(modules), chosen, widths_text, line)
+        packed_bytes += sum(m.weight.nbytes for m in modules)
+    log.info("dense kernels chosen in %.1f s; packed copies take %s", time.perf_counter() - started,
+             byte_size(packed_bytes))
+    return figures
+
+
+def unpack_linears(model: nn.Module) -> int:
+    """Drop the packed copies (before changing weights in place); returns how many modules had one."""
+    count = 0
+    for module in model.modules():
+        if "packed_weight" in module.__dict__:
+            del module.packed_weight, module.packed_widths, module.packed_use
+            del module.forward  # back to the class's forward
+            count += 1
+    return count
