@@ -183,20 +183,18 @@ def test_bad_request_and_not_found(sdk):
         sdk.models.retrieve("text-embedding-3-small")
 
 
-class _FailsAfterFirstStep:
-    """The model, except that its second forward raises: a failure after the stream started."""
+def _fail_second_forward(model):
+    """Make the model's second forward raise (a failure after the stream started), whichever step
+    runs it (the general one or the lean decode step): through its input embedding, which every
+    forward reads. Returns the hook's handle, to remove it from the shared model."""
+    calls = [0]
 
-    def __init__(self, model) -> None:
-        self._model, self.calls = model, 0
-
-    def __getattr__(self, name: str):
-        return getattr(self._model, name)
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        if self.calls == 2:
+    def hook(module, args):
+        calls[0] += 1
+        if calls[0] == 2:
             raise RuntimeError("injected failure")
-        return self._model(*args, **kwargs)
+
+    return model.get_input_embeddings().register_forward_pre_hook(hook)
 
 
 def test_error_after_the_stream_started_raises_in_the_sdk(smollm2):
@@ -208,16 +206,19 @@ def test_error_after_the_stream_started_raises_in_the_sdk(smollm2):
 
     settings = make_settings()
     registry = make_registry(smollm2, {}, settings)
-    registry.chat.runner.model = _FailsAfterFirstStep(smollm2.model)
-    with TestClient(create_app(settings, registry)) as client:
-        sdk = OpenAI(base_url="http://testserver/v1", api_key="x", max_retries=0, http_client=client)
-        stream = sdk.chat.completions.create(
-            model=registry.chat.model_name, messages=QUESTION, temperature=0, max_tokens=40, stream=True
-        )
-        received = []
-        with pytest.raises(openai.APIError) as info:
-            for chunk in stream:
-                received.append(chunk)
+    handle = _fail_second_forward(registry.chat.runner.model)
+    try:
+        with TestClient(create_app(settings, registry)) as client:
+            sdk = OpenAI(base_url="http://testserver/v1", api_key="x", max_retries=0, http_client=client)
+            stream = sdk.chat.completions.create(
+                model=registry.chat.model_name, messages=QUESTION, temperature=0, max_tokens=40, stream=True
+            )
+            received = []
+            with pytest.raises(openai.APIError) as info:
+                for chunk in stream:
+                    received.append(chunk)
+    finally:
+        handle.remove()
     assert received and received[0].choices[0].delta.role == "assistant"  # the stream had started
     assert "generation failed" in info.value.message
 
