@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -277,24 +279,30 @@ class DecodeStep:
         )
         return out.logits[0]
 
-    def run(self, rows: Seq[tuple[list[int], int, int]]) -> torch.Tensor:
+    def run(
+        self, rows: Seq[tuple[list[int], int, int]], around: Callable[[list[int]], AbstractContextManager] | None = None
+    ) -> torch.Tensor:
         """Logits ``[len(rows), V]`` of one decode token of each row, in the order given (rows
-        run sorted by length: put back with one copy only when that changed their order)."""
+        run sorted by length: put back with one copy only when that changed their order).
+        ``around``: given each row's token index in the batch, the context the forward runs in
+        (LoRA's per-token routing); eager steps only (a compiled or captured graph would not see it)."""
         self.steps += 1
         # Only a compiled graph or a captured one needs a fixed batch size: eager steps run the
         # rows there are (a padding row would cost a row of every matmul and its attention).
         bucket = bucket_for(len(rows), self.buckets) if self.compiled or self.graphs else len(rows)
         host = DecodeRows.build(rows, bucket, self.pool.block_size)
-        if self.graphs:
-            logits = self._run_static(host, bucket)
-        else:
-            logits = self._forward(self._batch(host))
-        logits = logits[host.pad :]
-        if host.order == sorted(host.order):
-            return logits
         where = [0] * len(rows)
         for j, i in enumerate(host.order):
-            where[i] = j
+            where[i] = host.pad + j
+        context = around(where) if around is not None else nullcontext()
+        if self.graphs:
+            with context:
+                logits = self._run_static(host, bucket)
+        else:
+            with context:
+                logits = self._forward(self._batch(host))
+        if host.order == sorted(host.order):
+            return logits[host.pad :]
         return logits.index_select(0, torch.tensor(where, device=logits.device))
 
     def _batch(self, host: DecodeRows) -> DecodeBatch:

@@ -118,7 +118,10 @@ class ModelRunner:
         their ``num_computed_tokens`` not yet advanced)."""
         if self._all_decoding(scheduled):
             rows = [(seq.block_table, seq.num_computed_tokens, seq.token_ids[-1]) for seq, _ in scheduled]
-            return StepOutput(list(range(len(rows))), self.decode.run(rows))
+            lora, around = self.lora, None
+            if lora is not None:  # each row's one token, wherever the step put the row
+                around = lambda where: lora.step([(seq.adapter, where[i], 1) for i, (seq, _) in enumerate(scheduled)])
+            return StepOutput(list(range(len(rows))), self.decode.run(rows, around))
         rows = []
         for seq, n in scheduled:
             past = seq.num_computed_tokens
@@ -155,13 +158,14 @@ class ModelRunner:
     def _all_decoding(self, scheduled: Seq[tuple[Sequence, int]]) -> bool:
         """Whether the lean decode step can run this plan: every row adds its one last token,
         none scores its prompt (the general step returns per-position logits), none runs under a LoRA
-        adapter and none sits behind a pinned prefix (the general step offsets its positions and masks its padding)."""
+        adapter in a compiled step and none sits behind a pinned prefix (the general step offsets its positions and masks its padding)."""
         if self.decode is None or len(scheduled) > self.decode.max_rows:
             return False
         return all(
             n == 1 and seq.num_computed_tokens + 1 == len(seq.token_ids) and not seq.scores_prompt
             and seq.prefix is None  # a pinned P-Tuning prefix: its keys come first, its padding masked
-            and seq.adapter is None  # LoRA rows: the adapters' token spans follow the general step's order
+            # LoRA rows: their routing runs beside an eager step only (a compiled graph would not see it)
+            and (seq.adapter is None or not (self.decode.compiled or self.decode.graphs))
             for seq, n in scheduled
         )
 

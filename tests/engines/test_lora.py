@@ -137,6 +137,7 @@ def test_three_adapters_and_the_base_in_one_step_each_see_their_own_model(llama_
             reference = adapters[names[i]][1] if names[i] else base
             expected = reference_logits(reference, PROMPTS[i], position)
             torch.testing.assert_close(logits, expected, atol=2e-5, rtol=1e-4, msg=lambda m, n=names[i]: f"{n}: {m}")
+    assert runner.decode is not None and runner.decode.steps == 2  # the decode steps took the lean path
 
 
 @pytest.mark.parametrize("strategy", ["masked", "grouped"])
