@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from glm_api.app import create_app
 from glm_api.config import Settings
 from glm_api.registry import ModelSource, ModelSources, build_registry
-from tests.fixtures.lora_adapters import LLAMA_TARGETS, make_lora
+from tests.fixtures.lora_adapters import tiny_chat_with_adapters
 
 CPU = torch.device("cpu")
 PROMPT = "The capital of France is"
@@ -22,14 +22,7 @@ PROMPT = "The capital of France is"
 @pytest.fixture(scope="module")
 def adapters(tiny_llama_dir: Path, tmp_path_factory):
     """Two adapters and their merged models, and the template to encode prompts with."""
-    from glm_api.families.detect import load_chat_model
-
-    loaded = load_chat_model(tiny_llama_dir, CPU, torch.float32, tmp_path_factory.mktemp("cache"))
-    out = {}
-    for seed, name in enumerate(["sql", "poet"]):
-        folder = tmp_path_factory.mktemp(name)
-        out[name] = (folder, make_lora(loaded.model, folder, LLAMA_TARGETS, r=4, alpha=16, seed=seed))
-    return loaded, out
+    return tiny_chat_with_adapters(tiny_llama_dir, tmp_path_factory)
 
 
 def _client(tiny_llama_dir: Path, adapters, **settings) -> TestClient:

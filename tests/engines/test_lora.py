@@ -37,6 +37,7 @@ from tests.fixtures.lora_adapters import (
     chatglm3_checkpoint,
     make_lora,
     merged_chatglm3_folder,
+    tiny_chat_with_adapters,
 )
 
 CPU = torch.device("cpu")
@@ -292,14 +293,7 @@ def test_dora_is_refused(llama_adapters, tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def tiny_chat(tiny_llama_dir: Path, tmp_path_factory):
     """A tiny Llama with SmolLM2's tokenizer, loaded as the server loads it, and two adapters."""
-    from glm_api.families.detect import load_chat_model
-
-    loaded = load_chat_model(tiny_llama_dir, CPU, torch.float32, tmp_path_factory.mktemp("cache"))
-    adapters = {}
-    for seed, name in enumerate(["sql", "poet"]):
-        folder = tmp_path_factory.mktemp(name)
-        adapters[name] = (folder, make_lora(loaded.model, folder, LLAMA_TARGETS, r=4, alpha=16, seed=seed))
-    return loaded, adapters
+    return tiny_chat_with_adapters(tiny_llama_dir, tmp_path_factory)
 
 
 def _greedy(model, ids: list[int], steps: int, stop: frozenset[int]) -> list[int]:
