@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from glm_api.engines.direct_decode import DirectDecoder
 from glm_api.engines.kv_blocks import NULL_BLOCK
 from glm_api.engines.kv_pool import KVPool
 from glm_api.units import ceil_div
@@ -258,6 +259,8 @@ class DecodeStep:
         self.steps = 0  # decode steps run (warm-up included)
         self.warm_up_seconds = 0.0  # what warm_up took (compiling, capturing)
         self._placeholder = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.device)
+        # The model's layers computed directly (no per-module dispatch) where its layout allows.
+        self.direct = DirectDecoder.for_model(model)
         self._forward = self._eager_forward
         if compiled:
             # One graph per row bucket (and table width, for graphs): dynamo counts the graphs
@@ -269,7 +272,9 @@ class DecodeStep:
     def max_rows(self) -> int:
         return self.buckets[-1]
 
-    def _eager_forward(self, batch: DecodeBatch) -> torch.Tensor:
+    def _eager_forward(self, batch: DecodeBatch, hooks: bool = False) -> torch.Tensor:
+        if self.direct is not None and not hooks:
+            return self.direct(batch)
         out = self.model(
             input_ids=batch.input_ids,
             position_ids=batch.positions,
@@ -300,7 +305,10 @@ class DecodeStep:
                 logits = self._run_static(host, bucket)
         else:
             with context:
-                logits = self._forward(self._batch(host))
+                if around is not None:  # the adapters' hooks run only in the model's own forward
+                    logits = self._eager_forward(self._batch(host), hooks=True)
+                else:
+                    logits = self._forward(self._batch(host))
         if host.order == sorted(host.order):
             return logits[host.pad :]
         return logits.index_select(0, torch.tensor(where, device=logits.device))

@@ -119,7 +119,8 @@ class ModelRunner:
         if self._all_decoding(scheduled):
             rows = [(seq.block_table, seq.num_computed_tokens, seq.token_ids[-1]) for seq, _ in scheduled]
             lora, around = self.lora, None
-            if lora is not None:  # each row's one token, wherever the step put the row
+            if lora is not None and any(seq.adapter is not None for seq, _ in scheduled):
+                # each row's one token, wherever the step put the row
                 around = lambda where: lora.step([(seq.adapter, where[i], 1) for i, (seq, _) in enumerate(scheduled)])
             return StepOutput(list(range(len(rows))), self.decode.run(rows, around))
         rows = []

@@ -1,0 +1,195 @@
+"""A decode step's forward computed straight from the model's modules, without transformers'
+per-module dispatch (issue 24 item 2).
+
+In a decode step every op works on a handful of rows, so what a step costs beyond reading the
+weights is the number of Python-level calls: transformers' forward passes each layer through
+``nn.Module.__call__``, output-capturing and deprecation wrappers and config lookups, and its
+rotary embedding and RMSNorm are a dozen small ops each. On the 2-core dev CPU that was most of
+a random 2-layer model's step (``bench/profile_engine.py``). For the decoder layouts named in
+:data:`LAYOUTS` the step is computed here instead, from the same modules and weights:
+
+- projections through each module's own ``forward`` (``F.linear``, the packed oneDNN path of
+  :mod:`glm_api.families.dense_kernels`, a quantised kernel: whatever the module is), skipping
+  ``__call__``: a step with LoRA rows takes the model's forward, where the adapters' hooks run;
+- RMSNorm as one ``F.rms_norm`` (same formula, computed in float32 as transformers' module does);
+- the rotary embedding from the model's own ``rotary_emb`` module (its scaling and rope type
+  included), applied once per layer to the query and key heads together, in the layout's
+  pairing (halves for Llama, interleaved pairs over the rotary part for GLM), as the same
+  products and sums transformers computes;
+- attention through the decode batch's paged op (:mod:`decode_step`).
+
+Any other model (or a layer that does not have exactly the expected parts) keeps
+transformers' forward. The answers agree with it within float rounding: the RMSNorm kernel
+sums in another order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Proj = Callable[[torch.Tensor], torch.Tensor]
+
+#: Decoder-layer class -> how its rotary embedding pairs dimensions ("half": Llama's
+#: rotate_half; "interleaved": GLM's pairs over the rotary part of each head). Each listed layout
+#: is checked against transformers' forward in tests/engines/test_direct_decode.py.
+LAYOUTS = {"LlamaDecoderLayer": "half", "GlmDecoderLayer": "interleaved"}
+
+
+@dataclass(frozen=True)
+class _Layer:
+    index: int
+    norm_in: torch.Tensor
+    norm_post: torch.Tensor
+    q: Proj
+    k: Proj
+    v: Proj
+    o: Proj
+    gate_up: Proj | None  # GLM: one fused projection, gate first
+    gate: Proj | None
+    up: Proj | None
+    down: Proj
+    act: Proj
+
+
+class DirectDecoder:
+    """Logits ``[B, V]`` of one decode token of each row of a
+    :class:`~glm_api.engines.decode_step.DecodeBatch`, computed layer by layer from ``model``'s
+    modules (see the module docstring). Build with :meth:`for_model`."""
+
+    def __init__(self, model: nn.Module, rotary: str, layers: list[_Layer]) -> None:
+        inner = model.model
+        config = model.config.get_text_config()
+        self.embed = inner.embed_tokens.weight
+        self.rotary_emb = inner.rotary_emb
+        self.norm = inner.norm.weight
+        self.head: Proj = model.lm_head.forward
+        self.eps = float(config.rms_norm_eps)
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        attn = inner.layers[0].self_attn
+        self.head_dim = attn.head_dim
+        self.scale = float(attn.scaling)
+        self.rotary = rotary
+        self.layers = layers
+
+    @classmethod
+    def for_model(cls, model: nn.Module) -> DirectDecoder | None:
+        """The direct forward for ``model``, or None where it has another layout (transformers'
+        forward serves it)."""
+        inner = getattr(model, "model", None)
+        layers = getattr(inner, "layers", None)
+        if layers is None or not isinstance(getattr(model, "lm_head", None), nn.Module):
+            return None
+        kinds = {type(layer).__name__ for layer in layers}
+        if len(kinds) != 1 or (kind := kinds.pop()) not in LAYOUTS:
+            return None
+        if not all(hasattr(inner, name) for name in ("embed_tokens", "rotary_emb", "norm")):
+            return None
+        config = model.config.get_text_config()
+        if type(inner.embed_tokens) is not nn.Embedding or not _is_rms_norm(inner.norm):
+            return None
+        if getattr(config, "num_hidden_layers", len(layers)) != len(layers):
+            return None
+        built = [_layer(i, layer) for i, layer in enumerate(layers)]
+        if any(layer is None for layer in built):
+            return None
+        return cls(model, LAYOUTS[kind], built)
+
+    def __call__(self, batch) -> torch.Tensor:
+        ids, positions = batch.input_ids, batch.positions  # [1, B]
+        rows = ids.shape[1]
+        h = F.embedding(ids[0], self.embed)  # [B, hidden]
+        cos, sin = self._rotation(h, positions)
+        heads, kv_heads, d, eps = self.heads, self.kv_heads, self.head_dim, self.eps
+        hidden_shape = (1, rows, -1)
+        for layer in self.layers:
+            x = F.rms_norm(h, (h.shape[-1],), layer.norm_in, eps)
+            q = layer.q(x).view(rows, heads, d)
+            k = layer.k(x).view(rows, kv_heads, d)
+            v = layer.v(x).view(rows, kv_heads, d)
+            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+            out = batch.attend(
+                layer.index,
+                q.transpose(0, 1).unsqueeze(0),
+                k.transpose(0, 1).unsqueeze(0),
+                v.transpose(0, 1).unsqueeze(0),
+                self.scale,
+            )  # [1, B, heads, d]
+            h = h + layer.o(out.reshape(hidden_shape)[0])
+            x = F.rms_norm(h, (h.shape[-1],), layer.norm_post, eps)
+            if layer.gate_up is not None:
+                gate, up = layer.gate_up(x).chunk(2, dim=-1)
+            else:
+                gate, up = layer.gate(x), layer.up(x)
+            h = h + layer.down(up * layer.act(gate))
+        return self.head(F.rms_norm(h, (h.shape[-1],), self.norm, eps))
+
+    def _rotation(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin ``[B, 1, rotary dims]`` such that rotating x is
+        ``x * cos + swap(x) * sin``, where swap exchanges each pair's two members."""
+        cos, sin = self.rotary_emb(h[None], positions)  # [1, B, dims], the model's own (scaling included)
+        cos, sin = cos[0], sin[0]
+        if self.rotary == "interleaved":  # GLM: pair (2i, 2i+1) turns by angle i of the first half
+            half = cos.shape[-1] // 2
+            cos = cos[:, :half].repeat_interleave(2, dim=-1)
+            sin = sin[:, :half].repeat_interleave(2, dim=-1)
+            sin = sin.view(sin.shape[0], half, 2) * sin.new_tensor([-1.0, 1.0])
+        else:  # Llama: pair (i, i + d/2) turns by angle i; rotate_half = (-x2, x1)
+            half = cos.shape[-1] // 2
+            sin = sin.view(sin.shape[0], 2, half) * sin.new_tensor([-1.0, 1.0])[:, None]
+        return cos[:, None], sin.reshape(cos.shape)[:, None]
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[B, heads, d]`` with its first ``cos``-width dims rotated (the rest as they are)."""
+        dims = cos.shape[-1]
+        part = x[..., :dims] if dims < x.shape[-1] else x
+        if self.rotary == "interleaved":
+            swapped = part.unflatten(-1, (dims // 2, 2)).flip(-1).flatten(-2)
+        else:
+            swapped = part.unflatten(-1, (2, dims // 2)).flip(-2).flatten(-2)
+        turned = part * cos + swapped * sin
+        if dims < x.shape[-1]:
+            return torch.cat((turned, x[..., dims:]), dim=-1)
+        return turned
+
+
+def _is_rms_norm(module: nn.Module) -> bool:
+    """transformers' RMSNorm: ``weight * x / rms(x)``, computed in float32, no offset."""
+    return type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon") and not hasattr(
+        module, "bias"
+    )
+
+
+def _forward(module: nn.Module) -> Proj | None:
+    """The module's forward without ``__call__`` (no hooks: LoRA steps take the model's forward)."""
+    return module.forward if isinstance(module, nn.Module) else None
+
+
+def _layer(index: int, layer: nn.Module) -> _Layer | None:
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    norms = getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None)
+    if attn is None or mlp is None or not all(n is not None and _is_rms_norm(n) for n in norms):
+        return None
+    if any(hasattr(attn, name) for name in ("q_norm", "k_norm", "sinks")):  # not these layouts' attention
+        return None
+    projections = [getattr(attn, name, None) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    if any(p is None for p in projections):
+        return None
+    act = getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None)
+    gate_up = getattr(mlp, "gate_up_proj", None)
+    gate, up, down = getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None), getattr(mlp, "down_proj", None)
+    if act is None or down is None or (gate_up is None and (gate is None or up is None)):
+        return None
+    q, k, v, o = (_forward(p) for p in projections)
+    return _Layer(
+        index, norms[0].weight, norms[1].weight, q, k, v, o,
+        _forward(gate_up) if gate_up is not None else None,
+        _forward(gate) if gate_up is None else None,
+        _forward(up) if gate_up is None else None,
+        _forward(down), act.forward,
+    )
