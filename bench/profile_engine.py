@@ -25,6 +25,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the server does (glm_api/huge_pages.py)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch

@@ -38,6 +38,11 @@ Proj = Callable[[torch.Tensor], torch.Tensor]
 #: rotate_half; "interleaved": GLM's pairs over the rotary part of each head). Each listed layout
 #: is checked against transformers' forward in tests/engines/test_direct_decode.py.
 LAYOUTS = {"LlamaDecoderLayer": "half", "GlmDecoderLayer": "interleaved"}
+#: Rope types whose angles depend on the position alone (not on the sequence's length): their
+#: cos/sin are computed once for every position and looked up per step.
+STATIC_ROPE = frozenset({"default", "linear", "llama3", "yarn"})
+#: The looked-up table (cos and sin, every position) may take at most this many bytes.
+ROPE_TABLE_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,20 @@ class DirectDecoder:
         self.scale = float(attn.scaling)
         self.rotary = rotary
         self.layers = layers
+        self._table = self._rope_table(config, model.dtype)
+
+    def _rope_table(self, config, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """cos and signed sin for every position, where the rope type allows and it is small."""
+        positions = int(getattr(config, "max_position_embeddings", 0) or 0)
+        dims = self.head_dim
+        if getattr(self.rotary_emb, "rope_type", None) not in STATIC_ROPE or not positions:
+            return None
+        if positions * dims * 2 * torch.finfo(dtype).bits // 8 > ROPE_TABLE_BYTES:
+            return None
+        device = self.embed.device
+        with torch.inference_mode():
+            probe = torch.zeros((1, positions, 1), dtype=dtype, device=device)
+            return self._angles(probe, torch.arange(positions, device=device)[None])
 
     @classmethod
     def for_model(cls, model: nn.Module) -> DirectDecoder | None:
@@ -132,7 +151,15 @@ class DirectDecoder:
     def _rotation(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and signed sin ``[B, 1, rotary dims]`` such that rotating x is
         ``x * cos + swap(x) * sin``, where swap exchanges each pair's two members."""
-        cos, sin = self.rotary_emb(h[None], positions)  # [1, B, dims], the model's own (scaling included)
+        if self._table is not None:
+            cos, sin = self._table
+            return cos.index_select(0, positions[0])[:, None], sin.index_select(0, positions[0])[:, None]
+        cos, sin = self._angles(h[None], positions)
+        return cos[:, None], sin[:, None]
+
+    def _angles(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin ``[P, rotary dims]`` at ``positions`` ``[1, P]``."""
+        cos, sin = self.rotary_emb(h, positions)  # [1, P, dims], the model's own (scaling included)
         cos, sin = cos[0], sin[0]
         if self.rotary == "interleaved":  # GLM: pair (2i, 2i+1) turns by angle i of the first half
             half = cos.shape[-1] // 2
@@ -142,7 +169,7 @@ class DirectDecoder:
         else:  # Llama: pair (i, i + d/2) turns by angle i; rotate_half = (-x2, x1)
             half = cos.shape[-1] // 2
             sin = sin.view(sin.shape[0], 2, half) * sin.new_tensor([-1.0, 1.0])[:, None]
-        return cos[:, None], sin.reshape(cos.shape)[:, None]
+        return cos, sin.reshape(cos.shape)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """``x`` ``[B, heads, d]`` with its first ``cos``-width dims rotated (the rest as they are)."""

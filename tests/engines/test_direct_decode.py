@@ -35,8 +35,10 @@ def _paged(reference):
         {"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
                              "high_freq_factor": 4.0, "original_max_position_embeddings": 16}},
         {"rope_parameters": {"rope_type": "linear", "rope_theta": 500.0, "factor": 2.0}},
+        # angles that may change with the length: computed per step, not looked up
+        {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}},
     ],
-    ids=["biases", "llama3 rope", "linear rope"],
+    ids=["biases", "llama3 rope", "linear rope", "dynamic rope"],
 )
 def test_llama_variants_decode_as_transformers_computes_them(extra):
     torch.manual_seed(0)
@@ -48,7 +50,9 @@ def test_llama_variants_decode_as_transformers_computes_them(extra):
     model = _paged(reference)
     rows, lens = _random_rows(random.Random(7), 8)
     harness = _Harness(model, blocks=200, block_size=4, chunk=64, max_running=8)
-    assert harness.runner.decode.direct is not None
+    direct = harness.runner.decode.direct
+    assert direct is not None
+    assert (direct._table is None) == (extra.get("rope_parameters", {}).get("rope_type") == "dynamic")
     harness.run(rows)
     assert harness.runner.decode.steps > 10
     _assert_alone(reference, rows, lens)
