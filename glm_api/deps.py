@@ -7,10 +7,12 @@ dependency in its thread pool, a thread hop per request for a dictionary lookup.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Awaitable
 from typing import Annotated, TypeVar
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Response
 
 from glm_api.batch_runner import BatchRunner
 from glm_api.errors import EngineUnavailableError
@@ -21,6 +23,8 @@ from glm_api.storage import Storage
 from glm_api.state import AppState, Services
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 async def get_app_state(request: Request) -> AppState:
@@ -75,9 +79,19 @@ ResponseStoreDep = Annotated[ResponseStore, Depends(get_response_store)]
 OwnerDep = BatchOwnerDep
 
 
-async def until_disconnect(request: Request, work: Awaitable[T], poll_seconds: float = 0.25) -> T:
-    """Await ``work``, cancelling it if the client goes away first (frees its engine slot)."""
+#: nginx's "client closed request": what the access log and the metrics count for a request
+#: whose client left before its answer (never a 5xx: the server did nothing wrong).
+CLIENT_CLOSED_REQUEST = 499
+
+
+async def until_disconnect(request: Request, work: Awaitable[T], poll_seconds: float = 0.25) -> T | Response:
+    """Await ``work``, cancelling it if the client goes away first (frees its engine slot).
+
+    A client that left gets a 499 response nobody reads (the server drops what is sent on a
+    closed connection), and one info line: raising CancelledError instead made uvicorn log a
+    traceback and count a 500."""
     task = asyncio.ensure_future(work)
+    started = time.monotonic()
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=poll_seconds)
@@ -85,7 +99,14 @@ async def until_disconnect(request: Request, work: Awaitable[T], poll_seconds: f
                 return task.result()
             if await request.is_disconnected():
                 task.cancel()
-                raise asyncio.CancelledError("client disconnected")
+                await asyncio.wait({task})  # its cleanup (the engine abort) has run
+                if not task.cancelled():
+                    task.exception()  # whatever it ended with, nobody is there to hear it
+                log.info(
+                    "request %s cancelled: the client disconnected after %.1fs",
+                    request.state.request_id, time.monotonic() - started,
+                )
+                return Response(status_code=CLIENT_CLOSED_REQUEST)
     finally:
         if not task.done():
             task.cancel()

@@ -24,5 +24,9 @@ class AdapterEngine:
     def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[GenerationChunk]:
         return self.base.generate(prompt_ids, replace(params, adapter=self.model_name), request_id)
 
+    def cached_prefix_tokens(self, prompt_ids: list[int], prefix: str | None = None) -> int:
+        """What the base holds of this prompt computed under this adapter (never the base's blocks)."""
+        return self.base.cached_prefix_tokens(prompt_ids, prefix, self.model_name)
+
     def __getattr__(self, name: str) -> Any:  # the rest of the ChatEngine interface: the base's
         return getattr(self.base, name)

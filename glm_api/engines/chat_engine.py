@@ -194,13 +194,19 @@ class TransformersChatEngine(EngineThread):
                 for r in (*self._running, *self._waiting)
             )
 
-    def cached_prefix_tokens(self, prompt_ids: list[int], prefix: str | None = None) -> int:
-        """Tokens at the start of ``prompt_ids`` that this engine's KV pool holds now (behind the
-        pinned prefix ``prefix``, or the default one). The blocks change only under the lock, so
-        the lookup sees them whole."""
+    def cached_prefix_tokens(self, prompt_ids: list[int], prefix: str | None = None, adapter: str | None = None) -> int:
+        """Tokens at the start of ``prompt_ids`` that this engine's KV pool holds now for a row
+        behind the pinned prefix ``prefix`` (or the default one) under the LoRA adapter
+        ``adapter``. The blocks change only under the lock, so the lookup sees them whole."""
         pinned = self._prefix(prefix)
         with self._cv:
-            return self.kv.cached_prefix_tokens(prompt_ids, pinned.salt if pinned is not None else None)
+            return self.kv.cached_prefix_tokens(prompt_ids, self._cache_root(pinned, adapter))
+
+    def _cache_root(self, prefix: PinnedPrefix | None, adapter: str | None) -> bytes | None:
+        """Where a row's prefix-cache chain starts: its keys/values depend on its pinned prefix
+        and its adapter. One place, so a lookup's estimate and the row agree. Caller holds the lock."""
+        salt = prefix.salt if prefix is not None else None
+        return salt if adapter is None else join_salts(salt, self._adapter_root(adapter))
 
     def _prefix(self, name: str | None) -> PinnedPrefix | None:
         """The pinned prefix a request names (NotFoundError for one not pinned here), else the default."""
@@ -255,7 +261,7 @@ class TransformersChatEngine(EngineThread):
         with self._cv:
             if params.adapter is not None:  # checked under the lock: an unload cannot slip in between
                 seq.adapter = params.adapter
-                seq.cache_salt = join_salts(seq.cache_salt, self._adapter_root(params.adapter))
+                seq.cache_salt = self._cache_root(prefix, params.adapter)
             if self._queue_full():
                 self.stats.rejected += 1
                 raise RateLimitError(

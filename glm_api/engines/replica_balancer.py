@@ -15,7 +15,9 @@ Where a new request goes (decided on the event loop, in :meth:`ReplicaBalancer.g
    the replica already owes (prompt tokens not yet computed plus each request's remaining
    ``max_tokens``, running and waiting: :meth:`outstanding_tokens`) plus the prompt tokens this
    request would compute there, which are fewer where the replica's pool already holds the
-   prompt's beginning (:meth:`cached_prefix_tokens`). So a prompt that continues an earlier one
+   prompt's beginning (:meth:`cached_prefix_tokens`, looked up from the chain root the row will
+   have: its P-Tuning prefix's and its LoRA adapter's, whose blocks hold other keys/values than
+   the base's for the same tokens). So a prompt that continues an earlier one
    follows its cached beginning as long as loads are close, "close" meaning the load difference
    is smaller than the prompt tokens the cache saves; otherwise it goes where the work is least.
    Ties go to the replica with fewer requests, then in turn.
@@ -45,7 +47,7 @@ class BalancedEngine(ChatEngine, Protocol):
 
     def outstanding_tokens(self) -> int: ...
 
-    def cached_prefix_tokens(self, prompt_ids: list[int], prefix: str | None = None) -> int: ...
+    def cached_prefix_tokens(self, prompt_ids: list[int], prefix: str | None = None, adapter: str | None = None) -> int: ...
 
 
 @dataclass(eq=False)
@@ -187,7 +189,7 @@ class ReplicaBalancer:
                 retry_after=1,
             )
         error: APIError | None = None
-        for replica in self.rank(candidates, prompt_ids, params.prefix):
+        for replica in self.rank(candidates, prompt_ids, params.prefix, params.adapter):
             try:
                 stream = replica.engine.generate(prompt_ids, params, request_id)
             except EngineUnavailableError as exc:  # died since the check
@@ -201,14 +203,17 @@ class ReplicaBalancer:
         assert error is not None
         raise error
 
-    def rank(self, candidates: Sequence[Replica], prompt_ids: list[int], prefix: str | None = None) -> list[Replica]:
+    def rank(
+        self, candidates: Sequence[Replica], prompt_ids: list[int], prefix: str | None = None, adapter: str | None = None
+    ) -> list[Replica]:
         """``candidates`` best first: least outstanding work once this prompt is added (prompt
-        tokens the replica has cached are not work), then fewest requests, then in turn."""
+        tokens the replica has cached for this prefix and adapter are not work), then fewest
+        requests, then in turn."""
         n = len(self.replicas)
         keyed = []
         for replica in candidates:
             engine = replica.engine
-            cached = engine.cached_prefix_tokens(prompt_ids, prefix) if self.prefix_affinity else 0
+            cached = engine.cached_prefix_tokens(prompt_ids, prefix, adapter) if self.prefix_affinity else 0
             work = engine.outstanding_tokens() + len(prompt_ids) - cached
             keyed.append(((work, engine.num_running + engine.num_waiting, (replica.index - self._turn) % n), replica))
         self._turn += 1

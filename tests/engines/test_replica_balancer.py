@@ -335,3 +335,49 @@ def test_registry_loads_the_chat_model_once_per_listed_device(tiny_llama_dir, ti
 
 async def _gather(engine, prompt, n):
     return await asyncio.gather(*[collect(engine, prompt, GREEDY, f"g-{i}") for i in range(n)])
+
+
+def test_an_adapter_request_follows_the_adapters_cached_blocks_not_the_bases(tiny_llama_dir, tmp_path_factory):
+    """Replica 0 holds a prompt's blocks computed by the base model, replica 1 the same prompt's
+    blocks computed under the adapter: an adapter request continuing that prompt can reuse only
+    replica 1's (its chain starts from the adapter's root), so that is where it goes; a base
+    request goes to replica 0."""
+    from glm_api.engines.adapter_engine import AdapterEngine
+    from glm_api.families.detect import load_chat_model
+    from tests.fixtures.lora_adapters import LLAMA_TARGETS, make_lora
+
+    cpu = torch.device("cpu")
+    loads = [load_chat_model(tiny_llama_dir, cpu, torch.float32, tmp_path_factory.mktemp("cache")) for _ in range(2)]
+    folder = tmp_path_factory.mktemp("sql")
+    make_lora(loads[0].model, folder, LLAMA_TARGETS, r=4, alpha=16, seed=0)
+    engines = [
+        TransformersChatEngine(loaded, "tiny", kv_cache_tokens=2048, kv_block_size=4, prefix_cache_tokens=512)
+        for loaded in loads
+    ]
+    for engine in engines:
+        engine.load_adapter("sql", str(folder))
+    router = ReplicaBalancer(engines, ["cpu", "cpu"])
+    sql = AdapterEngine(router, "sql")
+    turn1 = loads[0].template.encode_messages([{"role": "user", "content": "Write a query for the tallest tower."}])
+    sql_params = SamplingParams(max_tokens=4, temperature=0.0, adapter="sql")
+    router.start()
+    try:
+        async def scenario():
+            await collect(engines[0], turn1, GREEDY, "base-on-0")  # the base's blocks on replica 0
+            await collect(engines[1], turn1, sql_params, "sql-on-1")  # the adapter's on replica 1
+            turn2 = turn1 + loads[0].template.encode_messages([{"role": "user", "content": "And the oldest?"}])[1:]
+            routed = sql.generate(turn2, GREEDY, "sql-routed")
+            adapter_went = router.replica_of("sql-routed")
+            adapter_cached = [chunk async for chunk in routed][-1].cached_tokens
+            routed = router.generate(turn2, GREEDY, "base-routed")
+            base_went = router.replica_of("base-routed")
+            base_cached = [chunk async for chunk in routed][-1].cached_tokens
+            return adapter_went, adapter_cached, base_went, base_cached
+
+        adapter_went, adapter_cached, base_went, base_cached = asyncio.run(scenario())
+    finally:
+        router.stop()
+    blocks = (len(turn1) - 1) // 4 * 4  # whole blocks of turn 1 (at least), cached on its replica
+    assert blocks >= 8
+    assert (adapter_went, base_went) == (1, 0)
+    assert adapter_cached >= blocks and base_cached >= blocks  # each found its own blocks
