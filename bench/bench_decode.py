@@ -63,6 +63,30 @@ def bandwidth_gbs(mib: int = 256, reps: int = 12, device: torch.device = CPU) ->
     return matrix.numel() * 4 / best / 1e9
 
 
+def projections_ms(model: torch.nn.Module, passes: int = 12) -> float:
+    """Best ms of one pass over every projection (each ``nn.Linear``'s own forward: the packed
+    path where it was chosen) at one row, in a thread as the engine runs them: what the weights
+    alone cost one stream's step, without attention, norms or bookkeeping."""
+    import threading
+
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {m.in_features: torch.randn(1, m.in_features, dtype=m.weight.dtype) for m in linears}
+    best = [float("inf")]
+
+    def run():
+        with torch.inference_mode():
+            for _ in range(passes):
+                start = time.perf_counter()
+                for m in linears:
+                    m.forward(inputs[m.in_features])
+                best[0] = min(best[0], time.perf_counter() - start)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    return best[0] * 1000
+
+
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes one decode step reads: every parameter and buffer once (a tied tensor once)."""
     seen: dict[int, int] = {}
@@ -153,7 +177,7 @@ def variant(loaded, new: bool, pack: bool = True, **kwargs):
     if unpack_linears is not None:
         unpack_linears(loaded.model)
         if new and pack:
-            pack_linears(loaded.model, widths=(1, kwargs.get("max_running", 32), 512))
+            pack_linears(loaded.model, widths=(1, kwargs.get("max_running", 32), 512), head_rows=kwargs.get("max_running", 32))
     engine = make_engine(loaded, **kwargs)
     if not new and getattr(engine.runner, "decode", None) is not None:
         engine.runner.decode = None  # every step through the general one, as on main
@@ -194,6 +218,9 @@ def main() -> int:
     rows.append(("limit: SmolLM2-135M fp32", f"{limit:.1f} tok/s", f"{size / 1e6:.0f} MB of weights per token"))
     prompt = loaded.template.encode_messages(STORY)
     rate = {new: one_stream(loaded, prompt, args.tokens, new) for new in (False, True)}
+    ms = projections_ms(loaded.model)  # packed as the last engine left them (this branch's choice)
+    rows.append(("projections alone, one row (weights, no step)", f"{ms:.1f} ms",
+                 f"{size / ms / 1e6:.1f} GB/s; share {1000 / ms / limit:.2f} at best"))
     rows.append(("one stream, SmolLM2 fp32, main's path", f"{rate[False]:.1f} tok/s", f"share {rate[False] / limit:.2f}"))
     rows.append(("one stream, SmolLM2 fp32, this branch", f"{rate[True]:.1f} tok/s",
                  f"share of the limit {rate[True] / limit:.2f} (goal >= 0.85); {rate[True] / rate[False]:.2f}x main"))

@@ -12,8 +12,8 @@ matrix-vector product; oneDNN's linear over a weight reordered once for it
 (``--dtype bfloat16``) gets the same treatment over its bf16 weights.
 
 :func:`pack_linears` times, per distinct projection shape, ``F.linear`` against the packed path
-over all of the model's modules of that shape (so that the weights stream from memory as in a
-real step) at the widths steps carry (one stream's decode, every running stream's decode, a
+over the model's modules of that shape (enough of them that the weights stream from memory
+as in a real step) at the widths steps carry (one stream's decode, every running stream's decode, a
 prompt chunk), and gives each module a packed copy of its weight where the packed path wins at
 some width. An input takes the path that won at the nearest measured width at or above its rows
 (the widest one for wider inputs). The original weight stays (tied embeddings, adapters
@@ -48,6 +48,10 @@ TIME_PER_CANDIDATE = 0.03
 MIN_IN_FEATURES = 256
 #: The packed path must be at least this much faster to be used (timing noise on a busy CPU).
 MIN_GAIN = 1.05
+#: Modules of one shape timed together weigh at least this much (past a server CPU's last-level
+#: cache, so the weights stream from memory as in a real step) - not all of them: timing all 60
+#: of SmolLM2's 576->1536 projections at a 512-row chunk made start-up ~10 s longer.
+TIMED_BYTES = 96 * 2**20
 
 
 def packed_linear_available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -93,11 +97,15 @@ def _available_bytes() -> int | None:
 
 @torch.inference_mode()
 def pack_linears(
-    model: nn.Module, widths: tuple[int, ...], *, force: bool = False
+    model: nn.Module, widths: tuple[int, ...], *, force: bool = False, head_rows: int | None = None
 ) -> dict[tuple[int, int], dict[str, dict[int, float]]]:
     """Give ``model``'s float32 ``nn.Linear`` projections the packed path where it measured
     faster (see the module docstring; ``force``: everywhere, whatever the figures); returns the
-    figures (ms per module) per (out, in) shape and logs them with the choice made."""
+    figures (ms per module) per (out, in) shape and logs them with the choice made.
+    ``head_rows``: the most rows the output head sees in a step (it computes logits only for
+    decoding rows and each prompt's last position): its shape is timed at widths up to that
+    (timing a vocabulary-wide head at a prompt chunk's width took seconds of start-up)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     groups: dict[tuple[int, int], list[nn.Linear]] = {}
     for module in model.modules():
         weight = getattr(module, "weight", None)
@@ -106,7 +114,8 @@ def pack_linears(
             and module.in_features >= MIN_IN_FEATURES
             and packed_linear_available(weight.device, weight.dtype)
         ):
-            groups.setdefault((*weight.shape, weight.dtype), []).append(module)
+            # the head apart from projections of its shape: it may be timed at other widths
+            groups.setdefault((*weight.shape, weight.dtype, module is head and head_rows is not None), []).append(module)
     if not groups:
         return {}
     extra = sum(m.weight.nbytes for modules in groups.values() for m in modules)
@@ -121,33 +130,34 @@ def pack_linears(
     widths = tuple(sorted(set(widths)))
     figures: dict[tuple[int, int], dict[str, dict[int, float]]] = {}
     packed_bytes = 0
-    for (*shape, dtype), modules in groups.items():
+    for (*shape, dtype, is_head), modules in groups.items():
         shape = (shape[0], shape[1])
-        packed = [torch.ops.mkldnn._reorder_linear_weight(m.weight, widths[-1]) for m in modules]
+        group_widths = widths
+        if is_head:
+            group_widths = tuple(w for w in widths if w <= head_rows) or widths[:1]
+        packed = [torch.ops.mkldnn._reorder_linear_weight(m.weight, group_widths[-1]) for m in modules]
         plain, fast = {}, {}
-        for width in widths:
+        timed = max(1, min(len(modules), -(-TIMED_BYTES // modules[0].weight.nbytes)))
+        pairs = list(zip(packed, modules))[:timed]
+        for width in group_widths:
             x = torch.randn(width, shape[1], dtype=dtype)
-            plain[width] = _ms(lambda: [nn.functional.linear(x, m.weight, m.bias) for m in modules]) / len(modules)
-            fast[width] = _ms(
-                lambda: [
-                    torch.ops.mkldnn._linear_pointwise(x, p, m.bias, "none", [], "") for p, m in zip(packed, modules)
-                ]
-            ) / len(modules)
+            plain[width] = _ms(lambda: [nn.functional.linear(x, m.weight, m.bias) for _, m in pairs]) / timed
+            fast[width] = _ms(lambda: [torch.ops.mkldnn._linear_pointwise(x, p, m.bias, "none", [], "") for p, m in pairs]) / timed
         figures[shape] = {"F.linear": plain, "onednn packed": fast}
-        use = tuple(force or fast[w] * MIN_GAIN <= plain[w] for w in widths)
+        use = tuple(force or fast[w] * MIN_GAIN <= plain[w] for w in group_widths)
         line = ", ".join(
-            f"{name} " + "/".join(f"{ms[w]:.3f}" for w in widths) for name, ms in figures[shape].items()
+            f"{name} " + "/".join(f"{ms[w]:.3f}" for w in group_widths) for name, ms in figures[shape].items()
         )
-        widths_text = "/".join(map(str, widths))
+        widths_text = "/".join(map(str, group_widths))
         if not any(use):
             log.info("dense kernels %d->%d x%d: F.linear kept; ms at %s rows: %s", shape[1], shape[0], len(modules),
                      widths_text, line)
             continue
         for module, weight in zip(modules, packed):
             module.packed_weight = weight
-            module.packed_widths, module.packed_use = widths, use
+            module.packed_widths, module.packed_use = group_widths, use
             module.forward = types.MethodType(_packed_forward, module)
-        chosen = "/".join(str(w) for w, u in zip(widths, use) if u)
+        chosen = "/".join(str(w) for w, u in zip(group_widths, use) if u)
         log.info("dense kernels %d->%d x%d: oneDNN packed at %s rows; ms at %s rows: %s", shape[1], shape[0],
                  len(modules), chosen, widths_text, line)
         packed_bytes += sum(m.weight.nbytes for m in modules)

@@ -54,6 +54,22 @@ def test_every_shape_is_timed_and_packed_exactly_where_its_figures_say(caplog):
     assert any("dense kernels chosen" in r.getMessage() for r in caplog.records)
 
 
+def test_the_head_is_timed_only_at_the_rows_it_sees():
+    """The output head computes logits for decoding rows and prompts' last positions only: with
+    ``head_rows`` it is timed (and chosen) at widths up to that, the projections at all."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(config).eval()
+    figures = pack_linears(model, widths=(1, 8, 64), head_rows=8, force=True)
+    assert set(figures[(96, 64)]["F.linear"]) == {1, 8}
+    assert model.lm_head.packed_widths == (1, 8)
+    assert model.model.layers[0].self_attn.q_proj.packed_widths == (1, 8, 64)
+    x = torch.randn(40, 64)  # wider than any head width measured: the widest one's choice
+    with torch.inference_mode():
+        torch.testing.assert_close(model.lm_head(x), nn.functional.linear(x, model.lm_head.weight))
+
+
 @pytest.mark.parametrize("rows", [1, 3, 40])
 def test_packed_projections_give_float_linears_answers(rows):
     model = _tiny()
