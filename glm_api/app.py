@@ -16,6 +16,7 @@ from glm_api.error_handlers import install_error_handlers
 from glm_api.metrics import Metrics
 from glm_api.middleware import RequestContextMiddleware
 from glm_api.openapi import openapi_schema
+from glm_api.passing_thread import run_in_passing_thread
 from glm_api.serving.batches import BatchStore
 from glm_api.serving.responses_store import ResponseStore
 from glm_api.security import ApiKeyMiddleware, BodyLimitMiddleware
@@ -105,7 +106,8 @@ def create_app(
 
 async def _load(state: AppState, sources: ModelSources | None, on_fatal: Callable[[str], None] | None) -> None:
     try:
-        registry = await asyncio.to_thread(build_registry, state.settings, sources)
+        # In a thread that ends with the loading: see glm_api/passing_thread.py.
+        registry = await asyncio.to_thread(run_in_passing_thread, build_registry, state.settings, sources, name="load")
         registry.start()
     except Exception as exc:  # any load failure: one clear line, then a non-zero exit
         state.load_error = f"{type(exc).__name__}: {exc}"

@@ -50,6 +50,7 @@ from ray import serve
 from ray.serve import Application
 
 from glm_api.config import Settings
+from glm_api.passing_thread import run_in_passing_thread
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,8 @@ class GlmApiReplica:
         sources = resolve_model_sources(self._settings)
         if self._settings.api_key_file is not None and not self._settings.api_key_file.is_file():
             raise StartupError(f"API key file {self._settings.api_key_file} does not exist on this host")
-        self._registry = await asyncio.to_thread(build_registry, self._settings, sources)
+        # loaded in a thread that ends with it (glm_api/passing_thread.py)
+        self._registry = await asyncio.to_thread(run_in_passing_thread, build_registry, self._settings, sources)
         log.info("replica ready with %d torch threads", torch.get_num_threads())
 
     def __serve_build_asgi_app__(self):

@@ -25,6 +25,7 @@ import torch
 
 from glm_api.engines.stats import EmbeddingEngineStats
 from glm_api.engines.engine_thread import EngineThread
+from glm_api.passing_thread import run_in_passing_thread
 from glm_api.errors import EngineUnavailableError, InternalError, RateLimitError
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,9 @@ class BatchingEngine(EngineThread, Generic[Item, Result]):
                     if batch is None:
                         break
                     try:
-                        self._run(batch)
+                        # Each batch in a thread that ends with it: between batches this engine
+                        # holds no OpenMP team to slow the chat engine's (glm_api/passing_thread.py).
+                        run_in_passing_thread(self._run_inference, batch, name=f"{self._kind}-batch")
                     except Exception:  # a bug in one batch must not stop the engine or strand its callers
                         log.exception("%s batch of %d failed", self._kind, len(batch))
                         self._resolve_all(self._fail(batch))
@@ -171,6 +174,10 @@ class BatchingEngine(EngineThread, Generic[Item, Result]):
                 if not job.failed:
                     batch.append((job, index))
             return batch
+
+    def _run_inference(self, batch: list[tuple[_Job, int]]) -> None:
+        with torch.inference_mode():
+            self._run(batch)
 
     def _run(self, batch: list[tuple[_Job, int]]) -> None:
         """Run what was gathered: tokenised once, sorted by length, in as many passes as

@@ -45,7 +45,7 @@ STATIC_ROPE = frozenset({"default", "linear", "llama3", "yarn"})
 ROPE_TABLE_BYTES = 64 * 2**20
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Layer:
     index: int
     norm_in: torch.Tensor
@@ -59,6 +59,7 @@ class _Layer:
     up: Proj | None
     down: Proj
     act: Proj
+    qkv: Proj | None = None  # q, k and v as one packed projection (fuse_projections)
 
 
 class DirectDecoder:
@@ -82,6 +83,25 @@ class DirectDecoder:
         self.rotary = rotary
         self.layers = layers
         self._table = self._rope_table(config, model.dtype)
+
+    def fuse_projections(self, modules: nn.ModuleList, hint_rows: int) -> int:
+        """Give each layer one packed projection for q, k, v (and Llama's gate and up), where
+        :func:`~glm_api.families.dense_kernels.fused_projection` can; returns how many it fused."""
+        from glm_api.families.dense_kernels import fused_projection
+
+        fused = 0
+        for layer, module in zip(self.layers, modules):
+            attn, mlp = module.self_attn, module.mlp
+            qkv = fused_projection([attn.q_proj, attn.k_proj, attn.v_proj], hint_rows)
+            if qkv is not None:
+                layer.qkv = qkv
+                fused += 1
+            if layer.gate_up is None:
+                gate_up = fused_projection([mlp.gate_proj, mlp.up_proj], hint_rows)
+                if gate_up is not None:
+                    layer.gate_up, layer.gate, layer.up = gate_up, None, None
+                    fused += 1
+        return fused
 
     def _rope_table(self, config, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
         """cos and signed sin for every position, where the rope type allows and it is small."""
@@ -126,11 +146,16 @@ class DirectDecoder:
         cos, sin = self._rotation(h, positions)
         heads, kv_heads, d, eps = self.heads, self.kv_heads, self.head_dim, self.eps
         hidden_shape = (1, rows, -1)
+        qkv_sizes = (heads * d, kv_heads * d, kv_heads * d)
         for layer in self.layers:
             x = F.rms_norm(h, (h.shape[-1],), layer.norm_in, eps)
-            q = layer.q(x).view(rows, heads, d)
-            k = layer.k(x).view(rows, kv_heads, d)
-            v = layer.v(x).view(rows, kv_heads, d)
+            if layer.qkv is not None:
+                q, k, v = layer.qkv(x).split(qkv_sizes, dim=-1)
+                q, k, v = q.view(rows, heads, d), k.view(rows, kv_heads, d), v.view(rows, kv_heads, d)
+            else:
+                q = layer.q(x).view(rows, heads, d)
+                k = layer.k(x).view(rows, kv_heads, d)
+                v = layer.v(x).view(rows, kv_heads, d)
             q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
             out = batch.attend(
                 layer.index,

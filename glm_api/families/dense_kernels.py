@@ -175,3 +175,25 @@ def unpack_linears(model: nn.Module) -> int:
             del module.forward  # back to the class's forward
             count += 1
     return count
+
+
+def fused_projection(modules: list[nn.Module], hint_rows: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """One packed projection computing ``modules``' outputs side by side (q, k, v; gate, up): a
+    decode step then reads their weights in one pass, one kernel call instead of several.
+    None where they are not plain float ``nn.Linear`` modules of one input on a CPU with the packed
+    path. The caller splits the output by the modules' widths."""
+    if not modules or any(type(m) is not nn.Linear for m in modules):
+        return None
+    weights = [m.weight for m in modules]
+    first = weights[0]
+    if any(w.dtype != first.dtype or w.device != first.device or w.shape[1] != first.shape[1] for w in weights):
+        return None
+    if not packed_linear_available(first.device, first.dtype):
+        return None
+    with torch.inference_mode():
+        packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat(weights), hint_rows)
+        bias = None
+        if any(m.bias is not None for m in modules):
+            bias = torch.cat([m.bias if m.bias is not None else first.new_zeros(m.out_features) for m in modules])
+    return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+

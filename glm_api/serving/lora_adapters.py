@@ -12,6 +12,7 @@ import logging
 
 from glm_api.config import Settings
 from glm_api.errors import ForbiddenError
+from glm_api.passing_thread import run_in_passing_thread
 from glm_api.protocol.lora import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from glm_api.registry import ModelRegistry
 
@@ -28,7 +29,8 @@ def _allowed(settings: Settings) -> None:
 
 async def load_adapter(registry: ModelRegistry, settings: Settings, req: LoadLoraAdapterRequest) -> str:
     _allowed(settings)
-    await asyncio.to_thread(registry.load_adapter, req.lora_name, req.lora_path)
+    # torch work in a thread that ends with it (glm_api/passing_thread.py)
+    await asyncio.to_thread(run_in_passing_thread, registry.load_adapter, req.lora_name, req.lora_path)
     log.info("LoRA adapter %s loaded at run time from %s", req.lora_name, req.lora_path)
     return f"Success: LoRA adapter '{req.lora_name}' added successfully."
 

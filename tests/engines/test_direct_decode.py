@@ -84,3 +84,21 @@ def test_other_layouts_keep_transformers_forward():
     assert DirectDecoder.for_model(qwen3) is None
     _, latent = _stock_and_paged("glm4_moe_lite")
     assert DirectDecoder.for_model(latent) is None
+
+
+@pytest.mark.parametrize("kind", ["llama", "glm"])
+def test_fused_projections_decode_to_the_same_logits(kind):
+    """q, k, v (and Llama's gate, up) as one packed projection each: same logits as alone."""
+    from glm_api.families.dense_kernels import packed_linear_available
+
+    if not packed_linear_available(torch.device("cpu"), torch.float32):
+        pytest.skip("no oneDNN in this build")
+    reference, model = _stock_and_paged(kind)
+    rows, lens = _random_rows(random.Random(9), 8)
+    harness = _Harness(model, blocks=200, block_size=4, chunk=64, max_running=8)
+    direct = harness.runner.decode.direct
+    layers = len(model.model.layers)
+    assert direct.fuse_projections(model.model.layers, 1) == (2 * layers if kind == "llama" else layers)
+    harness.run(rows)
+    assert harness.runner.decode.steps > 10
+    _assert_alone(reference, rows, lens)
