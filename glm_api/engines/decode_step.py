@@ -89,18 +89,20 @@ def decode_attention(
     lengths: torch.Tensor,
     scale: float,
     static: bool,
+    groups: list[tuple[int, int, int, int, bool]] | None = None,
 ) -> torch.Tensor:
     """``query`` ``[1, H, B, d]``, ``key``/``value`` ``[1, kv_heads, B, d]`` of B decode rows
     (sorted by length); writes the keys/values at ``slots`` of the pool ``[kv_heads, blocks,
     block_size, d]``, then attends row r over the first ``lengths[r]`` tokens of its blocks
-    ``tables[r]``. Returns ``[1, B, H, d]``."""
+    ``tables[r]``. Returns ``[1, B, H, d]``. ``groups``: the runs of rows gathered together
+    when the caller has them (one step's layers share them), else read from ``lengths``."""
     kv_heads, _, block_size, d = k_pool.shape
     heads, rows = query.shape[1], query.shape[2]
     k_pool.view(kv_heads, -1, d).index_copy_(1, slots, key[0].to(k_pool.dtype))
     v_pool.view(kv_heads, -1, d).index_copy_(1, slots, value[0].to(v_pool.dtype))
     if static:
         groups = [(0, rows, tables.shape[1], tables.shape[1] * block_size, True)]
-    else:
+    elif groups is None:
         groups = _groups(lengths.tolist(), block_size)
     out = query.new_empty((1, rows, heads, d)) if len(groups) > 1 else None
     for start, count, n_blocks, kv_len, masked in groups:
@@ -179,12 +181,13 @@ class DecodeBatch:
     keys: list[torch.Tensor]  # the pool, per layer
     values: list[torch.Tensor]
     static: bool  # one masked gather over the whole width (graph capture), no host reads
+    groups: list[tuple[int, int, int, int, bool]] | None = None  # eager: the runs of rows, made once a step
 
     def attend(self, layer: int, query, key, value, scale: float) -> torch.Tensor:
         args = (query, key, value, self.keys[layer], self.values[layer], self.slots, self.tables, self.lengths)
         if torch.compiler.is_compiling():
             return paged_decode_attention(*args, scale, self.static)
-        return decode_attention(*args, scale, self.static)  # eager: no op dispatch per layer
+        return decode_attention(*args, scale, self.static, self.groups)  # eager: no op dispatch per layer
 
 
 @dataclass
@@ -329,6 +332,9 @@ class DecodeStep:
             keys=self.pool.keys,
             values=self.pool.values,
             static=False,
+            # from the host's lengths: no per-layer read of the lengths tensor (a compiled graph
+            # calls the op, which reads them itself)
+            groups=None if self.compiled else _groups(host.lengths, self.pool.block_size),
         )
 
     def _run_static(self, host: DecodeRows, bucket: int) -> torch.Tensor:

@@ -146,17 +146,19 @@ class DirectDecoder:
         cos, sin = self._rotation(h, positions)
         heads, kv_heads, d, eps = self.heads, self.kv_heads, self.head_dim, self.eps
         hidden_shape = (1, rows, -1)
-        qkv_sizes = (heads * d, kv_heads * d, kv_heads * d)
+        qk_width = (heads + kv_heads) * d
         for layer in self.layers:
             x = F.rms_norm(h, (h.shape[-1],), layer.norm_in, eps)
-            if layer.qkv is not None:
-                q, k, v = layer.qkv(x).split(qkv_sizes, dim=-1)
-                q, k, v = q.view(rows, heads, d), k.view(rows, kv_heads, d), v.view(rows, kv_heads, d)
+            if layer.qkv is not None:  # query and key heads side by side: rotated together
+                qkv = layer.qkv(x)
+                qk = self._rotate(qkv[:, :qk_width].view(rows, heads + kv_heads, d), cos, sin)
+                q, k = qk[:, :heads], qk[:, heads:]
+                v = qkv[:, qk_width:].view(rows, kv_heads, d)
             else:
                 q = layer.q(x).view(rows, heads, d)
                 k = layer.k(x).view(rows, kv_heads, d)
                 v = layer.v(x).view(rows, kv_heads, d)
-            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+                q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
             out = batch.attend(
                 layer.index,
                 q.transpose(0, 1).unsqueeze(0),
