@@ -190,7 +190,11 @@ def variant(loaded, new: bool, pack: bool = True, **kwargs):
         if new and pack:
             rows = kwargs.get("max_running", 32)
             in_passing_thread(pack_linears, loaded.model, widths=(1, rows, 512), head_rows=rows)
-    engine = make_engine(loaded, **kwargs)
+    engine = in_passing_thread(make_engine, loaded, **kwargs)
+    direct = getattr(getattr(engine.runner, "decode", None), "direct", None)
+    if new and pack and hasattr(direct, "fuse_projections"):  # as the server does
+        rows = kwargs.get("max_running", 32)
+        in_passing_thread(direct.fuse_projections, loaded.model, widths=(1, rows))
     if not new and getattr(engine.runner, "decode", None) is not None:
         engine.runner.decode = None  # every step through the general one, as on main
     return engine

@@ -459,7 +459,8 @@ def _load_chat_replica(
 
         choose_kernels(loaded.model, dtype, widths=(1, settings.max_running, settings.prefill_chunk_tokens))
     compile_decode, decode_graphs = decode_options(settings.compile_decode, settings.cuda_graphs, device)
-    if settings.cpu_kernels == "auto" and not compile_decode and packed_linear_available(device, dtype):
+    pack = settings.cpu_kernels == "auto" and not compile_decode and packed_linear_available(device, dtype)
+    if pack:
         pack_linears(
             loaded.model, widths=(1, settings.max_running, settings.prefill_chunk_tokens), head_rows=settings.max_running
         )
@@ -474,6 +475,9 @@ def _load_chat_replica(
         )
     except UnsupportedCacheError as exc:  # refused now, not served to fail every request
         raise StartupError(f"cannot serve {source.path} as the chat model {source.name!r}: {exc}") from None
+    decode = engine.runner.decode
+    if pack and decode is not None and decode.direct is not None:  # fused where it times faster
+        decode.direct.fuse_projections(loaded.model, widths=(1, settings.max_running))
     if loaded.family == "chatglm3":
         from glm_api.ptuning import pin_prefixes
 

@@ -25,12 +25,17 @@ sums in another order.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from glm_api.units import byte_size
+
+log = logging.getLogger(__name__)
 
 Proj = Callable[[torch.Tensor], torch.Tensor]
 
@@ -43,6 +48,8 @@ LAYOUTS = {"LlamaDecoderLayer": "half", "GlmDecoderLayer": "interleaved"}
 STATIC_ROPE = frozenset({"default", "linear", "llama3", "yarn"})
 #: The looked-up table (cos and sin, every position) may take at most this many bytes.
 ROPE_TABLE_BYTES = 64 * 2**20
+#: Seconds spent timing each way of running the projections (the fastest pass counts).
+FUSION_TIMING_SECONDS = 0.3
 
 
 @dataclass
@@ -84,24 +91,79 @@ class DirectDecoder:
         self.layers = layers
         self._table = self._rope_table(config, model.dtype)
 
-    def fuse_projections(self, modules: nn.ModuleList, hint_rows: int) -> int:
-        """Give each layer one packed projection for q, k, v (and Llama's gate and up), where
-        :func:`~glm_api.families.dense_kernels.fused_projection` can; returns how many it fused."""
-        from glm_api.families.dense_kernels import fused_projection
+    def fuse_projections(self, model: nn.Module, hint_rows: int = 1, *, widths: tuple[int, ...] = (1,),
+                         force: bool = False) -> bool:
+        """Give each layer one packed projection for q, k, v (and Llama's gate and up:
+        :func:`~glm_api.families.dense_kernels.fused_projection`) where that times faster than
+        the modules' own projections at one row and no slower at the other ``widths`` (``force``:
+        whatever the figures); costs a copy of those weights (skipped, with a log line, past the
+        memory share packing may take). Returns whether it fused."""
+        from glm_api.families import dense_kernels
 
-        fused = 0
-        for layer, module in zip(self.layers, modules):
+        candidates = []
+        for layer, module in zip(self.layers, model.model.layers):
             attn, mlp = module.self_attn, module.mlp
-            qkv = fused_projection([attn.q_proj, attn.k_proj, attn.v_proj], hint_rows)
+            qkv = dense_kernels.fused_projection([attn.q_proj, attn.k_proj, attn.v_proj], hint_rows)
+            gate_up = None
+            if layer.gate_up is None:
+                gate_up = dense_kernels.fused_projection([mlp.gate_proj, mlp.up_proj], hint_rows)
+            candidates.append((qkv, gate_up))
+        if not any(qkv or gate_up for qkv, gate_up in candidates):
+            return False
+        extra = sum(
+            sum(p.weight.nbytes for p in projections)
+            for module, (qkv, gate_up) in zip(model.model.layers, candidates)
+            for projections, made in (
+                ((module.self_attn.q_proj, module.self_attn.k_proj, module.self_attn.v_proj), qkv),
+                ((getattr(module.mlp, "gate_proj", None), getattr(module.mlp, "up_proj", None)), gate_up),
+            )
+            if made is not None
+        )
+        available = dense_kernels._available_bytes()
+        if not force and available is not None and extra > dense_kernels.MEMORY_SHARE * available:
+            log.info("decode projections kept apart (fused copies would take %s of the %s available)",
+                     byte_size(extra), byte_size(available))
+            return False
+        figures = {w: self._time_fusion(candidates, w) for w in widths} if not force else {}
+        if not force:
+            apart, fused = figures[widths[0]]
+            faster = fused * dense_kernels.MIN_GAIN <= apart
+            no_slower = all(f <= a * dense_kernels.MIN_GAIN for a, f in figures.values())
+            text = ", ".join(f"{w} rows {a:.1f} apart / {f:.1f} fused ms" for w, (a, f) in figures.items())
+            if not (faster and no_slower):
+                log.info("decode projections kept apart: %s", text)
+                return False
+            log.info("decode projections fused (q/k/v, gate/up; copies take %s): %s", byte_size(extra), text)
+        for layer, (qkv, gate_up) in zip(self.layers, candidates):
             if qkv is not None:
                 layer.qkv = qkv
-                fused += 1
-            if layer.gate_up is None:
-                gate_up = fused_projection([mlp.gate_proj, mlp.up_proj], hint_rows)
+            if gate_up is not None:
+                layer.gate_up, layer.gate, layer.up = gate_up, None, None
+        return True
+
+    def _time_fusion(self, candidates: list, rows: int) -> tuple[float, float]:
+        """ms of one pass over every layer's q/k/v and gate/up projections at ``rows`` rows:
+        (as the modules run them, fused)."""
+        from glm_api.families.dense_kernels import _ms
+
+        x = torch.randn(rows, self.embed.shape[1], dtype=self.embed.dtype, device=self.embed.device)
+
+        def apart():
+            for layer, (qkv, gate_up) in zip(self.layers, candidates):
+                if qkv is not None:
+                    layer.q(x), layer.k(x), layer.v(x)
                 if gate_up is not None:
-                    layer.gate_up, layer.gate, layer.up = gate_up, None, None
-                    fused += 1
-        return fused
+                    layer.gate(x), layer.up(x)
+
+        def fused():
+            for qkv, gate_up in candidates:
+                if qkv is not None:
+                    qkv(x)
+                if gate_up is not None:
+                    gate_up(x)
+
+        with torch.inference_mode():
+            return _ms(apart, seconds=FUSION_TIMING_SECONDS), _ms(fused, seconds=FUSION_TIMING_SECONDS)
 
     def _rope_table(self, config, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
         """cos and signed sin for every position, where the rope type allows and it is small."""

@@ -76,12 +76,12 @@ def _packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
 
-def _ms(fn: Callable[[], object]) -> float:
+def _ms(fn: Callable[[], object], seconds: float = TIME_PER_CANDIDATE) -> float:
     """The fastest of repeated calls: a neighbour taking a core mid-call (an OpenMP region waits
     for its slowest thread) inflates a mean by milliseconds, never the minimum."""
     fn()
     best, started = float("inf"), time.perf_counter()
-    while best == float("inf") or time.perf_counter() - started < TIME_PER_CANDIDATE:
+    while best == float("inf") or time.perf_counter() - started < seconds:
         call = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - call)

@@ -97,8 +97,25 @@ def test_fused_projections_decode_to_the_same_logits(kind):
     rows, lens = _random_rows(random.Random(9), 8)
     harness = _Harness(model, blocks=200, block_size=4, chunk=64, max_running=8)
     direct = harness.runner.decode.direct
-    layers = len(model.model.layers)
-    assert direct.fuse_projections(model.model.layers, 1) == (2 * layers if kind == "llama" else layers)
+    assert direct.fuse_projections(model, force=True)
+    assert all(layer.qkv is not None and layer.gate_up is not None for layer in direct.layers)
     harness.run(rows)
     assert harness.runner.decode.steps > 10
     _assert_alone(reference, rows, lens)
+
+
+def test_fusion_is_decided_by_timing_and_logged(caplog):
+    import logging
+
+    from glm_api.families.dense_kernels import packed_linear_available
+
+    if not packed_linear_available(torch.device("cpu"), torch.float32):
+        pytest.skip("no oneDNN in this build")
+    _, model = _stock_and_paged("llama")
+    harness = _Harness(model, blocks=50, block_size=4, chunk=64, max_running=4)
+    direct = harness.runner.decode.direct
+    with caplog.at_level(logging.INFO, logger="glm_api.engines.direct_decode"):
+        fused = direct.fuse_projections(model, widths=(1, 4))
+    line = next(r.getMessage() for r in caplog.records if "decode projections" in r.getMessage())
+    assert ("fused" in line.split(":")[0]) == fused and "1 rows" in line and "4 rows" in line
+    assert all((layer.qkv is not None) == fused for layer in direct.layers)
