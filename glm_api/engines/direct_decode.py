@@ -11,7 +11,7 @@ a random 2-layer model's step (``bench/profile_engine.py``). For the decoder lay
 - projections through each module's own ``forward`` (``F.linear``, the packed oneDNN path of
   :mod:`glm_api.families.dense_kernels`, a quantised kernel: whatever the module is), skipping
   ``__call__``: a step with LoRA rows takes the model's forward, where the adapters' hooks run;
-- RMSNorm as one ``F.rms_norm`` (same formula, computed in float32 as transformers' module does);
+- RMSNorm op for op as transformers computes it, without the module call;
 - the rotary embedding from the model's own ``rotary_emb`` module (its scaling and rope type
   included), applied once per layer to the query and key heads together, in the layout's
   pairing (halves for Llama, interleaved pairs over the rotary part for GLM), as the same
@@ -19,8 +19,8 @@ a random 2-layer model's step (``bench/profile_engine.py``). For the decoder lay
 - attention through the decode batch's paged op (:mod:`decode_step`).
 
 Any other model (or a layer that does not have exactly the expected parts) keeps
-transformers' forward. The answers agree with it within float rounding: the RMSNorm kernel
-sums in another order.
+transformers' forward. The answers agree with it within float rounding (fused or packed
+projections sum in another order).
 """
 
 from __future__ import annotations
@@ -210,7 +210,7 @@ class DirectDecoder:
         hidden_shape = (1, rows, -1)
         qk_width = (heads + kv_heads) * d
         for layer in self.layers:
-            x = F.rms_norm(h, (h.shape[-1],), layer.norm_in, eps)
+            x = _rms_norm(h, layer.norm_in, eps)
             if layer.qkv is not None:  # query and key heads side by side: rotated together
                 qkv = layer.qkv(x)
                 qk = self._rotate(qkv[:, :qk_width].view(rows, heads + kv_heads, d), cos, sin)
@@ -229,13 +229,13 @@ class DirectDecoder:
                 self.scale,
             )  # [1, B, heads, d]
             h = h + layer.o(out.reshape(hidden_shape)[0])
-            x = F.rms_norm(h, (h.shape[-1],), layer.norm_post, eps)
+            x = _rms_norm(h, layer.norm_post, eps)
             if layer.gate_up is not None:
                 gate, up = layer.gate_up(x).chunk(2, dim=-1)
             else:
                 gate, up = layer.gate(x), layer.up(x)
             h = h + layer.down(up * layer.act(gate))
-        return self.head(F.rms_norm(h, (h.shape[-1],), self.norm, eps))
+        return self.head(_rms_norm(h, self.norm, eps))
 
     def _rotation(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and signed sin ``[B, 1, rotary dims]`` such that rotating x is
@@ -272,6 +272,15 @@ class DirectDecoder:
         if dims < x.shape[-1]:
             return torch.cat((turned, x[..., dims:]), dim=-1)
         return turned
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' RMSNorm, op for op (in float32, then the weight in the input's dtype): the
+    same bits as the general step's norm (``F.rms_norm`` sums in another order and measured no
+    faster inside a decode step)."""
+    y = x if x.dtype == torch.float32 else x.float()
+    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (y if x.dtype == torch.float32 else y.to(x.dtype))
 
 
 def _is_rms_norm(module: nn.Module) -> bool:
