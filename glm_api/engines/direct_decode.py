@@ -67,6 +67,7 @@ class _Layer:
     down: Proj
     act: Proj
     qkv: Proj | None = None  # q, k and v as one packed projection (fuse_projections)
+    fused_gate_up: Proj | None = None  # Llama's gate and up as one (fuse_projections)
 
 
 class DirectDecoder:
@@ -90,14 +91,16 @@ class DirectDecoder:
         self.rotary = rotary
         self.layers = layers
         self._table = self._rope_table(config, model.dtype)
+        self.fused_rows = 0  # steps of up to this many rows take the fused projections
 
     def fuse_projections(self, model: nn.Module, hint_rows: int = 1, *, widths: tuple[int, ...] = (1,),
                          force: bool = False) -> bool:
         """Give each layer one packed projection for q, k, v (and Llama's gate and up:
-        :func:`~glm_api.families.dense_kernels.fused_projection`) where that times faster than
-        the modules' own projections at one row and no slower at the other ``widths`` (``force``:
-        whatever the figures); costs a copy of those weights (skipped, with a log line, past the
-        memory share packing may take). Returns whether it fused."""
+        :func:`~glm_api.families.dense_kernels.fused_projection`), taken by steps of up to the
+        widest of ``widths`` (from the narrowest) at which it timed faster than the modules' own
+        projections (``force``: all of them, whatever the figures); wider steps keep the modules.
+        Costs a copy of those weights (skipped, with a log line, past the memory share packing may
+        take). Returns whether it fused."""
         from glm_api.families import dense_kernels
 
         candidates = []
@@ -124,21 +127,23 @@ class DirectDecoder:
             log.info("decode projections kept apart (fused copies would take %s of the %s available)",
                      byte_size(extra), byte_size(available))
             return False
-        figures = {w: self._time_fusion(candidates, w) for w in widths} if not force else {}
+        rows = max(widths)
         if not force:
-            apart, fused = figures[widths[0]]
-            faster = fused * dense_kernels.MIN_GAIN <= apart
-            no_slower = all(f <= a * dense_kernels.MIN_GAIN for a, f in figures.values())
+            figures = {w: self._time_fusion(candidates, w) for w in sorted(widths)}
+            rows = 0  # the widest step up to which fused won at every measured width
+            for w, (apart, fused) in figures.items():
+                if fused * dense_kernels.MIN_GAIN > apart:
+                    break
+                rows = w
             text = ", ".join(f"{w} rows {a:.1f} apart / {f:.1f} fused ms" for w, (a, f) in figures.items())
-            if not (faster and no_slower):
+            if not rows:
                 log.info("decode projections kept apart: %s", text)
                 return False
-            log.info("decode projections fused (q/k/v, gate/up; copies take %s): %s", byte_size(extra), text)
+            log.info("decode projections fused (q/k/v, gate/up) for steps of up to %d rows (copies take %s): %s",
+                     rows, byte_size(extra), text)
         for layer, (qkv, gate_up) in zip(self.layers, candidates):
-            if qkv is not None:
-                layer.qkv = qkv
-            if gate_up is not None:
-                layer.gate_up, layer.gate, layer.up = gate_up, None, None
+            layer.qkv, layer.fused_gate_up = qkv, gate_up
+        self.fused_rows = rows
         return True
 
     def _time_fusion(self, candidates: list, rows: int) -> tuple[float, float]:
@@ -209,9 +214,10 @@ class DirectDecoder:
         heads, kv_heads, d, eps = self.heads, self.kv_heads, self.head_dim, self.eps
         hidden_shape = (1, rows, -1)
         qk_width = (heads + kv_heads) * d
+        fused = rows <= self.fused_rows
         for layer in self.layers:
             x = _rms_norm(h, layer.norm_in, eps)
-            if layer.qkv is not None:  # query and key heads side by side: rotated together
+            if fused and layer.qkv is not None:  # query and key heads side by side: rotated together
                 qkv = layer.qkv(x)
                 qk = self._rotate(qkv[:, :qk_width].view(rows, heads + kv_heads, d), cos, sin)
                 q, k = qk[:, :heads], qk[:, heads:]
@@ -232,6 +238,8 @@ class DirectDecoder:
             x = _rms_norm(h, layer.norm_post, eps)
             if layer.gate_up is not None:
                 gate, up = layer.gate_up(x).chunk(2, dim=-1)
+            elif fused and layer.fused_gate_up is not None:
+                gate, up = layer.fused_gate_up(x).chunk(2, dim=-1)
             else:
                 gate, up = layer.gate(x), layer.up(x)
             h = h + layer.down(up * layer.act(gate))

@@ -86,9 +86,11 @@ def test_other_layouts_keep_transformers_forward():
     assert DirectDecoder.for_model(latent) is None
 
 
+@pytest.mark.parametrize("fused_rows", [1, 8], ids=["one-row steps fused", "every step fused"])
 @pytest.mark.parametrize("kind", ["llama", "glm"])
-def test_fused_projections_decode_to_the_same_logits(kind):
-    """q, k, v (and Llama's gate, up) as one packed projection each: same logits as alone."""
+def test_fused_projections_decode_to_the_same_logits(kind, fused_rows):
+    """q, k, v (and Llama's gate, up) as one packed projection each, in steps of up to
+    ``fused_rows`` rows (wider ones through the modules): same logits as alone."""
     from glm_api.families.dense_kernels import packed_linear_available
 
     if not packed_linear_available(torch.device("cpu"), torch.float32):
@@ -97,8 +99,9 @@ def test_fused_projections_decode_to_the_same_logits(kind):
     rows, lens = _random_rows(random.Random(9), 8)
     harness = _Harness(model, blocks=200, block_size=4, chunk=64, max_running=8)
     direct = harness.runner.decode.direct
-    assert direct.fuse_projections(model, force=True)
-    assert all(layer.qkv is not None and layer.gate_up is not None for layer in direct.layers)
+    assert direct.fuse_projections(model, force=True, widths=(fused_rows,))
+    assert direct.fused_rows == fused_rows
+    assert all(layer.qkv is not None and (layer.gate_up or layer.fused_gate_up) for layer in direct.layers)
     harness.run(rows)
     assert harness.runner.decode.steps > 10
     _assert_alone(reference, rows, lens)
@@ -119,3 +122,4 @@ def test_fusion_is_decided_by_timing_and_logged(caplog):
     line = next(r.getMessage() for r in caplog.records if "decode projections" in r.getMessage())
     assert ("fused" in line.split(":")[0]) == fused and "1 rows" in line and "4 rows" in line
     assert all((layer.qkv is not None) == fused for layer in direct.layers)
+    assert direct.fused_rows in ((1, 4) if fused else (0,))
