@@ -33,6 +33,7 @@ pytest_plugins = [
     "tests.fixtures.chatglm3_tools",
     "tests.fixtures.glm45_tiny",
     "tests.fixtures.glm4_chat_tiny",
+    "tests.fixtures.tool_calling_lm",
 ]
 
 CPU = torch.device("cpu")

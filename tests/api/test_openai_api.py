@@ -26,7 +26,6 @@ from tests.fixtures.tool_calling_lm import (
     FINAL_ANSWER,
     TOOL_RESULT,
     WEATHER_TOOL,
-    build_tool_calling_lm,
     first_turn,
     second_turn,
 )
@@ -233,9 +232,8 @@ def test_tools_with_tool_choice_none_chat_normally(client):
 
 
 @pytest.fixture(scope="module")
-def tool_client(tmp_path_factory, minilm):
-    folder = build_tool_calling_lm(tmp_path_factory.mktemp("tool-lm"))
-    loaded = load_transformers_lm(folder, torch.device("cpu"), torch.float32)
+def tool_client(tool_calling_lm_dir, minilm):
+    loaded = load_transformers_lm(tool_calling_lm_dir, torch.device("cpu"), torch.float32)
     settings = make_settings(chat_model_name="tool-lm")
     with TestClient(
         create_app(settings, make_registry(loaded, {PACKAGED_EMBEDDING_NAME: minilm}, settings))

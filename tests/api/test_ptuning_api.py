@@ -20,8 +20,8 @@ from glm_api.cli import settings_from_args
 from glm_api.config import Settings
 from glm_api.registry import StartupError, build_registry, resolve_model_sources
 from tests.conftest import make_settings
-from tests.engines.test_ptuning_prefix import raw_prefix, reference_logits, reference_prompt
-from tests.families.test_chatglm3_checkpoint import raw_checkpoint
+from tests.engines.test_ptuning_prefix import raw_prefix, reference_prompt
+from tests.fixtures.chatglm_reference import raw_checkpoint, reference_logits
 from tests.fixtures.chatglm3_ptuning import build_ptuning
 from tests.fixtures.chatglm3_tiny import build_tiny_chatglm3
 

@@ -26,7 +26,6 @@ from tests.fixtures.tool_calling_lm import (
     QUESTION as WEATHER_QUESTION,
     TOOL_RESULT,
     WEATHER_TOOL,
-    build_tool_calling_lm,
 )
 from tests.unit.test_responses_protocol import ITEM_SHAPES
 
@@ -355,9 +354,8 @@ def test_a_failure_after_the_200_is_an_error_event_then_response_failed(smollm2,
 
 
 @pytest.fixture(scope="module")
-def tool_client(tmp_path_factory, minilm):
-    folder = build_tool_calling_lm(tmp_path_factory.mktemp("tool-lm"))
-    loaded = load_transformers_lm(folder, torch.device("cpu"), torch.float32)
+def tool_client(tool_calling_lm_dir, tmp_path_factory, minilm):
+    loaded = load_transformers_lm(tool_calling_lm_dir, torch.device("cpu"), torch.float32)
     settings = make_settings(chat_model_name="tool-lm", data_dir=tmp_path_factory.mktemp("tool-data"))
     with TestClient(create_app(settings, make_registry(loaded, {PACKAGED_EMBEDDING_NAME: minilm}, settings))) as c:
         yield c

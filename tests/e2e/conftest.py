@@ -17,6 +17,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
+#: For servers started to test something other than the projections: ``--cpu-kernels auto`` (the
+#: default) times every projection shape at each start, ~10 s for SmolLM2 on a 2-core CPU. The
+#: session's ``live_server`` and ``responses_server`` keep the default, so the timed choice is
+#: still served end to end; tests/families/test_dense_kernels.py checks the kernels' arithmetic.
+NO_KERNEL_TIMING = ["--cpu-kernels", "off"]
+
 
 async def timed_sse_events(response: httpx.Response, started: float | None = None) -> list[tuple[float, object]]:
     """(seconds since ``started``, default now, payload) for every SSE data event, as it arrives."""
@@ -105,14 +111,11 @@ def responses_server(smollm2_cache_dir, tmp_path_factory) -> LiveServer:
 
 
 @pytest.fixture(scope="session")
-def tool_lm_server(tmp_path_factory) -> LiveServer:
+def tool_lm_server(tool_calling_lm_dir, tmp_path_factory) -> LiveServer:
     """A tiny model trained to call a weather tool (tests/fixtures/tool_calling_lm.py), served
     as ``tool-lm``, storing responses under a temporary data dir."""
-    from tests.fixtures.tool_calling_lm import build_tool_calling_lm
-
     root = tmp_path_factory.mktemp("tool-lm-server")
-    folder = build_tool_calling_lm(root / "model")
-    server = start_server(["--chat-model", str(folder), "--chat-model-name", "tool-lm", "--data-dir",
+    server = start_server(["--chat-model", str(tool_calling_lm_dir), "--chat-model-name", "tool-lm", "--data-dir",
                            str(root / "data")], root / "server.log")
     yield server
     stop_server(server)

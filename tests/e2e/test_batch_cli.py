@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from glm_api.registry import PACKAGED_CHAT_NAME, PACKAGED_EMBEDDING_NAME
-from tests.e2e.conftest import REPO
+from tests.e2e.conftest import NO_KERNEL_TIMING, REPO
 
 pytestmark = pytest.mark.e2e
 
@@ -36,7 +36,8 @@ def test_offline_batch_reports_failures_and_resumes(smollm2_cache_dir, tmp_path)
     text = "".join(json.dumps(x) + "\n" for x in lines) + "not json\n"
     source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     source.write_text(text)
-    common = [str(source), "-o", str(output), "--cache-dir", str(smollm2_cache_dir), "--log-level", "warning"]
+    common = [str(source), "-o", str(output), "--cache-dir", str(smollm2_cache_dir), "--log-level", "warning",
+              *NO_KERNEL_TIMING]
 
     first = run_batch(common)
     assert first.returncode == 1, first.stderr

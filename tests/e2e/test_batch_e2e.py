@@ -13,11 +13,13 @@ from openai import OpenAI
 from openai.types.chat import ChatCompletion
 
 from glm_api.registry import PACKAGED_CHAT_NAME
-from tests.e2e.conftest import start_server, stop_server
+from tests.e2e.conftest import NO_KERNEL_TIMING, start_server, stop_server
 
 pytestmark = pytest.mark.e2e
 
-LINES = 16
+# Enough for the kill to land mid-batch (it comes once 2 lines are done; 2 run at a time, so the
+# other 6 take three more rounds) and for the restart to have lines left to resume.
+LINES = 8
 TOPICS = ["the sea", "a red fox", "winter", "trains", "bread", "the moon", "rivers", "music"]
 
 
@@ -38,7 +40,8 @@ def sdk_for(url: str) -> OpenAI:
 @pytest.mark.timeout(1200)  # two server starts and a batch on a shared CPU
 def test_sdk_flow_survives_a_hard_kill_mid_batch(smollm2_cache_dir, tmp_path):
     data_dir = tmp_path / "data"
-    args = ["--cache-dir", str(smollm2_cache_dir), "--data-dir", str(data_dir), "--batch-max-running", "2"]
+    args = ["--cache-dir", str(smollm2_cache_dir), "--data-dir", str(data_dir), "--batch-max-running", "2",
+            *NO_KERNEL_TIMING]
     server = start_server(args, tmp_path / "first.log")
     try:
         with sdk_for(server.url) as sdk:

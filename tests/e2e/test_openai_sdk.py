@@ -19,13 +19,12 @@ import pytest
 from openai import AsyncOpenAI, OpenAI
 
 from glm_api.registry import PACKAGED_CHAT_NAME, PACKAGED_EMBEDDING_NAME
-from tests.e2e.conftest import start_server, stop_server
+from tests.e2e.conftest import NO_KERNEL_TIMING, start_server, stop_server
 from tests.fixtures.tool_calling_lm import (
     CALL_ARGUMENTS,
     FINAL_ANSWER,
     TOOL_RESULT,
     WEATHER_TOOL,
-    build_tool_calling_lm,
 )
 from tests.fixtures.tool_calling_lm import (
     QUESTION as WEATHER_QUESTION,
@@ -48,9 +47,8 @@ def sdk(live_server):
 
 
 @pytest.fixture(scope="module")
-def extra_servers(smollm2_cache_dir, tmp_path_factory):
+def extra_servers(smollm2_cache_dir, tool_calling_lm_dir, tmp_path_factory):
     """(guarded one-slot SmolLM2 server, tool-calling server), started side by side."""
-    tool_dir = build_tool_calling_lm(tmp_path_factory.mktemp("tool-lm"))
     logs = tmp_path_factory.mktemp("openai-e2e")
     guarded = [
         "--cache-dir",
@@ -63,8 +61,9 @@ def extra_servers(smollm2_cache_dir, tmp_path_factory):
         KEY,
         "--shutdown-grace-seconds",
         "0",
+        *NO_KERNEL_TIMING,
     ]
-    tools = ["--chat-model", str(tool_dir), "--chat-model-name", "tool-lm"]
+    tools = ["--chat-model", str(tool_calling_lm_dir), "--chat-model-name", "tool-lm"]
     with ThreadPoolExecutor(2) as pool:
         futures = [
             pool.submit(start_server, guarded, logs / "guarded.log"),

@@ -17,7 +17,7 @@ import pytest
 from glm_api.engines.base import SamplingParams
 from glm_api.engines.chat_engine import TransformersChatEngine
 from tests.api.test_metrics import value
-from tests.e2e.conftest import start_server, stop_server
+from tests.e2e.conftest import NO_KERNEL_TIMING, start_server, stop_server
 from tests.engines.test_chat_batching import collect
 
 pytestmark = pytest.mark.e2e
@@ -35,7 +35,7 @@ def conversation(i: int) -> list[dict]:
 @pytest.fixture(scope="module")
 def replica_server(smollm2_cache_dir, tmp_path_factory):
     server = start_server(
-        ["--cache-dir", str(smollm2_cache_dir), "--device", "cpu,cpu", "--log-level", "info"],
+        ["--cache-dir", str(smollm2_cache_dir), "--device", "cpu,cpu", "--log-level", "info", *NO_KERNEL_TIMING],
         tmp_path_factory.mktemp("replicas") / "server.log",
     )
     yield server

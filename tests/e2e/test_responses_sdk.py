@@ -14,7 +14,7 @@ from openai import OpenAI
 from pydantic import BaseModel, Field
 
 from glm_api.registry import PACKAGED_CHAT_NAME
-from tests.e2e.conftest import RESPONSES_KEYS, start_server, stop_server
+from tests.e2e.conftest import NO_KERNEL_TIMING, RESPONSES_KEYS, start_server, stop_server
 from tests.fixtures.tool_calling_lm import (
     CALL_ARGUMENTS,
     FINAL_ANSWER,
@@ -122,7 +122,7 @@ def test_unsupported_fields_are_400s(sdk):
 
 
 def test_a_stored_conversation_survives_a_server_restart(smollm2_cache_dir, tmp_path):
-    args = ["--cache-dir", str(smollm2_cache_dir), "--data-dir", str(tmp_path / "data")]
+    args = ["--cache-dir", str(smollm2_cache_dir), "--data-dir", str(tmp_path / "data"), *NO_KERNEL_TIMING]
     server = start_server(args, tmp_path / "first.log")
     try:
         with sdk_for(server.url, "x") as client:

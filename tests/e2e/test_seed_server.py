@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from tests.e2e.conftest import REPO, start_server, stop_server, timed_sse_events
+from tests.e2e.conftest import NO_KERNEL_TIMING, REPO, start_server, stop_server, timed_sse_events
 
 pytestmark = pytest.mark.e2e
 
@@ -67,7 +67,8 @@ def test_other_routes_answer_while_streams_run(live_server):
 def one_slot_server(smollm2_cache_dir, tmp_path_factory):
     """Room for one running sequence: whatever holds the slot shows in the next request's wait."""
     server = start_server(
-        ["--cache-dir", str(smollm2_cache_dir), "--max-running", "1", "--shutdown-grace-seconds", "120"],
+        ["--cache-dir", str(smollm2_cache_dir), "--max-running", "1", "--shutdown-grace-seconds", "120",
+         *NO_KERNEL_TIMING],
         tmp_path_factory.mktemp("one-slot") / "server.log",
     )
     yield server

@@ -8,7 +8,9 @@ root, so ``schemathesis.toml`` (and the rules JSON Schema cannot state,
 tests/schemathesis_hooks.py) apply exactly as for a developer who types the command. Bounded:
 a fixed seed and a few examples per operation, on a server with small limits, which its spec
 states, so the fuzzer's requests stay cheap: answers of at most 8 tokens (/v1/completions'
-default of 16 is capped to it), at most 8 embedding inputs or documents.
+default of 16 is capped to it), at most 8 embedding inputs or documents, at most 2 choices
+(``n``: so 8 prompts of /v1/completions are 16 sequences, not 64, which on a loaded 2-core
+machine took past the 60 s request timeout).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import sys
 
 import pytest
 
-from tests.e2e.conftest import REPO, start_server, stop_server
+from tests.e2e.conftest import NO_KERNEL_TIMING, REPO, start_server, stop_server
 
 pytestmark = pytest.mark.e2e
 
@@ -30,8 +32,9 @@ EXAMPLES = 10
 def short_answer_server(smollm2_cache_dir, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("spec-server") / "server.log"
     server = start_server(
-        ["--cache-dir", str(smollm2_cache_dir)], log_path,
-        env={"GLM_API_DEFAULT_MAX_TOKENS": "2", "GLM_API_MAX_TOKENS_LIMIT": "8", "GLM_API_MAX_EMBEDDING_INPUTS": "8"},
+        ["--cache-dir", str(smollm2_cache_dir), *NO_KERNEL_TIMING], log_path,
+        env={"GLM_API_DEFAULT_MAX_TOKENS": "2", "GLM_API_MAX_TOKENS_LIMIT": "8", "GLM_API_MAX_EMBEDDING_INPUTS": "8",
+             "GLM_API_MAX_N": "2"},
     )
     yield server
     stop_server(server)

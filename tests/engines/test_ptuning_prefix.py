@@ -1,7 +1,8 @@
 """P-Tuning v2 prefixes through the engine equal ChatGLM3's own forward with its prefix encoder.
 
-The reference below is written from THUDM's modeling_chatglm.py, on the raw checkpoint tensors
-in float64, sharing no code with the server: ``get_prompt`` runs the prefix encoder over
+The reference (``reference_prompt`` below, ChatGLM's forward in tests/fixtures/chatglm_reference.py)
+is written from THUDM's modeling_chatglm.py, on the raw checkpoint tensors in float64, sharing no
+code with the server: ``get_prompt`` runs the prefix encoder over
 ``arange(pre_seq_len)``, views it as ``(batch, pre_seq_len, num_layers * 2, groups, kv_channels)``,
 permutes to ``[2, 1, 0, 3, 4]`` and splits by 2, so layer i's past keys/values are slices 2i and
 2i + 1; each layer concatenates them before its own rotary-embedded keys (no rotary on them);
@@ -29,8 +30,8 @@ from glm_api.engines.chat_engine import TransformersChatEngine
 from glm_api.engines.sequence import Sequence
 from glm_api.families.chatglm3 import load_chatglm3
 from glm_api.families.chatglm3.prefix_encoder import load_prefix_weights, prefix_key_values, read_ptuning_config
-from tests.families.test_chatglm3_checkpoint import chatglm_rotary, raw_checkpoint, rms_norm
 from tests.fixtures.chatglm3_ptuning import build_ptuning
+from tests.fixtures.chatglm_reference import raw_checkpoint, reference_greedy, reference_logits
 
 CPU = torch.device("cpu")
 
@@ -50,39 +51,6 @@ def reference_prompt(config: dict, prefix: dict[str, torch.Tensor]) -> list[tupl
     past = past.view(1, pre_seq_len, config["num_layers"] * 2, config["multi_query_group_num"], config["kv_channels"])
     pairs = past.permute([2, 1, 0, 3, 4]).split(2)  # [2, P, 1, groups, d] per layer
     return [(pair[0][:, 0], pair[1][:, 0]) for pair in pairs]
-
-
-def reference_logits(config: dict, w: dict[str, torch.Tensor], ids: list[int], prompt=None) -> torch.Tensor:
-    """Logits of every position of ``ids`` with ``prompt`` (get_prompt's keys/values) before them."""
-    heads, groups, d = config["num_attention_heads"], config["multi_query_group_num"], config["kv_channels"]
-    eps, base = config["layernorm_epsilon"], 10000.0 * config["rope_ratio"]
-    seq = len(ids)
-    past_len = 0 if prompt is None else prompt[0][0].shape[0]
-    positions = torch.arange(seq)  # get_position_ids: from 0, whatever the prefix
-    mask = torch.zeros((seq, past_len + seq), dtype=torch.float64)
-    mask[:, past_len:] = torch.full((seq, seq), float("-inf"), dtype=torch.float64).triu(1)  # ones over the prefix
-    x = w["transformer.embedding.word_embeddings.weight"][torch.tensor(ids)]
-    for n in range(config["num_layers"]):
-        p = f"transformer.encoder.layers.{n}."
-        h = rms_norm(x, w[p + "input_layernorm.weight"], eps)
-        qkv = h @ w[p + "self_attention.query_key_value.weight"].T + w[p + "self_attention.query_key_value.bias"]
-        q, k, v = qkv.split([heads * d, groups * d, groups * d], dim=-1)
-        q = chatglm_rotary(q.reshape(seq, heads, d), positions, base)
-        k = chatglm_rotary(k.reshape(seq, groups, d), positions, base)
-        v = v.reshape(seq, groups, d)
-        if prompt is not None:  # kv_cache = (cache_k, cache_v): concatenated as they are
-            k = torch.cat([prompt[n][0], k])
-            v = torch.cat([prompt[n][1], v])
-        k = k.repeat_interleave(heads // groups, dim=1)
-        v = v.repeat_interleave(heads // groups, dim=1)
-        scores = torch.einsum("qhd,khd->hqk", q, k) / d**0.5 + mask
-        context = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).reshape(seq, heads * d)
-        x = x + context @ w[p + "self_attention.dense.weight"].T
-        h = rms_norm(x, w[p + "post_attention_layernorm.weight"], eps)
-        gate, up = (h @ w[p + "mlp.dense_h_to_4h.weight"].T).chunk(2, dim=-1)
-        x = x + (torch.nn.functional.silu(gate) * up) @ w[p + "mlp.dense_4h_to_h.weight"].T
-    x = rms_norm(x, w["transformer.encoder.final_layernorm.weight"], eps)
-    return x @ w["transformer.output_layer.weight"].T
 
 
 def raw_prefix(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -305,13 +273,7 @@ def test_the_engine_generates_chatglm3s_greedy_tokens_behind_a_prefix(ptuned, ti
         return ids
 
     def greedy(prefix: str | None) -> list[int]:
-        ids = list(prompt)
-        for _ in range(6):
-            token = int(reference_logits(config, weights, ids, prompts[prefix] if prefix else None)[-1].argmax())
-            ids.append(token)
-            if token in template.stop_token_ids:
-                break
-        return ids[len(prompt):]
+        return reference_greedy(config, weights, prompt, 6, set(template.stop_token_ids), prompts[prefix] if prefix else None)
 
     try:
         async def scenario():

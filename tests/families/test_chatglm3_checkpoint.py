@@ -1,9 +1,10 @@
 """ChatGLM3 checkpoints loaded into GlmForCausalLM match ChatGLM3's own architecture.
 
-The reference below is written from the ChatGLM3 architecture (THUDM's modeling_chatglm:
-RMSNorm, fused qkv with bias, grouped kv heads, rotary on the first half of each head with
-interleaved pairs and base 10000 * rope_ratio, SwiGLU, separate output layer) and runs on
-the raw checkpoint tensors in float64, so it shares no code with the loader or transformers.
+The reference (tests/fixtures/chatglm_reference.py) is written from the ChatGLM3 architecture
+(THUDM's modeling_chatglm: RMSNorm, fused qkv with bias, grouped kv heads, rotary on the first
+half of each head with interleaved pairs and base 10000 * rope_ratio, SwiGLU, separate output
+layer) and runs on the raw checkpoint tensors in float64, so it shares no code with the loader
+or transformers.
 """
 
 from __future__ import annotations
@@ -17,75 +18,12 @@ import torch
 
 from glm_api.families.chatglm3 import is_chatglm3_folder, load_chatglm3
 from tests.fixtures.chatglm3_tiny import build_tiny_chatglm3
+from tests.fixtures.chatglm_reference import raw_checkpoint, reference_greedy, reference_logits
 
 # Fixtures tiny_chatglm3_dir / tiny_chatglm3_safetensors_dir: tests.fixtures.chatglm3_tiny,
 # registered by the root conftest.
 
 CPU = torch.device("cpu")
-
-
-def raw_checkpoint(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    config = json.loads((folder / "config.json").read_text())
-    index = json.loads((folder / "pytorch_model.bin.index.json").read_text())
-    weights: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(index["weight_map"].values())):
-        weights.update(torch.load(folder / shard, weights_only=True))
-    return config, {k: v.to(torch.float64) for k, v in weights.items()}
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-
-
-def chatglm_rotary(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
-    """ChatGLM's apply_rotary_pos_emb: x [seq, heads, d]; rotates dims [0, d/2) in pairs
-    (0,1), (2,3), ... with theta_i = base^(-2i/(d/2)); dims [d/2, d) pass through."""
-    rot_dim = x.shape[-1] // 2
-    theta = 1.0 / (base ** (torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim))
-    angles = torch.outer(positions.to(torch.float64), theta)  # [seq, rot_dim/2]
-    cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
-    pairs = x[..., :rot_dim].reshape(*x.shape[:-1], rot_dim // 2, 2)
-    even, odd = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1).flatten(-2)
-    return torch.cat([rotated, x[..., rot_dim:]], dim=-1)
-
-
-def reference_logits(config: dict, w: dict[str, torch.Tensor], ids: list[int]) -> torch.Tensor:
-    heads, groups, d = config["num_attention_heads"], config["multi_query_group_num"], config["kv_channels"]
-    eps, base = config["layernorm_epsilon"], 10000.0 * config["rope_ratio"]
-    seq = len(ids)
-    positions = torch.arange(seq)
-    causal = torch.full((seq, seq), float("-inf"), dtype=torch.float64).triu(1)
-    x = w["transformer.embedding.word_embeddings.weight"][torch.tensor(ids)]
-    for n in range(config["num_layers"]):
-        p = f"transformer.encoder.layers.{n}."
-        h = rms_norm(x, w[p + "input_layernorm.weight"], eps)
-        qkv = h @ w[p + "self_attention.query_key_value.weight"].T + w[p + "self_attention.query_key_value.bias"]
-        q, k, v = qkv.split([heads * d, groups * d, groups * d], dim=-1)
-        q = chatglm_rotary(q.reshape(seq, heads, d), positions, base)
-        k = chatglm_rotary(k.reshape(seq, groups, d), positions, base)
-        v = v.reshape(seq, groups, d)
-        # Head i reads kv group i // (heads / groups), as ChatGLM's expand over the group dim.
-        k = k.repeat_interleave(heads // groups, dim=1)
-        v = v.repeat_interleave(heads // groups, dim=1)
-        scores = torch.einsum("qhd,khd->hqk", q, k) / d**0.5 + causal
-        context = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).reshape(seq, heads * d)
-        x = x + context @ w[p + "self_attention.dense.weight"].T
-        h = rms_norm(x, w[p + "post_attention_layernorm.weight"], eps)
-        gate, up = (h @ w[p + "mlp.dense_h_to_4h.weight"].T).chunk(2, dim=-1)
-        x = x + (torch.nn.functional.silu(gate) * up) @ w[p + "mlp.dense_4h_to_h.weight"].T
-    x = rms_norm(x, w["transformer.encoder.final_layernorm.weight"], eps)
-    return x @ w["transformer.output_layer.weight"].T
-
-
-def reference_greedy(config: dict, w: dict[str, torch.Tensor], ids: list[int], steps: int, stop: set[int]) -> list[int]:
-    out = list(ids)
-    for _ in range(steps):
-        token = int(reference_logits(config, w, out)[-1].argmax())
-        out.append(token)
-        if token in stop:
-            break
-    return out[len(ids) :]
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from glm_api.engines.base import SamplingParams
 from glm_api.engines.paged_attention import install
 from glm_api.engines.chat_engine import TransformersChatEngine
 from glm_api.families.chatglm3 import load_chatglm3
-from tests.families.test_chatglm3_checkpoint import raw_checkpoint, reference_logits
+from tests.fixtures.chatglm_reference import raw_checkpoint, reference_logits
 from tests.engines.test_paged_kv import _Harness, _Row
 from tests.fixtures.chatglm3_tiny import build_tiny_chatglm3
 

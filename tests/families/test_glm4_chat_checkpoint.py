@@ -4,8 +4,8 @@ GLM-4-9B-chat's modeling_chatglm is ChatGLM3's architecture (RMSNorm, fused qkv 
 multi-query groups, rotary on the first half of each head in interleaved pairs with base
 10000 * rope_ratio, SwiGLU, separate output layer); only the sizes, ``rope_ratio`` (500, 10000
 for the 1m variant) and the tokenizer differ. So the float64 reference forward written from that
-architecture for ChatGLM3 (which shares no code with the loader or transformers) is run here on
-the raw safetensors tensors of tiny GLM-4-shaped checkpoints.
+architecture for ChatGLM3 (tests/fixtures/chatglm_reference.py, which shares no code with the
+loader or transformers) is run here on the raw safetensors tensors of tiny GLM-4-shaped checkpoints.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from glm_api.engines.base import SamplingParams
 from glm_api.engines.chat_engine import TransformersChatEngine
@@ -25,20 +24,11 @@ from glm_api.families.chatglm3 import is_chatglm3_folder, load_chatglm3
 from glm_api.families.detect import detect_chat_family, load_chat_model
 from glm_api.families.glm4_chat import Glm4ChatTemplate
 from tests.engines.test_chat_batching import collect
-from tests.families.test_chatglm3_checkpoint import reference_greedy, reference_logits
 from tests.fixtures.chatglm3_tiny import build_tiny_chatglm3
+from tests.fixtures.chatglm_reference import raw_checkpoint, reference_greedy, reference_logits
 from tests.fixtures.glm4_chat_tiny import build_tiny_glm4_chat
 
 CPU = torch.device("cpu")
-
-
-def raw_checkpoint(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    config = json.loads((folder / "config.json").read_text())
-    index = json.loads((folder / "model.safetensors.index.json").read_text())
-    weights: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(index["weight_map"].values())):
-        weights.update(load_file(folder / shard))
-    return config, {k: v.to(torch.float64) for k, v in weights.items()}
 
 
 @pytest.fixture(scope="module")
