@@ -103,30 +103,27 @@ class DirectDecoder:
         take). Returns whether it fused."""
         from glm_api.families import dense_kernels
 
-        candidates = []
+        groups = []  # per layer: the q/k/v modules and (Llama) the gate/up modules to fuse, or None
         for layer, module in zip(self.layers, model.model.layers):
             attn, mlp = module.self_attn, module.mlp
-            qkv = dense_kernels.fused_projection([attn.q_proj, attn.k_proj, attn.v_proj], hint_rows)
-            gate_up = None
-            if layer.gate_up is None:
-                gate_up = dense_kernels.fused_projection([mlp.gate_proj, mlp.up_proj], hint_rows)
-            candidates.append((qkv, gate_up))
-        if not any(qkv or gate_up for qkv, gate_up in candidates):
+            qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+            gate_up = [getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)]
+            groups.append((
+                qkv if dense_kernels.can_fuse(qkv) else None,
+                gate_up if layer.gate_up is None and dense_kernels.can_fuse(gate_up) else None,
+            ))
+        extra = sum(m.weight.nbytes for pair in groups for part in pair if part for m in part)
+        if not extra:
             return False
-        extra = sum(
-            sum(p.weight.nbytes for p in projections)
-            for module, (qkv, gate_up) in zip(model.model.layers, candidates)
-            for projections, made in (
-                ((module.self_attn.q_proj, module.self_attn.k_proj, module.self_attn.v_proj), qkv),
-                ((getattr(module.mlp, "gate_proj", None), getattr(module.mlp, "up_proj", None)), gate_up),
-            )
-            if made is not None
-        )
         available = dense_kernels._available_bytes()
         if not force and available is not None and extra > dense_kernels.MEMORY_SHARE * available:
             log.info("decode projections kept apart (fused copies would take %s of the %s available)",
                      byte_size(extra), byte_size(available))
             return False
+        candidates = [
+            tuple(dense_kernels.fused_projection(part, hint_rows) if part else None for part in pair)
+            for pair in groups
+        ]
         rows = max(widths)
         if not force:
             figures = {w: self._time_fusion(candidates, w) for w in sorted(widths)}

@@ -177,19 +177,27 @@ def unpack_linears(model: nn.Module) -> int:
     return count
 
 
+def can_fuse(modules: list[nn.Module | None]) -> bool:
+    """Whether :func:`fused_projection` can join ``modules`` (plain float ``nn.Linear`` modules of
+    one input width, dtype and device, where the packed path exists)."""
+    if not modules or any(type(m) is not nn.Linear for m in modules):
+        return False
+    first = modules[0].weight
+    return all(
+        m.weight.dtype == first.dtype and m.weight.device == first.device and m.in_features == first.shape[1]
+        for m in modules
+    ) and packed_linear_available(first.device, first.dtype)
+
+
 def fused_projection(modules: list[nn.Module], hint_rows: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """One packed projection computing ``modules``' outputs side by side (q, k, v; gate, up): a
     decode step then reads their weights in one pass, one kernel call instead of several.
     None where they are not plain float ``nn.Linear`` modules of one input on a CPU with the packed
     path. The caller splits the output by the modules' widths."""
-    if not modules or any(type(m) is not nn.Linear for m in modules):
+    if not can_fuse(modules):
         return None
     weights = [m.weight for m in modules]
     first = weights[0]
-    if any(w.dtype != first.dtype or w.device != first.device or w.shape[1] != first.shape[1] for w in weights):
-        return None
-    if not packed_linear_available(first.device, first.dtype):
-        return None
     with torch.inference_mode():
         packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat(weights), hint_rows)
         bias = None

@@ -123,3 +123,20 @@ def test_fusion_is_decided_by_timing_and_logged(caplog):
     assert ("fused" in line.split(":")[0]) == fused and "1 rows" in line and "4 rows" in line
     assert all((layer.qkv is not None) == fused for layer in direct.layers)
     assert direct.fused_rows in ((1, 4) if fused else (0,))
+
+
+def test_fused_copies_that_would_not_fit_memory_are_not_made(monkeypatch, caplog):
+    import logging
+
+    from glm_api.families import dense_kernels
+
+    if not dense_kernels.packed_linear_available(torch.device("cpu"), torch.float32):
+        pytest.skip("no oneDNN in this build")
+    _, model = _stock_and_paged("llama")
+    harness = _Harness(model, blocks=50, block_size=4, chunk=64, max_running=4)
+    monkeypatch.setattr(dense_kernels, "_available_bytes", lambda: 1024)
+    monkeypatch.setattr(dense_kernels, "fused_projection", lambda *a: pytest.fail("a copy was made"))
+    with caplog.at_level(logging.INFO, logger="glm_api.engines.direct_decode"):
+        assert not harness.runner.decode.direct.fuse_projections(model, widths=(1, 4))
+    assert any("fused copies would take" in r.getMessage() for r in caplog.records)
+    assert harness.runner.decode.direct.fused_rows == 0
