@@ -182,18 +182,20 @@ def test_bad_request_and_not_found(sdk):
         sdk.models.retrieve("text-embedding-3-small")
 
 
-def _fail_second_forward(model):
-    """Make the model's second forward raise (a failure after the stream started), whichever step
-    runs it (the general one or the lean decode step): through its input embedding, which every
-    forward reads. Returns the hook's handle, to remove it from the shared model."""
-    calls = [0]
+def _fail_second_step(runner):
+    """Make the model runner's second step raise (a failure after the stream started), whichever
+    forward it runs (the general step, transformers' forward or the direct decode forward, which
+    calls no module hooks). Returns a function that puts the runner back."""
+    execute, calls = runner.execute, [0]
 
-    def hook(module, args):
+    def failing(scheduled):
         calls[0] += 1
         if calls[0] == 2:
             raise RuntimeError("injected failure")
+        return execute(scheduled)
 
-    return model.get_input_embeddings().register_forward_pre_hook(hook)
+    runner.execute = failing
+    return lambda: vars(runner).pop("execute", None)
 
 
 def test_error_after_the_stream_started_raises_in_the_sdk(smollm2):
@@ -205,7 +207,7 @@ def test_error_after_the_stream_started_raises_in_the_sdk(smollm2):
 
     settings = make_settings()
     registry = make_registry(smollm2, {}, settings)
-    handle = _fail_second_forward(registry.chat.runner.model)
+    restore = _fail_second_step(registry.chat.runner)
     try:
         with TestClient(create_app(settings, registry)) as client:
             sdk = OpenAI(base_url="http://testserver/v1", api_key="x", max_retries=0, http_client=client)
@@ -217,7 +219,7 @@ def test_error_after_the_stream_started_raises_in_the_sdk(smollm2):
                 for chunk in stream:
                     received.append(chunk)
     finally:
-        handle.remove()
+        restore()
     assert received and received[0].choices[0].delta.role == "assistant"  # the stream had started
     assert "generation failed" in info.value.message
 
