@@ -461,9 +461,8 @@ def _load_chat_replica(
     compile_decode, decode_graphs = decode_options(settings.compile_decode, settings.cuda_graphs, device)
     pack = settings.cpu_kernels == "auto" and not compile_decode and packed_linear_available(device, dtype)
     if pack:
-        pack_linears(
-            loaded.model, widths=(1, settings.max_running, settings.prefill_chunk_tokens), head_rows=settings.max_running
-        )
+        widths = (1, settings.max_running, settings.prefill_chunk_tokens)
+        pack_linears(loaded.model, widths=widths, head_rows=settings.max_running)
     try:
         engine = TransformersChatEngine(
             loaded, source.name, max_running=settings.max_running, max_waiting=settings.max_waiting,

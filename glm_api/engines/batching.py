@@ -129,18 +129,17 @@ class BatchingEngine(EngineThread, Generic[Item, Result]):
 
     def _loop(self) -> None:
         try:
-            with torch.inference_mode():
-                while True:
-                    batch = self._next_batch()
-                    if batch is None:
-                        break
-                    try:
-                        # Each batch in a thread that ends with it: between batches this engine
-                        # holds no OpenMP team to slow the chat engine's (glm_api/passing_thread.py).
-                        run_in_passing_thread(self._run_inference, batch, name=f"{self._kind}-batch")
-                    except Exception:  # a bug in one batch must not stop the engine or strand its callers
-                        log.exception("%s batch of %d failed", self._kind, len(batch))
-                        self._resolve_all(self._fail(batch))
+            while True:
+                batch = self._next_batch()
+                if batch is None:
+                    break
+                try:
+                    # Each batch in a thread that ends with it: between batches this engine holds
+                    # no OpenMP team to slow the chat engine's (glm_api/passing_thread.py).
+                    run_in_passing_thread(self._run_inference, batch, name=f"{self._kind}-batch")
+                except Exception:  # a bug in one batch must not stop the engine or strand its callers
+                    log.exception("%s batch of %d failed", self._kind, len(batch))
+                    self._resolve_all(self._fail(batch))
         except BaseException as exc:
             self._dead = f"{type(exc).__name__}: {exc}"
             log.exception("%s %s died", self._kind, self.model_name)
@@ -176,7 +175,7 @@ class BatchingEngine(EngineThread, Generic[Item, Result]):
             return batch
 
     def _run_inference(self, batch: list[tuple[_Job, int]]) -> None:
-        with torch.inference_mode():
+        with torch.inference_mode():  # per thread: the passing thread's own
             self._run(batch)
 
     def _run(self, batch: list[tuple[_Job, int]]) -> None:

@@ -303,15 +303,13 @@ class DecodeStep:
         for j, i in enumerate(host.order):
             where[i] = host.pad + j
         context = around(where) if around is not None else nullcontext()
-        if self.graphs:
-            with context:
+        with context:
+            if self.graphs:
                 logits = self._run_static(host, bucket)
-        else:
-            with context:
-                if around is not None:  # the adapters' hooks run only in the model's own forward
-                    logits = self._eager_forward(self._batch(host), hooks=True)
-                else:
-                    logits = self._forward(self._batch(host))
+            elif around is not None:  # the adapters' hooks run only in the model's own forward
+                logits = self._eager_forward(self._batch(host), hooks=True)
+            else:
+                logits = self._forward(self._batch(host))
         if host.order == sorted(host.order):
             return logits[host.pad :]
         return logits.index_select(0, torch.tensor(where, device=logits.device))

@@ -115,10 +115,8 @@ class DirectDecoder:
         extra = sum(m.weight.nbytes for pair in groups for part in pair if part for m in part)
         if not extra:
             return False
-        available = dense_kernels._available_bytes()
-        if not force and available is not None and extra > dense_kernels.MEMORY_SHARE * available:
-            log.info("decode projections kept apart (fused copies would take %s of the %s available)",
-                     byte_size(extra), byte_size(available))
+        refused = "decode projections kept apart (fused copies would take %s of the %s available)"
+        if not force and not dense_kernels.copies_fit(extra, refused, log):
             return False
         candidates = [
             tuple(dense_kernels.fused_projection(part, hint_rows) if part else None for part in pair)

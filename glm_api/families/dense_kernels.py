@@ -88,6 +88,17 @@ def _ms(fn: Callable[[], object], seconds: float = TIME_PER_CANDIDATE) -> float:
     return best * 1000
 
 
+def copies_fit(extra: int, refused: str, logger: logging.Logger = log) -> bool:
+    """Whether ``extra`` bytes of weight copies stay within :data:`MEMORY_SHARE` of the memory
+    available now; if not, logs ``refused`` on ``logger`` (a format taking the copies' size, then
+    what is available)."""
+    available = _available_bytes()
+    if available is not None and extra > MEMORY_SHARE * available:
+        logger.info(refused, byte_size(extra), byte_size(available))
+        return False
+    return True
+
+
 def _available_bytes() -> int | None:
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -115,16 +126,12 @@ def pack_linears(
             and packed_linear_available(weight.device, weight.dtype)
         ):
             # the head apart from projections of its shape: it may be timed at other widths
-            groups.setdefault((*weight.shape, weight.dtype, module is head and head_rows is not None), []).append(module)
+            apart = module is head and head_rows is not None
+            groups.setdefault((*weight.shape, weight.dtype, apart), []).append(module)
     if not groups:
         return {}
     extra = sum(m.weight.nbytes for modules in groups.values() for m in modules)
-    available = _available_bytes()
-    if available is not None and extra > MEMORY_SHARE * available:
-        log.info(
-            "dense kernels: F.linear kept (packed copies would take %s of the %s available)",
-            byte_size(extra), byte_size(available),
-        )
+    if not copies_fit(extra, "dense kernels: F.linear kept (packed copies would take %s of the %s available)"):
         return {}
     started = time.perf_counter()
     widths = tuple(sorted(set(widths)))
@@ -142,7 +149,9 @@ def pack_linears(
         for width in group_widths:
             x = torch.randn(width, shape[1], dtype=dtype)
             plain[width] = _ms(lambda: [nn.functional.linear(x, m.weight, m.bias) for _, m in pairs]) / timed
-            fast[width] = _ms(lambda: [torch.ops.mkldnn._linear_pointwise(x, p, m.bias, "none", [], "") for p, m in pairs]) / timed
+            fast[width] = _ms(
+                lambda: [torch.ops.mkldnn._linear_pointwise(x, p, m.bias, "none", [], "") for p, m in pairs]
+            ) / timed
         figures[shape] = {"F.linear": plain, "onednn packed": fast}
         use = tuple(force or fast[w] * MIN_GAIN <= plain[w] for w in group_widths)
         line = ", ".join(
@@ -204,4 +213,3 @@ def fused_projection(modules: list[nn.Module], hint_rows: int) -> Callable[[torc
         if any(m.bias is not None for m in modules):
             bias = torch.cat([m.bias if m.bias is not None else first.new_zeros(m.out_features) for m in modules])
     return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-
