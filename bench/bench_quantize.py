@@ -64,7 +64,7 @@ def kernel_table() -> None:
         return torch.nn.functional.linear(x, int8.qweight.to(x.dtype) * int8.scale[:, None].to(x.dtype))
 
     print("Part 1: one ChatGLM3 MLP input matmul (4096 -> 27392), ms per call, bf16 activations\n")
-    heads = ("fp32", "bf16", "int8pack", "dequant+mm", "int8 x int8", "int4")
+    heads = ("fp32", "bf16", "int8pack", "dequant+mm", "int8 x int8", "int4", "int4 deq+mm")
     print(f"{'rows':>5}" + "".join(f"{h:>12}" for h in heads) + "   int8 uses     w8a8 uses")
     with torch.no_grad():
         for rows in WIDTHS:
@@ -77,7 +77,8 @@ def kernel_table() -> None:
                 _time(torch._weight_int8pack_mm, reps, xb, int8.qweight, int8.narrow_scale),
                 _time(dequant_mm, reps, xb),
                 _time(int8._int8_activations, reps, xb),
-                _time(int4, reps, xb),
+                _time(int4._matmul, reps, xb),
+                _time(int4.dequantized, reps, xb),  # the codes dequantised for the call (int4_cpu)
             ]
             int8_pick = "int8pack" if rows <= q.DEQUANT_ROWS else "dequant+mm"
             w8a8_pick = "int8 x int8"

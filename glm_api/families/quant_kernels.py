@@ -10,8 +10,13 @@ and a dense matmul of the same shape in the compute dtype (what the memory savin
 
 - ``int8``: each module takes, per width, the faster of its two kernels (``_weight_int8pack_mm``
   or dequantise-then-matmul): the crossover ``Int8Linear.dequant_rows`` is set from the figures.
-- ``int4``, ``w8a8`` have no second kernel over the same codes; when the quantised path is
-  slower than dense at one stream's width, the log says so with the figures.
+- ``int4`` on CPU likewise (tinygemm's CPU kernel or the codes dequantised for the call,
+  :mod:`int4_cpu`, once checked against the kernel: ``Int4Linear.dequant_rows``); on CUDA
+  tinygemm at every width.
+- ``w8a8`` has no second kernel over the same codes.
+
+When the quantised path is slower than dense at one stream's width, the log says so with the
+figures.
 
 Each timing is a few calls of one projection (tens of milliseconds for a 6B shape), so the whole
 measurement takes a fraction of a second on small models and about a second on 6B shapes.
@@ -27,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from glm_api.families.int4_cpu import unpacks_as_packed
 from glm_api.families.quantize import Int4Linear, Int8Linear, _has_kernel
 
 log = logging.getLogger(__name__)
@@ -64,6 +70,17 @@ def _ms(fn: Callable[[], torch.Tensor], device: torch.device) -> float:
     return (time.perf_counter() - started) / calls * 1000
 
 
+def _int4_dequantises(module: Int4Linear, device: torch.device) -> bool:
+    """int4 on CPU with this torch's packing read back correctly (logged where it is not)."""
+    if device.type != "cpu":
+        return False
+    if unpacks_as_packed(module.packed, module.scales_and_zeros, module.group_size):
+        return True
+    log.warning("int4: this torch packs CPU weights in a layout glm-api does not read; wide steps keep the int4 "
+                "kernel (slow past a few rows)")
+    return False
+
+
 def _kind(module: nn.Module) -> str:
     if isinstance(module, Int4Linear):
         return "int4"
@@ -86,6 +103,7 @@ def choose_kernels(model: nn.Module, dtype: torch.dtype, widths: tuple[int, ...]
         timing = ShapeTiming(kind, shape, len(modules))
         dense = torch.randn(shape, dtype=dtype, device=device) * 0.02
         quantized, dequantized, plain = {}, {}, {}
+        two_kernels = kind == "int8" or (kind == "int4" and _int4_dequantises(first, device))
         for width in widths:
             x = torch.randn(width, shape[1], dtype=dtype, device=device)
             if kind == "int8" and _has_kernel("_weight_int8pack_mm", device.type):
@@ -93,14 +111,14 @@ def choose_kernels(model: nn.Module, dtype: torch.dtype, widths: tuple[int, ...]
             else:  # int4, w8a8; int8 without the packed kernel here always dequantises
                 quantized[width] = _ms(lambda: first.forward(x), device)
             plain[width] = _ms(lambda: nn.functional.linear(x, dense), device)
-            if kind == "int8":
+            if two_kernels:
                 dequantized[width] = _ms(lambda: first.dequantized(x), device)
         timing.ms[kind] = quantized
         if dequantized:
-            timing.ms["int8 dequantised"] = dequantized
+            timing.ms[f"{kind} dequantised"] = dequantized
         timing.ms[f"dense {str(dtype).removeprefix('torch.')}"] = plain
         del dense
-        if kind == "int8":
+        if two_kernels:
             # The narrowest width from which dequantising wins (and stays winning) above it.
             crossover = next(
                 (w for w in sorted(widths) if all(dequantized[v] < quantized[v] for v in widths if v >= w)),

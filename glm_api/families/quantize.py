@@ -24,8 +24,11 @@ ChatGLM3's MLP shape, 4096 -> 27392 (``python bench/bench_quantize.py --kernels-
   a row's product does not depend on its neighbours; but rounding activations makes a small
   difference elsewhere (a bf16 attention over another batch) cross a step more easily.
 - ``int4``: asymmetric per group of 128 inputs (or the largest of 64/32 that divides the
-  input size), weight-only, tinygemm at every width. It is for memory (~4x smaller than bf16),
-  not speed past a few rows (21 ms at 32 rows); accuracy drops more (SmolLM2: perplexity 60.8).
+  input size), weight-only, tinygemm. It is for memory (~4x smaller than bf16), not speed past
+  a few rows (21 ms at 32 rows); accuracy drops more (SmolLM2: perplexity 60.8). On CPU the
+  kernel reads the weight again for every row, so past ``dequant_rows`` (timed at start-up)
+  the weight is dequantised for the call from the packed codes (:mod:`int4_cpu`): a 512-row
+  prompt chunk at SmolLM2's 576 -> 1536 shape 402 ms -> 7.4 ms.
 
 Mixture-of-experts layers: transformers 5 keeps each layer's routed experts fused, as 3-D
 parameters (``gate_up_proj`` ``[experts, 2 x moe_intermediate, hidden]`` and ``down_proj``
@@ -51,6 +54,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from glm_api.families.int4_cpu import dequantized_mm
 from glm_api.units import byte_size
 
 QuantMode = Literal["none", "int8", "w8a8", "int4"]
@@ -220,6 +224,9 @@ class Int4Linear(nn.Module):
         # tinygemm on CUDA takes bf16 only; on CPU float32 activations are exact and as fast.
         self.act_dtype = torch.bfloat16 if device.type == "cuda" else dtype
         self.target_device = device
+        # CPU: wider calls dequantise (int4_cpu), once start-up timing has checked that path and
+        # found where it wins (glm_api/families/quant_kernels.py); None: the kernel at every width.
+        self.dequant_rows: int | None = None
         self.register_buffer("packed", None)
         self.register_buffer("scales_and_zeros", torch.empty(in_features // self.group_size, out_features, 2, dtype=self.act_dtype, device="meta"))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device="meta"), requires_grad=False) if bias else None
@@ -262,9 +269,16 @@ class Int4Linear(nn.Module):
             return torch._weight_int4pack_mm(rows, self.packed, self.group_size, self.scales_and_zeros)
         return torch._weight_int4pack_mm_for_cpu(rows, self.packed, self.group_size, self.scales_and_zeros)
 
+    def dequantized(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows @ W^T`` (CPU) with the weight dequantised for the call from the packed codes."""
+        return dequantized_mm(rows, self.packed, self.scales_and_zeros, self.group_size)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        out = self._matmul(rows.to(self.act_dtype)).to(x.dtype)
+        rows = x.reshape(-1, self.in_features).to(self.act_dtype)
+        if self.dequant_rows is not None and rows.shape[0] > self.dequant_rows and rows.device.type == "cpu":
+            out = self.dequantized(rows).to(x.dtype)
+        else:
+            out = self._matmul(rows).to(x.dtype)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)

@@ -11,7 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from glm_api.families.quant_kernels import choose_kernels
-from glm_api.families.quantize import Int8Linear, quantize_model
+from glm_api.families.quantize import Int4Linear, Int8Linear, quantize_model
 
 
 def _tiny():
@@ -40,15 +40,21 @@ def test_each_quantised_shape_is_timed_and_the_log_shows_the_figures(mode, caplo
         torch.testing.assert_close(model(input_ids=ids).logits, before, atol=1e-2, rtol=0)
 
 
-def test_int8_modules_take_the_faster_kernel_at_each_measured_width():
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_modules_take_the_faster_kernel_at_each_measured_width(mode):
+    """int8, and int4 on CPU: the kernel, or the codes dequantised for the call, per width."""
     model = _tiny()
-    quantize_model(model, "int8")
+    quantize_model(model, mode)
     widths = (1, 8, 64)
-    timings = {t.shape: t for t in choose_kernels(model, torch.float32, widths=widths)}
-    for module in model.modules():
-        if isinstance(module, Int8Linear):
-            ms = timings[module.weight_shape].ms
-            # every width from the crossover up is one where dequantising measured faster
-            for w in widths:
-                if w > module.dequant_rows:
-                    assert ms["int8 dequantised"][w] < ms["int8"][w]
+    timings = {(t.kind, t.shape): t for t in choose_kernels(model, torch.float32, widths=widths)}
+    kind = Int8Linear if mode == "int8" else Int4Linear
+    modules = [m for m in model.modules() if isinstance(m, kind)]
+    assert modules
+    for module in modules:
+        ms = timings[mode, module.weight_shape].ms
+        assert set(ms) == {mode, f"{mode} dequantised", "dense float32"}
+        assert module.dequant_rows is not None
+        # every width from the crossover up is one where dequantising measured faster
+        for w in widths:
+            if w > module.dequant_rows:
+                assert ms[f"{mode} dequantised"][w] < ms[mode][w]
