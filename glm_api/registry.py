@@ -457,7 +457,9 @@ def _load_chat_replica(
     if settings.quantize != "none":  # kernels by measurement: the fastest per width, or a warning
         from glm_api.families.quant_kernels import choose_kernels
 
-        choose_kernels(loaded.model, dtype, widths=(1, settings.max_running, settings.prefill_chunk_tokens))
+        # 8: a few streams (int4's CPU kernel cost grows with every row; where dequantising takes over)
+        widths = sorted({1, min(8, settings.max_running), settings.max_running, settings.prefill_chunk_tokens})
+        choose_kernels(loaded.model, dtype, widths=tuple(widths))
     compile_decode, decode_graphs = decode_options(settings.compile_decode, settings.cuda_graphs, device)
     pack = settings.cpu_kernels == "auto" and not compile_decode and packed_linear_available(device, dtype)
     if pack:

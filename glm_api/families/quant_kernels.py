@@ -119,9 +119,13 @@ def choose_kernels(model: nn.Module, dtype: torch.dtype, widths: tuple[int, ...]
         timing.ms[f"dense {str(dtype).removeprefix('torch.')}"] = plain
         del dense
         if two_kernels:
-            # The narrowest width from which dequantising wins (and stays winning) above it.
+            # The narrowest width from which dequantising wins (and stays winning) above it. Never
+            # one row: a one-row call reads each weight once either way, and a dense copy written
+            # per call won only when timed alone, its codes cache-hot (SmolLM2 int4 576->576: 0.25
+            # against 0.33 ms), while through the engine one stream decoded at 3.2-3.6 tokens/s
+            # dequantised against 6.1-6.3 with the kernel.
             crossover = next(
-                (w for w in sorted(widths) if all(dequantized[v] < quantized[v] for v in widths if v >= w)),
+                (w for w in sorted(widths) if w > 1 and all(dequantized[v] < quantized[v] for v in widths if v >= w)),
                 None,
             )
             for module in modules:
