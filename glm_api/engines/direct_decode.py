@@ -144,7 +144,7 @@ class DirectDecoder:
     def _time_fusion(self, candidates: list, rows: int) -> tuple[float, float]:
         """ms of one pass over every layer's q/k/v and gate/up projections at ``rows`` rows:
         (as the modules run them, fused)."""
-        from glm_api.families.dense_kernels import _ms
+        from glm_api.families.kernel_timing import fastest_ms
 
         x = torch.randn(rows, self.embed.shape[1], dtype=self.embed.dtype, device=self.embed.device)
 
@@ -163,7 +163,7 @@ class DirectDecoder:
                     gate_up(x)
 
         with torch.inference_mode():
-            return _ms(apart, seconds=FUSION_TIMING_SECONDS), _ms(fused, seconds=FUSION_TIMING_SECONDS)
+            return fastest_ms(apart, FUSION_TIMING_SECONDS), fastest_ms(fused, FUSION_TIMING_SECONDS)
 
     def _rope_table(self, config, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
         """cos and signed sin for every position, where the rope type allows and it is small."""

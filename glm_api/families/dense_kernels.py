@@ -34,6 +34,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from glm_api.families.kernel_timing import fastest_ms
 from glm_api.units import byte_size
 
 log = logging.getLogger(__name__)
@@ -74,18 +75,6 @@ def _packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if not use or x.dtype != self.weight.dtype or torch.is_grad_enabled():
         return nn.functional.linear(x, self.weight, self.bias)
     return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
-
-
-def _ms(fn: Callable[[], object], seconds: float = TIME_PER_CANDIDATE) -> float:
-    """The fastest of repeated calls: a neighbour taking a core mid-call (an OpenMP region waits
-    for its slowest thread) inflates a mean by milliseconds, never the minimum."""
-    fn()
-    best, started = float("inf"), time.perf_counter()
-    while best == float("inf") or time.perf_counter() - started < seconds:
-        call = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - call)
-    return best * 1000
 
 
 def copies_fit(extra: int, refused: str, logger: logging.Logger = log) -> bool:
@@ -148,9 +137,12 @@ def pack_linears(
         pairs = list(zip(packed, modules))[:timed]
         for width in group_widths:
             x = torch.randn(width, shape[1], dtype=dtype)
-            plain[width] = _ms(lambda: [nn.functional.linear(x, m.weight, m.bias) for _, m in pairs]) / timed
-            fast[width] = _ms(
-                lambda: [torch.ops.mkldnn._linear_pointwise(x, p, m.bias, "none", [], "") for p, m in pairs]
+            plain[width] = fastest_ms(
+                lambda: [nn.functional.linear(x, m.weight, m.bias) for _, m in pairs], TIME_PER_CANDIDATE
+            ) / timed
+            fast[width] = fastest_ms(
+                lambda: [torch.ops.mkldnn._linear_pointwise(x, p, m.bias, "none", [], "") for p, m in pairs],
+                TIME_PER_CANDIDATE,
             ) / timed
         figures[shape] = {"F.linear": plain, "onednn packed": fast}
         use = tuple(force or fast[w] * MIN_GAIN <= plain[w] for w in group_widths)

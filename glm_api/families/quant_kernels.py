@@ -25,19 +25,19 @@ measurement takes a fraction of a second on small models and about a second on 6
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from glm_api.families.int4_cpu import unpacks_as_packed
+from glm_api.families.kernel_timing import fastest_ms
 from glm_api.families.quantize import Int4Linear, Int8Linear, _has_kernel
 
 log = logging.getLogger(__name__)
 
-#: Seconds spent timing one candidate at one width (at least 2 calls after a warm-up call).
+#: Seconds spent timing one candidate at one width (the fastest call counts; at least one after a
+#: warm-up call).
 TIME_PER_CANDIDATE = 0.02
 
 
@@ -54,20 +54,6 @@ class ShapeTiming:
             parts.append(f"{name} " + "/".join(f"{by_width[w]:.2f}" for w in sorted(by_width)))
         widths = "/".join(str(w) for w in sorted(next(iter(self.ms.values()))))
         return f"{self.kind} {self.shape[1]}->{self.shape[0]} x{self.modules}, ms at {widths} rows: " + ", ".join(parts)
-
-
-def _ms(fn: Callable[[], torch.Tensor], device: torch.device) -> float:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *_: None)
-    fn()
-    sync(device)
-    calls, started = 0, time.perf_counter()
-    while calls < 2 or time.perf_counter() - started < TIME_PER_CANDIDATE:
-        fn()
-        calls += 1
-        if calls >= 50:
-            break
-    sync(device)
-    return (time.perf_counter() - started) / calls * 1000
 
 
 def _int4_dequantises(module: Int4Linear, device: torch.device) -> bool:
@@ -107,12 +93,12 @@ def choose_kernels(model: nn.Module, dtype: torch.dtype, widths: tuple[int, ...]
         for width in widths:
             x = torch.randn(width, shape[1], dtype=dtype, device=device)
             if kind == "int8" and _has_kernel("_weight_int8pack_mm", device.type):
-                quantized[width] = _ms(lambda: first.int8pack(x), device)
+                quantized[width] = fastest_ms(lambda: first.int8pack(x), TIME_PER_CANDIDATE, device)
             else:  # int4, w8a8; int8 without the packed kernel here always dequantises
-                quantized[width] = _ms(lambda: first.forward(x), device)
-            plain[width] = _ms(lambda: nn.functional.linear(x, dense), device)
+                quantized[width] = fastest_ms(lambda: first.forward(x), TIME_PER_CANDIDATE, device)
+            plain[width] = fastest_ms(lambda: nn.functional.linear(x, dense), TIME_PER_CANDIDATE, device)
             if two_kernels:
-                dequantized[width] = _ms(lambda: first.dequantized(x), device)
+                dequantized[width] = fastest_ms(lambda: first.dequantized(x), TIME_PER_CANDIDATE, device)
         timing.ms[kind] = quantized
         if dequantized:
             timing.ms[f"{kind} dequantised"] = dequantized
