@@ -17,7 +17,7 @@ def test_the_fastest_call_counts_and_the_warm_up_does_not():
         time.sleep(next(durations))
 
     ms = fastest_ms(candidate, seconds=0.05)
-    assert 2.0 <= ms < 10.0
+    assert 2.0 <= ms < 15.0  # the 2 ms call, not the 20 ms ones
     assert len(calls) >= 4  # the warm-up and at least three timed calls in 0.05 s
 
 
