@@ -77,7 +77,7 @@ def kernel_table() -> None:
                 _time(torch._weight_int8pack_mm, reps, xb, int8.qweight, int8.narrow_scale),
                 _time(dequant_mm, reps, xb),
                 _time(int8._int8_activations, reps, xb),
-                _time(int4._matmul, reps, xb),
+                _time(int4.int4pack, reps, xb),
                 _time(int4.dequantized, reps, xb),  # the codes dequantised for the call (int4_cpu)
             ]
             int8_pick = "int8pack" if rows <= q.DEQUANT_ROWS else "dequant+mm"

@@ -458,8 +458,8 @@ def _load_chat_replica(
         from glm_api.families.quant_kernels import choose_kernels
 
         # 8: a few streams (int4's CPU kernel cost grows with every row; where dequantising takes over)
-        widths = sorted({1, min(8, settings.max_running), settings.max_running, settings.prefill_chunk_tokens})
-        choose_kernels(loaded.model, dtype, widths=tuple(widths))
+        quant_widths = sorted({1, min(8, settings.max_running), settings.max_running, settings.prefill_chunk_tokens})
+        choose_kernels(loaded.model, dtype, widths=tuple(quant_widths))
     compile_decode, decode_graphs = decode_options(settings.compile_decode, settings.cuda_graphs, device)
     pack = settings.cpu_kernels == "auto" and not compile_decode and packed_linear_available(device, dtype)
     if pack:

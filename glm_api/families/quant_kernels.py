@@ -94,7 +94,10 @@ def choose_kernels(model: nn.Module, dtype: torch.dtype, widths: tuple[int, ...]
             x = torch.randn(width, shape[1], dtype=dtype, device=device)
             if kind == "int8" and _has_kernel("_weight_int8pack_mm", device.type):
                 quantized[width] = fastest_ms(lambda: first.int8pack(x), TIME_PER_CANDIDATE, device)
-            else:  # int4, w8a8; int8 without the packed kernel here always dequantises
+            elif kind == "int4":  # the kernel itself, whatever crossover an earlier timing set
+                rows = x.to(first.act_dtype)
+                quantized[width] = fastest_ms(lambda: first.int4pack(rows), TIME_PER_CANDIDATE, device)
+            else:  # w8a8; int8 without the packed kernel here always dequantises
                 quantized[width] = fastest_ms(lambda: first.forward(x), TIME_PER_CANDIDATE, device)
             plain[width] = fastest_ms(lambda: nn.functional.linear(x, dense), TIME_PER_CANDIDATE, device)
             if two_kernels:

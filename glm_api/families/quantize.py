@@ -264,7 +264,9 @@ class Int4Linear(nn.Module):
         else:
             self.packed = torch.cat(packed) if len(packed) > 1 else packed[0]
 
-    def _matmul(self, rows: torch.Tensor) -> torch.Tensor:
+    def int4pack(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows @ W^T`` by tinygemm's kernel (on CPU it reads the packed weight once per row);
+        ``rows`` in ``act_dtype``."""
         if rows.device.type == "cuda":
             return torch._weight_int4pack_mm(rows, self.packed, self.group_size, self.scales_and_zeros)
         return torch._weight_int4pack_mm_for_cpu(rows, self.packed, self.group_size, self.scales_and_zeros)
@@ -278,7 +280,7 @@ class Int4Linear(nn.Module):
         if self.dequant_rows is not None and rows.shape[0] > self.dequant_rows and rows.device.type == "cpu":
             out = self.dequantized(rows).to(x.dtype)
         else:
-            out = self._matmul(rows).to(x.dtype)
+            out = self.int4pack(rows).to(x.dtype)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)

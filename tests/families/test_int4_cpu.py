@@ -33,7 +33,7 @@ def _module(out: int, inp: int, dtype: torch.dtype = torch.float32) -> Int4Linea
 def test_dequantised_product_matches_the_int4_kernel(out, inp, rows):
     module = _module(out, inp)
     x = torch.randn(rows, inp)
-    expected = module._matmul(x)
+    expected = module.int4pack(x)
     got = module.dequantized(x)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
 
