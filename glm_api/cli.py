@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], help="default auto: bf16/fp16 on GPU, fp32 on CPU")
     p.add_argument("--quantize", choices=["none", "int8", "w8a8", "int4"],
                    help="chat model decoder weights in int8 (weight-only), w8a8 (int8 activations on wide steps) or int4, quantised while loading (default none)")
-    p.add_argument("--cache-dir", metavar="DIR", help="where converted GGUF models are cached (default .cache/glm-api)")
+    p.add_argument("--cache-dir", metavar="DIR", help="where converted GGUF models and start-up kernel timings are kept (default .cache/glm-api)")
     p.add_argument("--max-running", type=int, help="chat sequences decoded together (default 32)")
     p.add_argument("--max-waiting", type=int, help="chat requests queued beyond those; more get 429 (default 256)")
     p.add_argument("--prefix-cache-tokens", type=int,
@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-kernels", choices=["auto", "off"],
                    help="CPU float32: projections through oneDNN's packed linear where it times faster at start-up "
                    "(default auto; costs a second copy of the weights)")
+    p.add_argument("--kernel-timings", choices=["cached", "fresh"],
+                   help="kernel choices timed at start-up (--cpu-kernels, --quantize) are kept under --cache-dir and "
+                   "reused on the same machine, torch and thread count (default cached); fresh: time them again")
     p.add_argument("--cuda-graphs", choices=["auto", "on", "off"],
                    help="on CUDA, capture decode steps as CUDA graphs per batch bucket (default auto: on)")
     p.add_argument("--gpu-memory-utilization", type=float,

@@ -102,6 +102,11 @@ class Settings(BaseSettings):
         description="CPU float32: projections through oneDNN's packed linear where it times faster at start-up "
         "(auto; costs a second copy of the weights), or F.linear everywhere (off)",
     )
+    kernel_timings: Literal["cached", "fresh"] = Field(
+        "cached",
+        description="start-up kernel timings (--cpu-kernels, --quantize): reused from --cache-dir when taken on this "
+        "machine with this torch and thread count (cached), or taken again at every start (fresh)",
+    )
     cuda_graphs: Literal["auto", "on", "off"] = Field(
         "auto", description="CUDA: decode steps captured as CUDA graphs per batch bucket (auto: on; no effect on CPU)"
     )

@@ -436,8 +436,10 @@ def _load_chat_replica(
     from glm_api.engines.decode_step import decode_options
     from glm_api.families.dense_kernels import pack_linears, packed_linear_available
     from glm_api.families.detect import load_chat_model
+    from glm_api.families.timing_store import FILE_NAME, TimingStore
 
     dtype = resolve_dtype(settings.dtype, device)
+    timings = TimingStore(settings.cache_dir / FILE_NAME, fresh=settings.kernel_timings == "fresh")
     started = time.monotonic()
     replica = f" (replica {index} of {count})" if count > 1 else ""
     where = ", ".join(map(str, split.devices)) + f" (--device-map {split.mode})" if split else str(device)
@@ -459,12 +461,12 @@ def _load_chat_replica(
 
         # 8: a few streams (int4's CPU kernel cost grows with every row; where dequantising takes over)
         quant_widths = sorted({1, min(8, settings.max_running), settings.max_running, settings.prefill_chunk_tokens})
-        choose_kernels(loaded.model, dtype, widths=tuple(quant_widths))
+        choose_kernels(loaded.model, dtype, widths=tuple(quant_widths), timings=timings)
     compile_decode, decode_graphs = decode_options(settings.compile_decode, settings.cuda_graphs, device)
     pack = settings.cpu_kernels == "auto" and not compile_decode and packed_linear_available(device, dtype)
     if pack:
         widths = (1, settings.max_running, settings.prefill_chunk_tokens)
-        pack_linears(loaded.model, widths=widths, head_rows=settings.max_running)
+        pack_linears(loaded.model, widths=widths, head_rows=settings.max_running, timings=timings)
     try:
         engine = TransformersChatEngine(
             loaded, source.name, max_running=settings.max_running, max_waiting=settings.max_waiting,
@@ -478,7 +480,7 @@ def _load_chat_replica(
         raise StartupError(f"cannot serve {source.path} as the chat model {source.name!r}: {exc}") from None
     decode = engine.runner.decode
     if pack and decode is not None and decode.direct is not None:  # fused where it times faster
-        decode.direct.fuse_projections(loaded.model, widths=(1, settings.max_running))
+        decode.direct.fuse_projections(loaded.model, widths=(1, settings.max_running), timings=timings)
     if loaded.family == "chatglm3":
         from glm_api.ptuning import pin_prefixes
 

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glm_api.families.timing_store import Figures, TimingStore, timed
 from glm_api.units import byte_size
 
 log = logging.getLogger(__name__)
@@ -94,13 +95,14 @@ class DirectDecoder:
         self.fused_rows = 0  # steps of up to this many rows take the fused projections
 
     def fuse_projections(self, model: nn.Module, hint_rows: int = 1, *, widths: tuple[int, ...] = (1,),
-                         force: bool = False) -> bool:
+                         force: bool = False, timings: TimingStore | None = None) -> bool:
         """Give each layer one packed projection for q, k, v (and Llama's gate and up:
         :func:`~glm_api.families.dense_kernels.fused_projection`), taken by steps of up to the
         widest of ``widths`` (from the narrowest) at which it timed faster than the modules' own
         projections (``force``: all of them, whatever the figures); wider steps keep the modules.
         Costs a copy of those weights (skipped, with a log line, past the memory share packing may
-        take). Returns whether it fused."""
+        take). ``timings``: figures kept from an earlier start on this machine are reused (and
+        new ones kept). Returns whether it fused."""
         from glm_api.families import dense_kernels
 
         groups = []  # per layer: the q/k/v modules and (Llama) the gate/up modules to fuse, or None
@@ -124,13 +126,18 @@ class DirectDecoder:
         ]
         rows = max(widths)
         if not force:
-            figures = {w: self._time_fusion(candidates, w) for w in sorted(widths)}
+            def measure() -> Figures:
+                ms = {w: self._time_fusion(candidates, w) for w in sorted(widths)}
+                return {"apart": {w: a for w, (a, _) in ms.items()}, "fused": {w: f for w, (_, f) in ms.items()}}
+
+            figures, reused = timed(timings, "fused projections", self._fusion_key(groups, widths), measure)
             rows = 0  # the widest step up to which fused won at every measured width
-            for w, (apart, fused) in figures.items():
-                if fused * dense_kernels.MIN_GAIN > apart:
+            for w in sorted(widths):
+                if figures["fused"][w] * dense_kernels.MIN_GAIN > figures["apart"][w]:
                     break
                 rows = w
-            text = ", ".join(f"{w} rows {a:.1f} apart / {f:.1f} fused ms" for w, (a, f) in figures.items())
+            text = ", ".join(f"{w} rows {figures['apart'][w]:.1f} apart / {figures['fused'][w]:.1f} fused ms"
+                             for w in sorted(widths)) + (" (stored timings)" if reused else "")
             if not rows:
                 log.info("decode projections kept apart: %s", text)
                 return False
@@ -140,6 +147,16 @@ class DirectDecoder:
             layer.qkv, layer.fused_gate_up = qkv, gate_up
         self.fused_rows = rows
         return True
+
+    def _fusion_key(self, groups: list, widths: tuple[int, ...]) -> str:
+        """What the fusion timing depends on besides the machine: the layers' shapes and dtype,
+        which parts fuse, and the paths the modules themselves take (packed where chosen)."""
+        parts = {
+            tuple((tuple(m.weight.shape), getattr(m, "packed_use", None)) for m in part or ())
+            for pair in groups for part in pair
+        }
+        shapes = sorted(parts, key=repr)
+        return f"{len(self.layers)} layers {self.embed.dtype} widths={tuple(sorted(widths))} parts={shapes}"
 
     def _time_fusion(self, candidates: list, rows: int) -> tuple[float, float]:
         """ms of one pass over every layer's q/k/v and gate/up projections at ``rows`` rows:

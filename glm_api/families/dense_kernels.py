@@ -35,6 +35,8 @@ import torch
 from torch import nn
 
 from glm_api.families.kernel_timing import fastest_ms
+from glm_api.families.timing_store import Figures, TimingStore
+from glm_api.families.timing_store import timed as timed_figures
 from glm_api.units import byte_size
 
 log = logging.getLogger(__name__)
@@ -97,14 +99,16 @@ def _available_bytes() -> int | None:
 
 @torch.inference_mode()
 def pack_linears(
-    model: nn.Module, widths: tuple[int, ...], *, force: bool = False, head_rows: int | None = None
-) -> dict[tuple[int, int], dict[str, dict[int, float]]]:
+    model: nn.Module, widths: tuple[int, ...], *, force: bool = False, head_rows: int | None = None,
+    timings: TimingStore | None = None,
+) -> dict[tuple[int, int], Figures]:
     """Give ``model``'s float32 ``nn.Linear`` projections the packed path where it measured
     faster (see the module docstring; ``force``: everywhere, whatever the figures); returns the
     figures (ms per module) per (out, in) shape and logs them with the choice made.
     ``head_rows``: the most rows the output head sees in a step (it computes logits only for
     decoding rows and each prompt's last position): its shape is timed at widths up to that
-    (timing a vocabulary-wide head at a prompt chunk's width took seconds of start-up)."""
+    (timing a vocabulary-wide head at a prompt chunk's width took seconds of start-up).
+    ``timings``: figures kept from an earlier start on this machine are reused (and new ones kept)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     groups: dict[tuple[int, int], list[nn.Linear]] = {}
     for module in model.modules():
@@ -124,7 +128,7 @@ def pack_linears(
         return {}
     started = time.perf_counter()
     widths = tuple(sorted(set(widths)))
-    figures: dict[tuple[int, int], dict[str, dict[int, float]]] = {}
+    figures: dict[tuple[int, int], Figures] = {}
     packed_bytes = 0
     for (*shape, dtype, is_head), modules in groups.items():
         shape = (shape[0], shape[1])
@@ -132,23 +136,30 @@ def pack_linears(
         if is_head:
             group_widths = tuple(w for w in widths if w <= head_rows) or widths[:1]
         packed = [torch.ops.mkldnn._reorder_linear_weight(m.weight, group_widths[-1]) for m in modules]
-        plain, fast = {}, {}
         timed = max(1, min(len(modules), -(-TIMED_BYTES // modules[0].weight.nbytes)))
         pairs = list(zip(packed, modules))[:timed]
-        for width in group_widths:
-            x = torch.randn(width, shape[1], dtype=dtype)
-            plain[width] = fastest_ms(
-                lambda: [nn.functional.linear(x, m.weight, m.bias) for _, m in pairs], TIME_PER_CANDIDATE
-            ) / timed
-            fast[width] = fastest_ms(
-                lambda: [torch.ops.mkldnn._linear_pointwise(x, p, m.bias, "none", [], "") for p, m in pairs],
-                TIME_PER_CANDIDATE,
-            ) / timed
-        figures[shape] = {"F.linear": plain, "onednn packed": fast}
+
+        def measure() -> Figures:
+            plain, fast = {}, {}
+            for width in group_widths:
+                x = torch.randn(width, shape[1], dtype=dtype)
+                plain[width] = fastest_ms(
+                    lambda: [nn.functional.linear(x, m.weight, m.bias) for _, m in pairs], TIME_PER_CANDIDATE
+                ) / timed
+                fast[width] = fastest_ms(
+                    lambda: [torch.ops.mkldnn._linear_pointwise(x, p, m.bias, "none", [], "") for p, m in pairs],
+                    TIME_PER_CANDIDATE,
+                ) / timed
+            return {"F.linear": plain, "onednn packed": fast}
+
+        bias = modules[0].bias is not None
+        key = f"{shape[0]}x{shape[1]} {dtype} head={is_head} widths={group_widths} timed={timed} bias={bias}"
+        figures[shape], reused = timed_figures(timings, "dense", key, measure)
+        plain, fast = figures[shape]["F.linear"], figures[shape]["onednn packed"]
         use = tuple(force or fast[w] * MIN_GAIN <= plain[w] for w in group_widths)
         line = ", ".join(
             f"{name} " + "/".join(f"{ms[w]:.3f}" for w in group_widths) for name, ms in figures[shape].items()
-        )
+        ) + (" (stored timings)" if reused else "")
         widths_text = "/".join(map(str, group_widths))
         if not any(use):
             log.info("dense kernels %d->%d x%d: F.linear kept; ms at %s rows: %s", shape[1], shape[0], len(modules),

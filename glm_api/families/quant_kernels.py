@@ -33,6 +33,7 @@ from torch import nn
 from glm_api.families.int4_cpu import unpacks_as_packed
 from glm_api.families.kernel_timing import fastest_ms
 from glm_api.families.quantize import Int4Linear, Int8Linear, _has_kernel
+from glm_api.families.timing_store import Figures, TimingStore, timed
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +47,17 @@ class ShapeTiming:
     kind: str  # int8, w8a8, int4
     shape: tuple[int, int]  # (out, in)
     modules: int
-    ms: dict[str, dict[int, float]] = field(default_factory=dict)  # candidate -> width -> ms
+    ms: Figures = field(default_factory=dict)  # candidate -> width -> ms
+    reused: bool = False  # the figures are an earlier start's (a TimingStore's)
 
     def line(self) -> str:
         parts = []
         for name, by_width in self.ms.items():
             parts.append(f"{name} " + "/".join(f"{by_width[w]:.2f}" for w in sorted(by_width)))
         widths = "/".join(str(w) for w in sorted(next(iter(self.ms.values()))))
-        return f"{self.kind} {self.shape[1]}->{self.shape[0]} x{self.modules}, ms at {widths} rows: " + ", ".join(parts)
+        stored = " (stored timings)" if self.reused else ""
+        head = f"{self.kind} {self.shape[1]}->{self.shape[0]} x{self.modules}, ms at {widths} rows: "
+        return head + ", ".join(parts) + stored
 
 
 def _int4_dequantises(module: Int4Linear, device: torch.device) -> bool:
@@ -74,39 +78,45 @@ def _kind(module: nn.Module) -> str:
 
 
 @torch.inference_mode()
-def choose_kernels(model: nn.Module, dtype: torch.dtype, widths: tuple[int, ...]) -> list[ShapeTiming]:
+def choose_kernels(model: nn.Module, dtype: torch.dtype, widths: tuple[int, ...],
+                   timings: TimingStore | None = None) -> list[ShapeTiming]:
     """Time the model's quantised projections (one module per distinct shape and kind) at
     ``widths`` rows, set each int8 module's crossover to the faster kernel, and log the figures
-    (a warning where the quantised path is slower than dense at the narrowest width)."""
+    (a warning where the quantised path is slower than dense at the narrowest width).
+    ``timings``: figures kept from an earlier start on this machine are reused (and new ones kept)."""
     groups: dict[tuple[str, tuple[int, int]], list[nn.Module]] = {}
     for module in model.modules():
         if isinstance(module, (Int8Linear, Int4Linear)):
             groups.setdefault((_kind(module), module.weight_shape), []).append(module)
-    timings = []
+    results = []
     for (kind, shape), modules in groups.items():
         first = modules[0]
         device = first.qweight.device if isinstance(first, Int8Linear) else first.packed.device
         timing = ShapeTiming(kind, shape, len(modules))
-        dense = torch.randn(shape, dtype=dtype, device=device) * 0.02
-        quantized, dequantized, plain = {}, {}, {}
         two_kernels = kind == "int8" or (kind == "int4" and _int4_dequantises(first, device))
-        for width in widths:
-            x = torch.randn(width, shape[1], dtype=dtype, device=device)
-            if kind == "int8" and _has_kernel("_weight_int8pack_mm", device.type):
-                quantized[width] = fastest_ms(lambda: first.int8pack(x), TIME_PER_CANDIDATE, device)
-            elif kind == "int4":  # the kernel itself, whatever crossover an earlier timing set
-                rows = x.to(first.act_dtype)
-                quantized[width] = fastest_ms(lambda: first.int4pack(rows), TIME_PER_CANDIDATE, device)
-            else:  # w8a8; int8 without the packed kernel here always dequantises
-                quantized[width] = fastest_ms(lambda: first.forward(x), TIME_PER_CANDIDATE, device)
-            plain[width] = fastest_ms(lambda: nn.functional.linear(x, dense), TIME_PER_CANDIDATE, device)
-            if two_kernels:
-                dequantized[width] = fastest_ms(lambda: first.dequantized(x), TIME_PER_CANDIDATE, device)
-        timing.ms[kind] = quantized
-        if dequantized:
-            timing.ms[f"{kind} dequantised"] = dequantized
-        timing.ms[f"dense {str(dtype).removeprefix('torch.')}"] = plain
-        del dense
+        dense_name, deq_name = f"dense {str(dtype).removeprefix('torch.')}", f"{kind} dequantised"
+
+        def measure() -> Figures:
+            dense = torch.randn(shape, dtype=dtype, device=device) * 0.02
+            quantized, dequantized, plain = {}, {}, {}
+            for width in widths:
+                x = torch.randn(width, shape[1], dtype=dtype, device=device)
+                if kind == "int8" and _has_kernel("_weight_int8pack_mm", device.type):
+                    quantized[width] = fastest_ms(lambda: first.int8pack(x), TIME_PER_CANDIDATE, device)
+                elif kind == "int4":  # the kernel itself, whatever crossover an earlier timing set
+                    rows = x.to(first.act_dtype)
+                    quantized[width] = fastest_ms(lambda: first.int4pack(rows), TIME_PER_CANDIDATE, device)
+                else:  # w8a8; int8 without the packed kernel here always dequantises
+                    quantized[width] = fastest_ms(lambda: first.forward(x), TIME_PER_CANDIDATE, device)
+                plain[width] = fastest_ms(lambda: nn.functional.linear(x, dense), TIME_PER_CANDIDATE, device)
+                if two_kernels:
+                    dequantized[width] = fastest_ms(lambda: first.dequantized(x), TIME_PER_CANDIDATE, device)
+            return {kind: quantized, **({deq_name: dequantized} if dequantized else {}), dense_name: plain}
+
+        key = f"{kind} {shape[0]}x{shape[1]} {dtype} widths={tuple(widths)} two_kernels={two_kernels}"
+        timing.ms, reused = timed(timings, "quantised", key, measure, device)
+        quantized, dequantized = timing.ms[kind], timing.ms.get(deq_name, {})
+        timing.reused = reused
         if two_kernels:
             # The narrowest width from which dequantising wins (and stays winning) above it. Never
             # one row: a one-row call reads each weight once either way, and a dense copy written
@@ -119,10 +129,10 @@ def choose_kernels(model: nn.Module, dtype: torch.dtype, widths: tuple[int, ...]
             )
             for module in modules:
                 module.dequant_rows = (crossover - 1) if crossover is not None else max(widths)
-        timings.append(timing)
+        results.append(timing)
         narrow = min(widths)
         best = min(quantized[narrow], dequantized.get(narrow, float("inf")))
-        if best > plain[narrow]:
+        if best > timing.ms[dense_name][narrow]:
             log.warning(
                 "--quantize %s is slower than dense %s on this machine for one stream: %s "
                 "(speed depends on the CPU's instruction set; the memory saving stays)",
@@ -130,4 +140,4 @@ def choose_kernels(model: nn.Module, dtype: torch.dtype, widths: tuple[int, ...]
             )
         else:
             log.info("quantised kernels: %s", timing.line())
-    return timings
+    return results

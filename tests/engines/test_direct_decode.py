@@ -125,6 +125,25 @@ def test_fusion_is_decided_by_timing_and_logged(caplog):
     assert direct.fused_rows in ((1, 4) if fused else (0,))
 
 
+def test_a_second_start_fuses_as_the_first_from_the_stored_figures(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from glm_api.families.dense_kernels import packed_linear_available
+    from glm_api.families.timing_store import FILE_NAME, TimingStore
+
+    if not packed_linear_available(torch.device("cpu"), torch.float32):
+        pytest.skip("no oneDNN in this build")
+    _, model = _stock_and_paged("llama")
+    first = _Harness(model, blocks=50, block_size=4, chunk=64, max_running=4).runner.decode.direct
+    fused = first.fuse_projections(model, widths=(1, 4), timings=TimingStore(tmp_path / FILE_NAME))
+    second = _Harness(model, blocks=50, block_size=4, chunk=64, max_running=4).runner.decode.direct
+    monkeypatch.setattr(type(second), "_time_fusion", lambda *a: pytest.fail("timed again"))
+    with caplog.at_level(logging.INFO, logger="glm_api.engines.direct_decode"):
+        assert second.fuse_projections(model, widths=(1, 4), timings=TimingStore(tmp_path / FILE_NAME)) == fused
+    assert second.fused_rows == first.fused_rows
+    assert any("(stored timings)" in r.getMessage() for r in caplog.records if "decode projections" in r.getMessage())
+
+
 def test_fused_copies_that_would_not_fit_memory_are_not_made(monkeypatch, caplog):
     import logging
 
