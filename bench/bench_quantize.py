@@ -6,7 +6,7 @@
 
 Part 1 times each kernel on ChatGLM3's MLP input matrix (4096 -> 27392) at the row counts a
 step carries (decode of 1-32 streams, prompt chunks of 128-512 tokens), and shows the kernel
-``glm_api.families.quantize`` picks at each width for int8 and w8a8: the measurement behind
+``glm_api.families.quantized_modules`` picks at each width for int8 and w8a8: the measurement behind
 its choice. GB below are 10^9 bytes.
 
 Part 2 loads the checkpoint once per mode, each in a fresh process so each peak is its own
@@ -48,7 +48,7 @@ def _time(fn, reps: int, *args) -> float:
 def kernel_table() -> None:
     import torch
 
-    from glm_api.families import quantize as q
+    from glm_api.families import quantized_modules as q
 
     torch.manual_seed(0)
     dense = torch.nn.Linear(4096, 27392, bias=False)

@@ -124,7 +124,7 @@ ARCHITECTURES = {
 
 def _quantized_module_bytes(module: torch.nn.Module) -> int:
     """What a quantised module holds once loaded (its buffers are still empty on meta)."""
-    from glm_api.families import quantize as q
+    from glm_api.families import quantized_modules as q
 
     out, inp = module.weight_shape
     if isinstance(module, q.Int4Linear):  # two codes a byte; a bf16 scale and zero per group and row
@@ -136,13 +136,14 @@ def _quantized_module_bytes(module: torch.nn.Module) -> int:
 
 def weight_bytes(arch: MoeArchitecture, mode: str) -> int:
     """Bytes of the model's weights in bf16, or quantised as ``--quantize int4|int8`` does."""
-    from glm_api.families import quantize as q
+    from glm_api.families.quantize import replace_modules
+    from glm_api.families.quantized_modules import QUANTIZED
 
     model = arch.meta_model()
     if mode != "bf16":
-        q.replace_modules(model, mode, torch.device("cuda"), torch.bfloat16)  # meta: nothing is allocated
+        replace_modules(model, mode, torch.device("cuda"), torch.bfloat16)  # meta: nothing is allocated
     dense = sum(p.numel() * p.element_size() for p in model.parameters())
-    return dense + sum(_quantized_module_bytes(m) for m in model.modules() if isinstance(m, q.QUANTIZED))
+    return dense + sum(_quantized_module_bytes(m) for m in model.modules() if isinstance(m, QUANTIZED))
 
 
 def moe_table(gpu_gb: float, utilization: float, step_tokens: int, context: int, block_size: int) -> None:

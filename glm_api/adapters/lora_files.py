@@ -203,7 +203,7 @@ def _targets(module_path: str, modules: dict[str, nn.Module]) -> tuple[str, ...]
 
 
 def _is_linear(module: nn.Module | None) -> bool:
-    # nn.Linear and the quantised linear layers of glm_api/families/quantize.py
+    # nn.Linear and the quantised linear layers of glm_api/families/quantized_modules.py
     return module is not None and isinstance(getattr(module, "in_features", None), int) and isinstance(
         getattr(module, "out_features", None), int
     )

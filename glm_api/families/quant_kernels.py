@@ -32,7 +32,7 @@ from torch import nn
 
 from glm_api.families.int4_cpu import unpacks_as_packed
 from glm_api.families.kernel_timing import fastest_ms
-from glm_api.families.quantize import Int4Linear, Int8Linear, _has_kernel
+from glm_api.families.quantized_modules import Int4Linear, Int8Linear, has_kernel
 from glm_api.families.timing_store import Figures, TimingStore, timed
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def choose_kernels(model: nn.Module, dtype: torch.dtype, widths: tuple[int, ...]
             quantized, dequantized, plain = {}, {}, {}
             for width in widths:
                 x = torch.randn(width, shape[1], dtype=dtype, device=device)
-                if kind == "int8" and _has_kernel("_weight_int8pack_mm", device.type):
+                if kind == "int8" and has_kernel("_weight_int8pack_mm", device.type):
                     quantized[width] = fastest_ms(lambda: first.int8pack(x), TIME_PER_CANDIDATE, device)
                 elif kind == "int4":  # the kernel itself, whatever crossover an earlier timing set
                     rows = x.to(first.act_dtype)

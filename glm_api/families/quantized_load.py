@@ -9,7 +9,7 @@ in (:mod:`~glm_api.families.tensor_stream`): the peak is the quantised model plu
 This needs the checkpoint's names to be the model's. Mixture-of-experts checkpoints name their
 routed experts either fused, as transformers 5 saves them (``mlp.experts.gate_up_proj``), or
 one by one, as the published GLM-4.5/4.7/5 checkpoints do (``mlp.experts.7.gate_proj.weight``):
-both stream into :class:`~glm_api.families.quantize.QuantizedExperts`, so a 106B MoE never sits
+both stream into :class:`~glm_api.families.quantized_experts.QuantizedExperts`, so a 106B MoE never sits
 dense in memory. Keys the model itself ignores (``_keys_to_ignore_on_load_unexpected``: the
 multi-token-prediction layer of GLM-4.5) are skipped. For checkpoints transformers renames in
 other ways (legacy prefixes), :func:`stream_quantized` says why and returns None, and the caller
@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from glm_api.families.quantize import QuantMode, fused_experts, replace_modules
+from glm_api.families.quantize import QuantMode, replace_modules
+from glm_api.families.quantized_experts import fused_experts
 from glm_api.families.tensor_stream import assign, check_all_loaded, iter_checkpoint, weight_files
 
 logger = logging.getLogger(__name__)

@@ -18,7 +18,8 @@ from torch import nn
 
 from glm_api.families.json_file import read_json
 from glm_api.families.mapped_pages import MappedFile
-from glm_api.families.quantize import QUANTIZED, QuantizedExperts
+from glm_api.families.quantized_experts import QuantizedExperts
+from glm_api.families.quantized_modules import QUANTIZED
 
 _WEIGHT_LAYOUTS = (
     ("model.safetensors.index.json", "model.safetensors"),

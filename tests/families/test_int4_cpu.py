@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from glm_api.families import int4_cpu
-from glm_api.families.quantize import Int4Linear
+from glm_api.families.quantized_modules import Int4Linear
 
 CPU = torch.device("cpu")
 # (out, in): whole 64-row blocks, blocks and a tail, a tail alone, SmolLM2's MLP shape
@@ -47,7 +47,7 @@ def test_wide_weights_dequantise_a_chunk_at_a_time(monkeypatch):
 
 
 def test_forward_dequantises_only_past_its_crossover(monkeypatch):
-    from glm_api.families import quantize
+    from glm_api.families import quantized_modules as quantize
 
     module = _module(1536, 576)
     calls = []

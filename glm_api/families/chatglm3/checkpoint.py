@@ -23,7 +23,8 @@ from glm_api.families.base import LoadedChatModel
 from glm_api.families.chatglm3.template import ChatGLM3Template
 from glm_api.families.chatglm3.tokenizer import ChatGLM3Tokenizer
 from glm_api.families.glm4_chat import Glm4ChatTemplate, is_glm4_tokenizer, load_glm4_template
-from glm_api.families.quantize import QUANTIZED, QuantMode, replace_modules
+from glm_api.families.quantize import QuantMode, replace_modules
+from glm_api.families.quantized_modules import QUANTIZED
 from glm_api.families.tensor_stream import assign, check_all_loaded, iter_checkpoint, listing, weight_files
 
 if TYPE_CHECKING:
