@@ -18,7 +18,8 @@ import torch
 from glm_api.cli import settings_from_args
 from glm_api.engines.base import SamplingParams
 from glm_api.engines.chat_engine import TransformersChatEngine
-from glm_api.engines.decode_step import bucket_for, decode_options, row_buckets
+from glm_api.engines.decode_step import DecodeRows, bucket_for, decode_options, row_buckets
+from glm_api.engines.kv_blocks import NULL_BLOCK
 from glm_api.engines.sequence import Sequence
 from glm_api.families.detect import load_chat_model
 from tests.engines.test_paged_kv import _assert_alone, _Harness, _random_rows, _stock_and_paged
@@ -37,6 +38,20 @@ def test_rows_are_padded_to_a_few_buckets():
     assert row_buckets(32) == (1, 2, 4, 8, 16, 32)
     assert row_buckets(12) == (1, 2, 4, 8, 12)
     assert [bucket_for(n, row_buckets(32)) for n in (1, 3, 9, 17, 32)] == [1, 4, 16, 32, 32]
+
+
+def test_a_step_s_block_tables_hold_each_row_s_blocks_then_the_null_block():
+    rng = random.Random(3)
+    rows = []
+    for i in range(7):
+        table = [rng.randrange(1, 10_000) for _ in range(rng.randint(1, 40))]
+        rows.append((table, rng.randrange(len(table) * 16), i))
+    host = DecodeRows.build(rows, 8, 16)  # one padding row
+    tables = host.table_tensor(45)
+    assert tables.dtype == torch.long and tables.shape == (8, 45)
+    for row, blocks in zip(tables.tolist(), host.tables):
+        assert row == blocks + [NULL_BLOCK] * (45 - len(blocks))
+    assert host.tables[0] == [NULL_BLOCK] and min(map(len, host.tables[1:])) < 45
 
 
 def test_settings_pick_compile_and_graphs_per_device():
