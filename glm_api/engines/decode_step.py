@@ -229,25 +229,31 @@ class DecodeRows:
             flat[i * width : i * width + len(table)] = array("q", table)
         return torch.frombuffer(flat, dtype=torch.long).view(rows, width)  # the tensor keeps flat alive
 
+    def row_tensor(self) -> torch.Tensor:
+        """``[4, rows]``: ids, positions, slots and lengths in one host tensor (one copy to a
+        device, not four)."""
+        flat = array("q", self.ids)
+        for column in (self.positions, self.slots, self.lengths):
+            flat.extend(column)
+        return torch.frombuffer(flat, dtype=torch.long).view(4, len(self.ids))
+
 
 class _StaticInputs:
     """Input buffers of one captured graph (a row bucket and a table width): a step copies its
     rows in, the graph reads them where it was captured reading them."""
 
     def __init__(self, rows: int, width: int, device: torch.device) -> None:
-        self.input_ids = torch.zeros((1, rows), dtype=torch.long, device=device)
-        self.positions = torch.zeros((1, rows), dtype=torch.long, device=device)
-        self.slots = torch.zeros(rows, dtype=torch.long, device=device)  # slot 0: the null block
+        # ids, positions, slots (0: the null block) and lengths (1), filled by one copy
+        self.rows = torch.zeros((4, rows), dtype=torch.long, device=device)
+        self.rows[3] = 1
+        self.input_ids, self.positions = self.rows[0:1], self.rows[1:2]
+        self.slots, self.lengths = self.rows[2], self.rows[3]
         self.tables = torch.full((rows, width), NULL_BLOCK, dtype=torch.long, device=device)
-        self.lengths = torch.ones(rows, dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None  # the graph's output buffer
 
     def fill(self, host: DecodeRows) -> None:
-        self.input_ids.copy_(torch.tensor([host.ids]), non_blocking=True)
-        self.positions.copy_(torch.tensor([host.positions]), non_blocking=True)
-        self.slots.copy_(torch.tensor(host.slots), non_blocking=True)
-        self.lengths.copy_(torch.tensor(host.lengths), non_blocking=True)
+        self.rows.copy_(host.row_tensor(), non_blocking=True)
         self.tables.copy_(host.table_tensor(self.tables.shape[1]), non_blocking=True)
 
 
@@ -329,12 +335,13 @@ class DecodeStep:
         tables = host.table_tensor(max(2, host.blocks)).to(d)
         if self.compiled:
             torch._dynamo.maybe_mark_dynamic(tables, 1)
+        rows = host.row_tensor().to(d)
         return DecodeBatch(
-            input_ids=torch.tensor([host.ids], device=d),
-            positions=torch.tensor([host.positions], device=d),
-            slots=torch.tensor(host.slots, device=d),
+            input_ids=rows[0:1],
+            positions=rows[1:2],
+            slots=rows[2],
             tables=tables,
-            lengths=torch.tensor(host.lengths, device=d),
+            lengths=rows[3],
             keys=self.pool.keys,
             values=self.pool.values,
             static=False,
