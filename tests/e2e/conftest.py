@@ -69,7 +69,7 @@ def start_server(args: list[str], log_path: Path, env: dict[str, str] | None = N
                 return server
         except httpx.TransportError:
             pass
-        time.sleep(0.5)
+        time.sleep(0.2)  # each start is seen ready ~0.15 s sooner than at 0.5 s, for a few 503s more
     stop_server(server)
     raise RuntimeError(f"server not ready in {ready_timeout} s:\n{server.log()}")
 
