@@ -116,6 +116,6 @@ def tool_lm_server(tool_calling_lm_dir, tmp_path_factory) -> LiveServer:
     as ``tool-lm``, storing responses under a temporary data dir."""
     root = tmp_path_factory.mktemp("tool-lm-server")
     server = start_server(["--chat-model", str(tool_calling_lm_dir), "--chat-model-name", "tool-lm", "--data-dir",
-                           str(root / "data")], root / "server.log")
+                           str(root / "data"), *NO_KERNEL_TIMING], root / "server.log")
     yield server
     stop_server(server)
