@@ -52,7 +52,12 @@ def minilm() -> LoadedEmbeddingModel:
 
 
 def make_settings(**overrides) -> Settings:
-    return Settings(_env_file=None, **overrides)
+    """Settings as the server reads them, except ``cpu_kernels`` "off" unless a test passes it:
+    with "auto" (the default) every registry built from them times its projections at start-up
+    (dense packing, then the fused decode projections), ~1 s for a tiny model, ~8 s for SmolLM2,
+    which no in-process test here is about. tests/families/test_dense_kernels.py and
+    tests/engines/test_direct_decode.py check those kernels; live_server serves the timed choice."""
+    return Settings(_env_file=None, **{"cpu_kernels": "off", **overrides})
 
 
 def make_registry(chat: LoadedChatModel | None, embeddings: dict[str, LoadedEmbeddingModel], settings: Settings) -> ModelRegistry:

@@ -69,7 +69,7 @@ def start_server(args: list[str], log_path: Path, env: dict[str, str] | None = N
                 return server
         except httpx.TransportError:
             pass
-        time.sleep(0.5)
+        time.sleep(0.2)  # each start is seen ready ~0.15 s sooner than at 0.5 s, for a few 503s more
     stop_server(server)
     raise RuntimeError(f"server not ready in {ready_timeout} s:\n{server.log()}")
 
@@ -116,6 +116,6 @@ def tool_lm_server(tool_calling_lm_dir, tmp_path_factory) -> LiveServer:
     as ``tool-lm``, storing responses under a temporary data dir."""
     root = tmp_path_factory.mktemp("tool-lm-server")
     server = start_server(["--chat-model", str(tool_calling_lm_dir), "--chat-model-name", "tool-lm", "--data-dir",
-                           str(root / "data")], root / "server.log")
+                           str(root / "data"), *NO_KERNEL_TIMING], root / "server.log")
     yield server
     stop_server(server)

@@ -63,7 +63,7 @@ def extra_servers(smollm2_cache_dir, tool_calling_lm_dir, tmp_path_factory):
         "0",
         *NO_KERNEL_TIMING,
     ]
-    tools = ["--chat-model", str(tool_calling_lm_dir), "--chat-model-name", "tool-lm"]
+    tools = ["--chat-model", str(tool_calling_lm_dir), "--chat-model-name", "tool-lm", *NO_KERNEL_TIMING]
     with ThreadPoolExecutor(2) as pool:
         futures = [
             pool.submit(start_server, guarded, logs / "guarded.log"),

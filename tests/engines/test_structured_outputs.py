@@ -267,7 +267,14 @@ def test_what_cannot_be_enforced_is_a_400_before_the_stream(client, body, param)
 
 def test_a_constrained_row_and_free_rows_decoded_together_get_what_they_get_alone(smollm2):
     """The mask touches only the constrained row: in one batch, every row's tokens are its
-    tokens alone (greedy), whether its neighbours are constrained or not."""
+    tokens alone (greedy), whether its neighbours are constrained or not.
+
+    The schema with a pattern and a const (SCHEMAS[4]): SmolLM2 answers it in 12 tokens, the two
+    prompts along different paths ("2023", "1234"), so the batch loses a free row (8 tokens),
+    then both constrained rows, then keeps the other free row (24): the mask must follow each
+    row as its neighbours leave, in both orders. (SCHEMAS[1]'s 75-80 tokens a row made this test
+    ~24 s, ~7 now, without checking more about the mask; every schema's answers are validated
+    above.)"""
     import asyncio
 
     from glm_api.engines.base import SamplingParams
@@ -278,7 +285,7 @@ def test_a_constrained_row_and_free_rows_decoded_together_get_what_they_get_alon
     engine = TransformersChatEngine(smollm2, "smollm2", max_running=8)
     engine.start()
     try:
-        grammar = engine.compile_constraint(Constraint("json_schema", json.dumps(SCHEMAS[1])))
+        grammar = engine.compile_constraint(Constraint("json_schema", json.dumps(SCHEMAS[4])))
         prompts = [smollm2.template.encode_messages([{"role": "user", "content": q}]) for q in QUESTIONS]
         free = SamplingParams(max_tokens=24, temperature=0.0)
         constrained = SamplingParams(max_tokens=120, temperature=0.0, grammar=grammar)
@@ -294,4 +301,4 @@ def test_a_constrained_row_and_free_rows_decoded_together_get_what_they_get_alon
         engine.stop()
     assert [o.ids for o in together] == [o.ids for o in alone]
     for out in (alone[0], alone[3]):
-        jsonschema.validate(json.loads(out.text), SCHEMAS[1])
+        jsonschema.validate(json.loads(out.text), SCHEMAS[4])

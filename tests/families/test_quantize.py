@@ -23,6 +23,7 @@ from glm_api.families import quantize as q
 from glm_api.families.tensor_stream import iter_checkpoint
 from glm_api.families.detect import load_chat_model
 from glm_api.families.mapped_pages import MappedFile
+from glm_api.families.quant_kernels import choose_kernels
 from glm_api.registry import ModelSource, ModelSources, build_registry
 from tests.conftest import make_settings
 from tests.fixtures.chatglm3_tiny import build_tiny_chatglm3
@@ -102,15 +103,31 @@ def test_a_real_model_keeps_its_next_token_choices(smollm2, smollm2_choices, mod
     """SmolLM2's real weights, every position of a ~300-token text: the share of next-token
     choices (argmax) that stay those of the float32 model. Measured 0.965 / 0.927 / 0.750; over
     700 tokens of README text 0.967 / 0.867 / 0.649 (int8 changes a choice only where two
-    tokens were nearly tied: its perplexity is the unquantised model's)."""
+    tokens were nearly tied: its perplexity is the unquantised model's).
+
+    int4 runs as a server with ``--quantize int4`` does on CPU: its start-up timing
+    (choose_kernels) sends wide calls to the codes dequantised from torch's packing, since
+    tinygemm's CPU kernel reads the weight once per row (all ~300 rows through it took ~30 s,
+    dequantised ~1 s); the kernel itself then serves the first positions, which must give the
+    same logits."""
     ids, reference = smollm2_choices
     model = copy.deepcopy(smollm2.model)
     report = q.quantize_model(model, mode)
+    int4 = [m for m in model.modules() if isinstance(m, q.Int4Linear)]
+    if int4:
+        choose_kernels(model, torch.float32, widths=(1, 8, 32))
+        assert all(m.dequant_rows is not None and m.dequant_rows < ids.shape[1] for m in int4)
     with torch.inference_mode():
         got = model(input_ids=ids).logits[0]
     agree = (got.argmax(-1) == reference).float().mean().item()
     assert report.modules == 30 * 7  # tied embeddings: the table and the output layer stay dense
     assert agree >= bound, agree
+    if int4:  # the kernel at every width, over the first 8 positions (causal: the same logits there)
+        for module in int4:
+            module.dequant_rows = None
+        with torch.inference_mode():
+            head = model(input_ids=ids[:, :8]).logits[0]
+        torch.testing.assert_close(head, got[:8], rtol=0, atol=1e-4 * float(got[:8].abs().max()))
 
 
 @pytest.mark.parametrize("mode", MODES)
