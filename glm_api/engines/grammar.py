@@ -30,7 +30,6 @@ from typing import Any
 
 import llguidance
 import llguidance.hf
-import llguidance.torch
 import torch
 
 from glm_api.engines.base import Constraint
@@ -122,9 +121,12 @@ def mask_logits(logits: torch.Tensor, rows: list[int], matchers: list[llguidance
     """Set to -inf, in place, every token the matchers do not allow next in their ``rows`` of
     ``logits`` ``[B, V]``: one bitmask for all of them, one masked_fill per step."""
     vocab = logits.shape[-1]
-    bitmask = llguidance.torch.allocate_token_bitmask(len(rows), vocab)
+    # What llguidance.torch's allocate/fill functions do, without importing that module: it
+    # compiles a kernel with torch.compile at import, ~2 s of every process's start-up.
+    bitmask = torch.full((len(rows), (vocab + 31) // 32), -1, dtype=torch.int32)
     for i, matcher in enumerate(matchers):
-        llguidance.torch.fill_next_token_bitmask(matcher, bitmask, i)
+        row = bitmask[i]
+        matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
     bits = torch.arange(32, dtype=torch.int32)
     allowed = ((bitmask.unsqueeze(-1) >> bits) & 1).bool().view(len(rows), -1)[:, :vocab]
     index = torch.tensor(rows, device=logits.device)
