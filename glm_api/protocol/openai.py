@@ -8,82 +8,26 @@ Responses mirror the ``openai`` package's types field for field.
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from glm_api.protocol.common import (
-    MAX_TOKENS_LIMIT,
-    SEED_RANGE,
-    TOKEN_ID_SCHEMA,
-    JsonInt,
-    JsonWireModel,
-    json_int,
-    RepetitionPenalty,
-    Stop,
-    Temperature,
-    TopP,
-    Usage,
-    stated,
+from glm_api.protocol.common import MAX_TOKENS_LIMIT, JsonWireModel, Usage, json_int, stated
+from glm_api.protocol.openai_inputs import TokenIds, check_texts_or_token_arrays, texts_or_token_arrays
+from glm_api.protocol.openai_sampling import (
+    MAX_TOP_LOGPROBS,
+    NO_LOGIT_BIAS,
+    MaxTokens,
+    Penalty,
+    SamplingRequest,
+    StreamOptions,
+    TopLogprobsCount,
 )
+from glm_api.protocol.openai_structured import JsonSchemaFormat, ResponseFormat, StructuredOutputs, one_grammar
 
-Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
-#: Token ids are never negative; the upper bound is the model's vocabulary, checked in serving.
-TokenIds = list[Annotated[JsonInt, stated(**TOKEN_ID_SCHEMA)]]
-MaxTokens = json_int(ge=1, le=MAX_TOKENS_LIMIT)
-
-
-def texts_or_token_arrays(min_text_length: int = 0) -> Any:
-    """The type of a prompt or input, with the shape rules of ``_texts_or_token_arrays`` stated
-    for the spec: no empty list, no empty token array, no negative id (and, for completions,
-    no empty text: it leaves nothing to continue)."""
-    text = Annotated[str, stated(minLength=min_text_length)] if min_text_length else str
-    ids = Annotated[TokenIds, stated(minItems=1)]
-    return text | Annotated[list[text], stated(minItems=1)] | ids | Annotated[list[ids], stated(minItems=1)]
-
-
-#: Logit bias is refused unless empty: the spec says so.
-NO_LOGIT_BIAS = stated(anyOf=[{"type": "object", "maxProperties": 0}, {"type": "null"}])
-
-
-def _is_id(value: Any) -> bool:
-    # A JSON integer: 7 or 7.0 (JSON Schema counts both, as the spec's clients do), never true.
-    return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float) and value.is_integer())
-
-
-def _is_ids(value: Any) -> bool:
-    return isinstance(value, list) and all(_is_id(i) for i in value)
-
-
-def _texts_or_token_arrays(value: Any, name: str) -> Any:
-    """A string, a list of strings, a token array or a list of token arrays (not a mix)."""
-    if isinstance(value, str):
-        return value
-    if not isinstance(value, list) or not value:
-        raise ValueError(f"{name} must be a string, a list of strings, a token array or a list of token arrays")
-    arrays = [value] if _is_ids(value) else value
-    if all(isinstance(v, str) for v in value):
-        return value
-    if not all(_is_ids(a) and a for a in arrays):
-        raise ValueError(f"{name} must be a string, a list of strings, a token array or a list of token arrays")
-    if any(i < 0 for a in arrays for i in a):
-        raise ValueError("token ids must not be negative")
-    return value
-
-
-#: Alternatives per position, at most (OpenAI's limit for top_logprobs and for completions' logprobs).
-MAX_TOP_LOGPROBS = 20
-TopLogprobsCount = json_int(ge=0, le=MAX_TOP_LOGPROBS)
 #: Completions may generate nothing (``max_tokens: 0``): with ``echo`` and ``logprobs`` that
 #: scores a prompt, as evaluation harnesses do.
 CompletionMaxTokens = json_int(ge=0, le=MAX_TOKENS_LIMIT)
-
-
-def _refuse_logit_bias(value: dict | None) -> dict | None:
-    if value:
-        raise ValueError("logit_bias is not supported by this server")
-    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,125 +133,11 @@ class NamedToolChoice(JsonWireModel):
     function: NamedFunction
 
 
-class JsonSchemaFormat(JsonWireModel):
-    name: str = Field(max_length=64)
-    description: str | None = None
-    schema_: dict[str, Any] | bool = Field(default_factory=dict, alias="schema")
-    strict: bool | None = None
-
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False, populate_by_name=True)
-
-
-def _json_schema_given(schema: dict[str, Any]) -> None:
-    """The spec states ``_schema_given``, and ``structured._schema_text``: a schema that is an
-    object (or true)."""
-    schema["anyOf"] = [
-        {"properties": {"type": {"enum": ["text", "json_object"]}}},
-        {
-            "required": ["json_schema"],
-            "properties": {"json_schema": {"type": "object", "properties": {"schema": {"anyOf": [{"type": "object"}, {"const": True}]}}}},
-        },
-    ]
-
-
-class ResponseFormat(JsonWireModel):
-    model_config = ConfigDict(json_schema_extra=_json_schema_given)
-
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
-
-    @model_validator(mode="after")
-    def _schema_given(self) -> "ResponseFormat":
-        if self.type == "json_schema" and self.json_schema is None:
-            raise ValueError('type "json_schema" needs a "json_schema": {"name", "schema"} object')
-        return self
-
-
-def _exactly_one_kind(schema: dict[str, Any]) -> None:
-    """The spec states ``_exactly_one``."""
-    kinds = ("json", "regex", "choice", "grammar")
-    schema["oneOf"] = [
-        {"required": [kind], "properties": {kind: {"not": {"type": "null"}}, **{k: {"type": "null"} for k in kinds if k != kind}}}
-        for kind in kinds
-    ]
-
-
-class StructuredOutputs(JsonWireModel):
-    """vLLM's structured-output extras: one of them, as the output's grammar."""
-
-    #: A JSON schema, or its JSON text.
-    json_: dict[str, Any] | Annotated[str, stated(contentMediaType="application/json")] | None = Field(None, alias="json")
-    regex: str | None = None
-    choice: list[str] | None = Field(None, min_length=1)
-    grammar: str | None = None
-
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False, populate_by_name=True, json_schema_extra=_exactly_one_kind)
-
-    @field_validator("json_")
-    @classmethod
-    def _json_text_parses(cls, value: dict[str, Any] | str | None) -> dict[str, Any] | str | None:
-        if isinstance(value, str):
-            try:
-                json.loads(value)
-            except ValueError:
-                raise ValueError("the JSON schema text is not valid JSON") from None
-        return value
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> "StructuredOutputs":
-        given = [k for k in ("json_", "regex", "choice", "grammar") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError("give exactly one of json, regex, choice, grammar")
-        return self
-
-
-class StreamOptions(JsonWireModel):
-    include_usage: bool | None = False
-
-
-class SamplingRequest(JsonWireModel):
-    """The fields chat and legacy completions share; both translate them the same way."""
-
-    model: str | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    max_tokens: MaxTokens | None = None
-    temperature: Temperature | None = None
-    top_p: TopP | None = None
-    n: json_int(ge=1) | None = None  # type: ignore[valid-type]  # the upper bound is settings.max_n, checked in serving
-    stop: Stop = None
-    seed: json_int(**SEED_RANGE) | None = None  # type: ignore[valid-type]
-    presence_penalty: Penalty | None = None
-    frequency_penalty: Penalty | None = None
-    user: str | None = None
-    logit_bias: Annotated[dict[str, float] | None, NO_LOGIT_BIAS] = None
-    # Not OpenAI, accepted as extras (vLLM does the same).
-    top_k: json_int(ge=0) | None = None  # type: ignore[valid-type]
-    repetition_penalty: RepetitionPenalty | None = None
-    structured_outputs: StructuredOutputs | None = None
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_logit_bias(cls, value: dict | None) -> dict | None:
-        return _refuse_logit_bias(value)
-
-
-#: Serving's rule (``structured.output_constraint``): one grammar per request.
-_ONE_GRAMMAR = {"anyOf": [
-    {"properties": {"response_format": {"anyOf": [{"type": "null"}, {"properties": {"type": {"const": "text"}}}]}}},
-    {"properties": {"structured_outputs": {"type": "null"}}},
-]}
-
-
-def _one_grammar(schema: dict[str, Any]) -> None:
-    schema.setdefault("allOf", []).append(_ONE_GRAMMAR)
-
-
 def _chat_rules(schema: dict[str, Any]) -> None:
     """The spec states serving's rules across fields: one grammar, and a forced tool call
     (tools with ``tool_choice`` required or named) is that grammar, so nothing else asks for one;
     ``top_logprobs`` only with ``logprobs: true``."""
-    _one_grammar(schema)
+    one_grammar(schema)
     schema["allOf"].append({"anyOf": [
         {"properties": {"tools": {"anyOf": [{"type": "null"}, {"type": "array", "maxItems": 0}]}}},
         {"properties": {"tool_choice": {"enum": ["none", "auto", None]}}},
@@ -474,7 +304,7 @@ class ChatCompletionChunk(BaseModel):
 
 
 class CompletionRequest(SamplingRequest):
-    model_config = ConfigDict(json_schema_extra=_one_grammar)
+    model_config = ConfigDict(json_schema_extra=one_grammar)
 
     prompt: texts_or_token_arrays(min_text_length=1)  # type: ignore[valid-type]
     max_tokens: CompletionMaxTokens | None = None
@@ -487,7 +317,7 @@ class CompletionRequest(SamplingRequest):
     @field_validator("prompt", mode="before")
     @classmethod
     def _prompt_shape(cls, value: Any) -> Any:
-        return _texts_or_token_arrays(value, "prompt")
+        return check_texts_or_token_arrays(value, "prompt")
 
     @field_validator("suffix")
     @classmethod
@@ -549,7 +379,7 @@ class EmbeddingRequest(JsonWireModel):
     @field_validator("input", mode="before")
     @classmethod
     def _input_shape(cls, value: Any) -> Any:
-        return _texts_or_token_arrays(value, "input")
+        return check_texts_or_token_arrays(value, "input")
 
 
 class EmbeddingData(BaseModel):
