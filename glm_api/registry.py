@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from glm_api.config import SEED_CHAT_MODEL, SEED_EMBEDDING_MODELS, SEED_RERANK_MODELS, Settings
+from glm_api.device_map import layer_split
 from glm_api.devices import resolve_device, resolve_devices, resolve_dtype
 from glm_api.engines.base import ChatEngine, EmbeddingEngine
 from glm_api.errors import AdapterError, BadRequestError, ConflictError, NotFoundError
@@ -400,22 +401,6 @@ def _load_reranker(settings: Settings, source: ModelSource, device: torch.device
     return BatchingRerankEngine(
         loaded, source.name, batch_size=settings.embedding_batch_size,
         batch_wait_ms=settings.embedding_batch_wait_ms, max_queued_pairs=settings.max_embedding_queue,
-    )
-
-
-def layer_split(settings: Settings, devices: list[torch.device]) -> LayerSplit | None:
-    """``--device-map`` over the ``--device`` list, or None when nothing is split (no map, or
-    one device); ValueError for a list that cannot be split."""
-    from glm_api.device_map import LayerSplit, check_split_devices
-
-    if not check_split_devices(settings.device_map, devices):
-        return None
-    if settings.quantize != "none":
-        raise ValueError("a model split over devices cannot be quantised yet (--quantize); use one of the two")
-    return LayerSplit(
-        tuple(devices), settings.device_map, kv_cache_tokens=settings.kv_cache_tokens,
-        gpu_memory_utilization=settings.gpu_memory_utilization,
-        step_tokens=settings.prefill_chunk_tokens + settings.max_running,
     )
 
 
