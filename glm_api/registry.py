@@ -228,7 +228,8 @@ def build_registry(settings: Settings, sources: ModelSources | None = None) -> M
         loaded_emb = load_embedding_model(source.path, device, dtype, settings.embedding_max_seq_length)
         log.info(
             "embedding model %s ready: %s, %d dimensions, max %d tokens, %.1f s",
-            source.name, loaded_emb.family, loaded_emb.dimensions, loaded_emb.max_seq_length, time.monotonic() - started,
+            source.name, loaded_emb.family, loaded_emb.dimensions, loaded_emb.max_seq_length,
+            time.monotonic() - started,
         )
         embeddings[source.name] = BatchingEmbeddingEngine(
             loaded_emb,
