@@ -11,7 +11,7 @@ import sys
 from pydantic import ValidationError
 
 from glm_api.config import Settings
-from glm_api.registry import StartupError, resolve_model_sources
+from glm_api.model_sources import StartupError, resolve_model_sources
 
 log = logging.getLogger("glm_api")
 

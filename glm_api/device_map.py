@@ -7,6 +7,8 @@ fills the devices in order; ``get_balanced_memory`` first caps each near an even
 weights only, so the budget they get per device leaves room for that device's share of the KV
 cache (:func:`plan_device_map`); the family loader streams each tensor to its module's device
 (:meth:`Placement.device_of`) and the engine keeps each layer's keys and values beside it.
+:func:`layer_split` reads the settings into a :class:`LayerSplit` (cheap: the model sources
+check it before the server starts, the registry then loads the chat model with it).
 
 A split saves memory, not time: a step runs the layers in order, so one device works while the
 others wait. Every entry of the list must be a GPU, or (to test the wiring) every one ``cpu``.
@@ -20,12 +22,15 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from glm_api.kv_memory import DEFAULT_CPU_KV_TOKENS, layer_cache_bytes, step_reserve_bytes
 from glm_api.units import byte_size
+
+if TYPE_CHECKING:
+    from glm_api.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +249,20 @@ class LayerSplit:
         import psutil
 
         return [psutil.virtual_memory().available // len(self.devices)] * len(self.devices)
+
+
+def layer_split(settings: Settings, devices: list[torch.device]) -> LayerSplit | None:
+    """``--device-map`` over the ``--device`` list, or None when nothing is split (no map, or
+    one device); ValueError for a list that cannot be split."""
+    if not check_split_devices(settings.device_map, devices):
+        return None
+    if settings.quantize != "none":
+        raise ValueError("a model split over devices cannot be quantised yet (--quantize); use one of the two")
+    return LayerSplit(
+        tuple(devices), settings.device_map, kv_cache_tokens=settings.kv_cache_tokens,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        step_tokens=settings.prefill_chunk_tokens + settings.max_running,
+    )
 
 
 #: What accelerate warns about a CPU-only split, untrue there: the integer keys it takes for

@@ -19,7 +19,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from glm_api.registry import ModelSource, StartupError
+from glm_api.model_sources import ModelSource, StartupError
 
 if TYPE_CHECKING:
     import torch
@@ -36,7 +36,7 @@ def ptuning_sources(settings: Settings, chat: ModelSource | None, taken: set[str
     layers, kv groups and head width); ``taken``: names other models already use."""
     from glm_api.families.chatglm3.checkpoint import is_chatglm3_folder, read_chatglm3_config
     from glm_api.families.chatglm3.prefix_encoder import check_compatible, read_ptuning_config
-    from glm_api.registry import _existing
+    from glm_api.model_sources import _existing
 
     if not settings.ptuning:
         return ()
