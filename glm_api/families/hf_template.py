@@ -1,14 +1,15 @@
-"""Chat templates of generic transformers models, and their tool-call parsing.
+"""Chat templates of generic transformers models, and which parser reads their output.
 
 The tokenizer's own chat template formats conversations (``apply_chat_template``), so every
 model whose folder ships a template works without family-specific code. A message's content
 is always text: the model's control tokens typed into it (``<|im_start|>system`` ...) are
 tokenised as the characters they are, never as the markers the template uses between turns,
 so a user cannot forge a turn of another role. Tool calls are parsed in the syntax the template's own markers show
-(:mod:`template_features`): GLM-4.5+'s ``<arg_key>``/``<arg_value>`` XML, GLM-4's
-``name\n{json}``, else the Hermes/Qwen ``<tool_call>{json}</tool_call>`` style, the most common
-one in HF templates; model output is only ever parsed as data, never executed. Templates that
-think have the reasoning split off first (:mod:`reasoning`).
+(:mod:`template_features`): GLM-4.5+'s ``<arg_key>``/``<arg_value>`` XML (:mod:`xml_tool_calls`),
+GLM-4's ``name\n{json}``, else the Hermes/Qwen ``<tool_call>{json}</tool_call>`` style, the most
+common one in HF templates (both in :mod:`json_tool_calls`, whose parsers are re-exported here
+for the modules that import them from this one); model output is only ever parsed as data,
+never executed. Templates that think have the reasoning split off first (:mod:`reasoning`).
 """
 
 from __future__ import annotations
@@ -21,13 +22,11 @@ from typing import Any
 import jinja2
 from transformers import PreTrainedTokenizerBase
 
-from glm_api.families.base import OutputParser, ParsedOutput, PassthroughParser, ToolCall
-from glm_api.families.reasoning import ThinkingParser, partial_prefix_len
+from glm_api.families.base import OutputParser, PassthroughParser, ToolCall
+from glm_api.families.json_tool_calls import GlmToolParser, HermesToolParser
+from glm_api.families.reasoning import ThinkingParser
 from glm_api.families.template_features import read_features, template_options
 from glm_api.families.xml_tool_calls import XmlToolParser
-
-_TOOL_OPEN = "<tool_call>"
-_TOOL_CLOSE = "</tool_call>"
 
 # Message fields that hold free text: rendered by stand-ins when they hold control tokens.
 _TEXT_FIELDS = ("content", "reasoning_content")
@@ -268,165 +267,3 @@ class HFChatTemplate:
         if self.thinking_markers is None:
             return parser
         return ThinkingParser(parser, self.thinking_markers, self.prompt_opens_thinking(prompt_ids or []))
-
-
-# ---------------------------------------------------------------------------------------------
-# Tool-call parsing
-
-
-def _parse_tool_call(body: str) -> ToolCall | None:
-    """``{"name": ..., "arguments": {...}}`` -> ToolCall; None for anything else (never eval)."""
-    try:
-        obj = json.loads(body)
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
-        return None
-    arguments = obj.get("arguments", obj.get("parameters", {}))
-    if isinstance(arguments, str):  # some models double-encode the arguments
-        try:
-            arguments = json.loads(arguments)
-        except json.JSONDecodeError:
-            return None
-    if not isinstance(arguments, dict):
-        return None
-    return ToolCall(name=obj["name"], arguments=json.dumps(arguments, ensure_ascii=False))
-
-
-class HermesToolParser:
-    """Streams content and collects ``<tool_call>{json}</tool_call>`` blocks (Hermes, Qwen).
-
-    Text is held back while it could be the start of ``<tool_call>`` and while it is only
-    whitespace (which usually precedes a call, and is dropped when calls follow). A block whose
-    JSON does not parse is given back as content, verbatim.
-    """
-
-    def __init__(self) -> None:
-        self._pending = ""  # raw text not yet resolved
-        self._held_space = ""  # whitespace after the last emitted content
-        self._in_call = False
-        self._content: list[str] = []
-        self._calls: list[ToolCall] = []
-
-    def _emit(self, text: str, out: list[str]) -> None:
-        stripped = text.rstrip()
-        if stripped:
-            out.append(self._held_space + stripped)
-            self._held_space = text[len(stripped) :]
-        else:
-            self._held_space += text
-
-    def _close_block(self, body: str, out: list[str]) -> None:
-        call = _parse_tool_call(body)
-        if call is None:
-            self._emit(_TOOL_OPEN + body + _TOOL_CLOSE, out)
-        else:
-            self._calls.append(call)
-            self._held_space = ""
-
-    def feed(self, delta: str) -> str:
-        self._pending += delta
-        out: list[str] = []
-        while True:
-            if self._in_call:
-                end = self._pending.find(_TOOL_CLOSE)
-                if end < 0:
-                    break
-                body, self._pending = self._pending[:end], self._pending[end + len(_TOOL_CLOSE) :]
-                self._in_call = False
-                self._close_block(body, out)
-                continue
-            start = self._pending.find(_TOOL_OPEN)
-            if start >= 0:
-                self._emit(self._pending[:start], out)
-                self._pending = self._pending[start + len(_TOOL_OPEN) :]
-                self._in_call = True
-                continue
-            keep = partial_prefix_len(self._pending, _TOOL_OPEN)
-            cut = len(self._pending) - keep
-            self._emit(self._pending[:cut], out)
-            self._pending = self._pending[cut:]
-            break
-        text = "".join(out)
-        self._content.append(text)
-        return text
-
-    def finish(self) -> ParsedOutput:
-        tail: list[str] = []
-        if self._in_call:
-            # A block cut off before </tool_call> counts if its JSON is complete.
-            call = _parse_tool_call(self._pending)
-            if call is None:
-                self._emit(_TOOL_OPEN + self._pending, tail)
-            else:
-                self._calls.append(call)
-                self._held_space = ""
-        else:
-            self._emit(self._pending, tail)
-        self._pending, self._in_call = "", False
-        content = "".join(self._content) + "".join(tail)
-        if not self._calls:
-            content += self._held_space  # plain text keeps its trailing whitespace
-        return ParsedOutput(content=content, tool_calls=list(self._calls))
-
-
-_FUNCTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
-
-
-class GlmToolParser:
-    """GLM-4 output: a metadata line, then the reply (empty metadata) or a call's arguments.
-
-    ``get_weather\n{"city": "Beijing"}`` is a call of get_weather (with tools enabled); an
-    empty first line is dropped from a plain reply, as ChatGLM3's parser does. The first line
-    is held back until it is complete; a call's arguments until the end. Arguments that are
-    not a JSON object turn the whole output back into text.
-    """
-
-    def __init__(self, tools_enabled: bool) -> None:
-        self.tools_enabled = tools_enabled
-        self._head: str | None = ""  # the first line while it is incomplete; None once decided
-        self._call_name: str | None = None
-        self._body: list[str] = []  # a call's arguments, or the plain reply so far
-
-    def feed(self, delta: str) -> str:
-        if self._head is None:
-            self._body.append(delta)
-            return "" if self._call_name is not None else delta
-        self._head += delta
-        metadata, newline, rest = self._head.partition("\n")
-        if not newline:
-            name = metadata.strip()
-            if name and not (self.tools_enabled and _FUNCTION_NAME.fullmatch(name)):
-                # Text from the first character on (no metadata line): stream it now.
-                self._head = None
-                self._body.append(metadata)
-                return metadata
-            return ""
-        self._head = None
-        if self.tools_enabled and _FUNCTION_NAME.fullmatch(metadata.strip()):
-            self._call_name = metadata.strip()
-            self._body.append(rest)
-            return ""
-        text = rest if not metadata.strip() else f"{metadata}\n{rest}"
-        self._body.append(text)
-        return text
-
-    def finish(self) -> ParsedOutput:
-        if self._head is not None:  # no newline at all: a one-line reply
-            text, self._head = self._head, None
-            return ParsedOutput(content=text)
-        body = "".join(self._body)
-        if self._call_name is None:
-            return ParsedOutput(content=body)
-        try:
-            arguments = json.loads(body)
-        except json.JSONDecodeError:
-            arguments = None
-        if not isinstance(arguments, dict):
-            return ParsedOutput(content=f"{self._call_name}\n{body}")
-        call = ToolCall(self._call_name, json.dumps(arguments, ensure_ascii=False))
-        return ParsedOutput(content="", tool_calls=[call])
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading

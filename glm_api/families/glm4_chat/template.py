@@ -6,7 +6,7 @@ A prompt is ``[gMASK]<sop>``, then per message ``<|role|>`` + metadata + ``"\\n"
 system message's text: GLM-4's fixed assistant prompt, ``# 可用工具`` and per function its name
 and JSON schema. The model calls a tool by writing the function's name as the metadata line
 and the JSON arguments after it (``get_weather\\n{"city": "北京"}``), read back by the same
-parser as glm-4-9b-chat-hf's (:class:`~glm_api.families.hf_template.GlmToolParser`); a tool's
+parser as glm-4-9b-chat-hf's (:class:`~glm_api.families.json_tool_calls.GlmToolParser`); a tool's
 result is an ``<|observation|>`` turn.
 
 Each turn's text is tokenised on its own, between the special ids, exactly as the rendered
@@ -21,7 +21,7 @@ from typing import Any
 from glm_api.families.chatglm3.template import ROLES, message_text, tool_call_parts
 from glm_api.families.chatglm3.tools import openai_tools_to_chatglm
 from glm_api.families.glm4_chat.tokenizer import Glm4Tokenizer
-from glm_api.families.hf_template import GlmToolParser
+from glm_api.families.json_tool_calls import GlmToolParser
 
 #: What glm-4-9b-chat's template writes before the tool list (its own words: the model was
 #: trained on this text).
