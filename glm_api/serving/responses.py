@@ -262,7 +262,8 @@ def output_items(plan: ResponsePlan, reasoning: str, content: str, calls: list[T
     return out
 
 
-def _finished(plan: ResponsePlan, output: list, finish_reason: str, completion_tokens: int) -> ResponseObject:
+def finished_response(plan: ResponsePlan, output: list, finish_reason: str, completion_tokens: int) -> ResponseObject:
+    """The response once the answer is whole: ``incomplete`` when max_output_tokens cut it."""
     cut = finish_reason == "length"
     return plan.response(
         "incomplete" if cut else "completed", output, plan.usage(completion_tokens),
@@ -271,7 +272,8 @@ def _finished(plan: ResponsePlan, output: list, finish_reason: str, completion_t
     )
 
 
-async def _keep(plan: ResponsePlan, response: ResponseObject) -> None:
+async def keep_response(plan: ResponsePlan, response: ResponseObject) -> None:
+    """Store the response with its input items, unless the request said ``store: false``."""
     if plan.store is not None:
         await plan.store.add(plan.owner, response.model_dump(mode="json"), plan.input_items)
 
@@ -280,9 +282,9 @@ async def create_response(plan: ResponsePlan) -> ResponseObject:
     (choice,) = await plan.chat.run.collect()
     content, finish_reason, calls = final_answer(plan.chat, choice.content, choice.finish_reason, choice.tool_calls)
     status = "incomplete" if finish_reason == "length" else "completed"
-    response = _finished(plan, output_items(plan, reasoning_of(choice), content, calls, status), finish_reason,
-                         choice.completion_tokens)
-    await _keep(plan, response)
+    output = output_items(plan, reasoning_of(choice), content, calls, status)
+    response = finished_response(plan, output, finish_reason, choice.completion_tokens)
+    await keep_response(plan, response)
     return response
 
 
@@ -452,8 +454,8 @@ async def response_stream(plan: ResponsePlan) -> AsyncIterator[dict]:
             status = "incomplete" if finish_reason == "length" else "completed"
             for e in out.finish(status, calls):
                 yield e
-            response = _finished(plan, out.items, finish_reason, chunk.completion_tokens)
-            await _keep(plan, response)
+            response = finished_response(plan, out.items, finish_reason, chunk.completion_tokens)
+            await keep_response(plan, response)
             yield event(f"response.{response.status}", response=response)
     except Exception as exc:
         error = exc if isinstance(exc, APIError) else InternalError(f"the response failed; request id {plan.id}")
