@@ -152,10 +152,13 @@ def chat_request(req: ResponseCreateRequest, messages: list[dict[str, Any]]) -> 
         ]
     if req.tool_choice is not None:
         choice = req.tool_choice
-        body["tool_choice"] = choice if isinstance(choice, str) else {"type": "function", "function": {"name": choice.name}}
+        body["tool_choice"] = (
+            choice if isinstance(choice, str) else {"type": "function", "function": {"name": choice.name}}
+        )
     fmt = req.text.format if req.text is not None else None
     if fmt is not None and fmt.type == "json_schema":
-        body["response_format"] = {"type": "json_schema", "json_schema": fmt.model_dump(by_alias=True, exclude={"type"})}
+        json_schema = fmt.model_dump(by_alias=True, exclude={"type"})
+        body["response_format"] = {"type": "json_schema", "json_schema": json_schema}
     elif fmt is not None:
         body["response_format"] = {"type": fmt.type}
     if not messages:
