@@ -1,5 +1,7 @@
-"""The OpenAI Responses API's request: ``POST /v1/responses`` and the items of its ``input``,
-its tools, ``tool_choice``, ``text.format`` and ``reasoning``.
+"""The OpenAI Responses API's request: ``POST /v1/responses`` with its tools, ``tool_choice``,
+``text.format`` and ``reasoning``; the items of its ``input`` are in
+:mod:`glm_api.protocol.responses_items`, re-exported here for the modules that import them
+from the request.
 
 Requests accept unknown fields (clients send newer ones) and ``null`` for optional ones, and
 take JSON's types as they are in every nested model, as the chat models do. What this server
@@ -12,16 +14,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    ValidationInfo,
-    ValidatorFunctionWrapHandler,
-    field_validator,
-)
-from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic import BaseModel, ConfigDict, Field, ValidatorFunctionWrapHandler, field_validator
 
 from glm_api.protocol.common import (
     MAX_TOKENS_LIMIT,
@@ -34,189 +27,52 @@ from glm_api.protocol.common import (
     json_int,
     stated,
 )
+from glm_api.protocol.responses_items import (
+    FunctionCallItem,
+    FunctionCallOutputItem,
+    InputItem,
+    ItemStatus,
+    MessageItem,
+    ReasoningItemIn,
+    ReasoningText,
+    SummaryText,
+    join_text,
+    model_by_type,
+    raise_if_errors,
+    validate_input_items,
+)
+
+__all__ = [
+    "INCLUDABLE",
+    "METADATA_KEYS",
+    "METADATA_KEY_LENGTH",
+    "METADATA_VALUE_LENGTH",
+    "NO_TOP_LOGPROBS",
+    "TEXT_FORMAT_MODELS",
+    "FunctionCallItem",
+    "FunctionCallOutputItem",
+    "FunctionTool",
+    "FunctionToolChoice",
+    "InputItem",
+    "ItemStatus",
+    "MessageItem",
+    "Metadata",
+    "ReasoningConfig",
+    "ReasoningEffort",
+    "ReasoningItemIn",
+    "ReasoningText",
+    "ResponseCreateRequest",
+    "SummaryText",
+    "TextConfig",
+    "TextFormat",
+    "TextFormatJsonObject",
+    "TextFormatJsonSchema",
+    "TextFormatText",
+    "join_text",
+]
 
 #: ``reasoning.effort`` values OpenAI defines; a thinking template reads them, others ignore them.
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
-ItemStatus = Literal["in_progress", "completed", "incomplete"]
-
-
-# ---------------------------------------------------------------------------------------------
-# Request: input items
-
-
-def _text_part(*kinds: str) -> dict[str, Any]:
-    """The spec's content part of the given types: the text ones, the only parts read here."""
-    return {
-        "type": "object",
-        "required": ["type", "text"],
-        "properties": {"type": {"enum": list(kinds)}, "text": {"type": "string"}},
-    }
-
-
-def _text_content(*kinds: str) -> dict[str, Any]:
-    return {"anyOf": [{"type": "string"}, {"type": "array", "items": _text_part(*kinds)}]}
-
-
-#: What an assistant message takes (what an earlier response returned), and what the others take.
-ASSISTANT_PARTS, INPUT_PARTS = ("output_text",), ("input_text",)
-OUTPUT_PARTS = ("input_text", "output_text")  # function_call_output.output
-
-
-def _text_of_parts(value: Any, allowed: tuple[str, ...], where: str, context: str = "") -> Any:
-    """A string, or a list of text parts of the ``allowed`` types (images and files refused)."""
-    if isinstance(value, str):
-        return value
-    if not isinstance(value, list):
-        raise ValueError(f"{where} must be a string or a list of content parts")
-    for i, part in enumerate(value):
-        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-        if kind not in allowed or not isinstance(part.get("text"), str):
-            only = f"only {' or '.join(allowed)} parts with a string text"
-            raise ValueError(f"{where}[{i}]: a part of type {kind!r} is not supported{context}; {only}")
-    return value
-
-
-def join_text(content: str | list[dict[str, Any]]) -> str:
-    return content if isinstance(content, str) else "\n".join(part["text"] for part in content)
-
-
-def _parts_by_role(schema: dict[str, Any]) -> None:
-    """The spec states ``_text_parts``: an assistant message's parts are ``output_text``, the
-    others' ``input_text`` (as OpenAI takes them)."""
-    schema["anyOf"] = [
-        {"properties": {"role": {"const": "assistant"}, "content": _text_content(*ASSISTANT_PARTS)}},
-        {"properties": {"role": {"enum": ["user", "system", "developer"]}, "content": _text_content(*INPUT_PARTS)}},
-    ]
-
-
-class MessageItem(JsonWireModel):
-    """A message: ``content`` a string or ``input_text`` parts (``output_text`` for an
-    assistant message an earlier response returned)."""
-
-    model_config = ConfigDict(json_schema_extra=_parts_by_role)
-
-    type: Literal["message"] = "message"
-    id: str | None = None
-    role: Literal["user", "system", "developer", "assistant"]
-    content: Annotated[str | list[dict[str, Any]], stated(**_text_content(*OUTPUT_PARTS))]
-    status: ItemStatus | None = None
-
-    @field_validator("content", mode="before")  # before the union, whose errors name its branches
-    @classmethod
-    def _text_parts(cls, value: Any, info: ValidationInfo) -> Any:
-        role = info.data.get("role")  # absent when the role itself was refused
-        allowed = ASSISTANT_PARTS if role == "assistant" else INPUT_PARTS
-        return _text_of_parts(value, allowed, "content", f" in a message of role {role!r}")
-
-
-class FunctionCallItem(JsonWireModel):
-    """A call the model made (as a previous response returned it)."""
-
-    type: Literal["function_call"]  # required, so the spec tells the items apart (a message may omit it)
-    id: str | None = None
-    call_id: str = Field(min_length=1)
-    name: str = Field(min_length=1)
-    arguments: str
-    status: ItemStatus | None = None
-
-
-class FunctionCallOutputItem(JsonWireModel):
-    """The client's result of running a call: ``output`` a string or text parts."""
-
-    type: Literal["function_call_output"]  # required, so the spec tells the items apart (a message may omit it)
-    id: str | None = None
-    call_id: str = Field(min_length=1)
-    output: Annotated[str | list[dict[str, Any]], stated(**_text_content(*OUTPUT_PARTS))]
-    status: ItemStatus | None = None
-
-    @field_validator("output", mode="before")  # before the union, whose errors name its branches
-    @classmethod
-    def _text_output(cls, value: Any) -> Any:
-        return _text_of_parts(value, OUTPUT_PARTS, "output")
-
-
-class ReasoningText(BaseModel):
-    model_config = ConfigDict(strict=True)  # a request's part too: JSON types as they are
-
-    type: Literal["reasoning_text"] = "reasoning_text"
-    text: str
-
-
-class SummaryText(BaseModel):
-    model_config = ConfigDict(strict=True)  # a request's part too: JSON types as they are
-
-    type: Literal["summary_text"] = "summary_text"
-    text: str
-
-
-class ReasoningItemIn(JsonWireModel):
-    """A reasoning item sent back (LangChain and agents replay the whole output). Earlier turns'
-    thinking is not shown to the model again, as thinking chat templates do."""
-
-    type: Literal["reasoning"]  # required, so the spec tells the items apart (a message may omit it)
-    id: str | None = None
-    summary: list[SummaryText] = Field(default_factory=list)
-    content: list[ReasoningText] | None = None
-    encrypted_content: str | None = None
-
-
-InputItem = Annotated[MessageItem | FunctionCallItem | FunctionCallOutputItem | ReasoningItemIn, Field(discriminator="type")]
-INPUT_ITEM_MODELS: dict[str, type[JsonWireModel]] = {
-    "message": MessageItem, "function_call": FunctionCallItem, "function_call_output": FunctionCallOutputItem,
-    "reasoning": ReasoningItemIn,
-}
-
-
-def _as_model(model: type[BaseModel], value: Any, loc: tuple[int | str, ...]) -> tuple[Any, list[InitErrorDetails]]:
-    """``value`` validated as ``model``, or its errors located under ``loc``."""
-    try:
-        return model.model_validate(value), []
-    except ValidationError as exc:
-        return None, [
-            InitErrorDetails(type=PydanticCustomError(e["type"], e["msg"]), loc=(*loc, *e["loc"]), input=e["input"])
-            for e in exc.errors()
-        ]
-
-
-def _by_type(value: Any, models: dict[str, type[BaseModel]], what: str, loc: tuple[int | str, ...] = (),
-             untyped: str | None = None) -> tuple[Any, list[InitErrorDetails]]:
-    """An object validated as the model its ``type`` names (``untyped`` when it has none), so
-    an error's ``loc``, and the 400's ``param``, is the field's own (``text.format.strict``),
-    not pydantic's union branch (``text.format.json_schema.strict``)."""
-    kind = value.get("type", untyped) if isinstance(value, dict) else None
-    if isinstance(kind, str) and kind in models:  # (a type may be any JSON: {} is not hashable)
-        return _as_model(models[kind], value, loc)
-    if not isinstance(value, dict):
-        problem = f"{what} must be objects"
-    elif kind is None:
-        problem = f"{what} need a type"
-    else:
-        problem = f"{what} of type {kind!r} are not supported"
-    problem += f"; one of {', '.join(models)}"
-    return None, [InitErrorDetails(type=PydanticCustomError("value_error", problem), loc=loc, input=value)]
-
-
-def _raise_if(errors: list[InitErrorDetails], title: str) -> None:
-    if errors:
-        raise ValidationError.from_exception_data(title, errors)
-
-
-def _input_items(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
-    """``input``: a string (one user message) or a list of items; a message may omit ``type``
-    (an object with a ``role`` and no ``type`` is a message)."""
-    if isinstance(value, str):
-        return handler(value)
-    if not isinstance(value, list):
-        raise ValueError("input must be a string or a list of input items")
-    items: list[Any] = []
-    errors: list[InitErrorDetails] = []
-    for i, item in enumerate(value):
-        untyped = "message" if isinstance(item, dict) and "role" in item else None
-        model, wrong = _by_type(item, INPUT_ITEM_MODELS, "input items", (i,), untyped)
-        items.append(model)
-        errors += wrong
-    _raise_if(errors, "input")
-    return items
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,8 +125,8 @@ class TextConfig(JsonWireModel):
     def _format_by_type(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
         if not isinstance(value, dict):
             return handler(value)  # null, a format already built, or the type error
-        model, errors = _by_type(value, TEXT_FORMAT_MODELS, "text formats")
-        _raise_if(errors, "format")
+        model, errors = model_by_type(value, TEXT_FORMAT_MODELS, "text formats")
+        raise_if_errors(errors, "format")
         return model
 
 
@@ -386,7 +242,7 @@ class ResponseCreateRequest(JsonWireModel):
     @field_validator("input", mode="wrap")
     @classmethod
     def _input_shape(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
-        return _input_items(value, handler)
+        return validate_input_items(value, handler)
 
     @field_validator("tools", mode="before")
     @classmethod
@@ -398,8 +254,8 @@ class ResponseCreateRequest(JsonWireModel):
     def _named_choice(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
         if not isinstance(value, dict):
             return handler(value)
-        model, errors = _by_type(value, {"function": FunctionToolChoice}, "named tool choices", untyped="function")
-        _raise_if(errors, "tool_choice")
+        model, errors = model_by_type(value, {"function": FunctionToolChoice}, "named tool choices", untyped="function")
+        raise_if_errors(errors, "tool_choice")
         return model
 
     @field_validator("metadata")

@@ -1,4 +1,5 @@
-"""The OpenAI Responses API routes: parse, call :mod:`glm_api.serving.responses`, return."""
+"""The OpenAI Responses API routes: parse, call :mod:`glm_api.serving.responses` (streamed:
+:mod:`glm_api.serving.responses_stream`), return."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from glm_api.protocol.common import ERROR_RESPONSES, typed_stream_response
 from glm_api.protocol.responses import InputItemList, ResponseDeleted, ResponseObject, ResponseStreamEventData
 from glm_api.protocol.responses_request import ResponseCreateRequest
 from glm_api.serving import responses
+from glm_api.serving.responses_stream import response_stream
 from glm_api.serving.sse import typed_sse_response
 
 router = APIRouter(prefix="/v1", tags=["OpenAI Responses API"], responses=ERROR_RESPONSES)
@@ -33,7 +35,7 @@ async def create_response(
     (max_output_tokens reached). A failure after the 200: ``error``, then ``response.failed``."""
     plan = await responses.start_response(services.chat, store, owner, body, request_id)
     if body.stream:
-        return typed_sse_response(responses.response_stream(plan), request_id)
+        return typed_sse_response(response_stream(plan), request_id)
     return await until_disconnect(request, responses.create_response(plan))
 
 

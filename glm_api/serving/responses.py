@@ -12,20 +12,22 @@ The answer becomes output items in the order OpenAI gives them: the model's ``re
 With ``store`` (the default) the response and its input items are kept
 (:mod:`glm_api.serving.responses_store`); ``previous_response_id`` continues from a kept
 response's input items and output.
+
+With ``stream: true`` the same plan's answer is sent as typed events by
+:mod:`glm_api.serving.responses_stream`, which builds on this module (the dependency goes one
+way: this module does not import it).
 """
 
 from __future__ import annotations
 
-import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
 
-from glm_api.errors import APIError, BadRequestError, InternalError, NotFoundError, RateLimitError
+from glm_api.errors import BadRequestError, NotFoundError
 from glm_api.families.base import ToolCall
 from glm_api.protocol.openai import ChatCompletionRequest
 from glm_api.protocol.responses import (
@@ -40,7 +42,6 @@ from glm_api.protocol.responses import (
     OutputText,
     ReasoningOut,
     ResponseDeleted,
-    ResponseErrorInfo,
     ResponseObject,
     ResponseUsage,
 )
@@ -59,8 +60,6 @@ from glm_api.protocol.responses_request import (
 from glm_api.serving.chat import ChatService
 from glm_api.serving.openai_chat import ChatPlan, final_answer, new_tool_call_id, start_chat
 from glm_api.serving.responses_store import ResponseStore
-
-log = logging.getLogger(__name__)
 
 
 def new_id(prefix: str) -> str:
@@ -153,10 +152,13 @@ def chat_request(req: ResponseCreateRequest, messages: list[dict[str, Any]]) -> 
         ]
     if req.tool_choice is not None:
         choice = req.tool_choice
-        body["tool_choice"] = choice if isinstance(choice, str) else {"type": "function", "function": {"name": choice.name}}
+        body["tool_choice"] = (
+            choice if isinstance(choice, str) else {"type": "function", "function": {"name": choice.name}}
+        )
     fmt = req.text.format if req.text is not None else None
     if fmt is not None and fmt.type == "json_schema":
-        body["response_format"] = {"type": "json_schema", "json_schema": fmt.model_dump(by_alias=True, exclude={"type"})}
+        json_schema = fmt.model_dump(by_alias=True, exclude={"type"})
+        body["response_format"] = {"type": "json_schema", "json_schema": json_schema}
     elif fmt is not None:
         body["response_format"] = {"type": fmt.type}
     if not messages:
@@ -262,7 +264,8 @@ def output_items(plan: ResponsePlan, reasoning: str, content: str, calls: list[T
     return out
 
 
-def _finished(plan: ResponsePlan, output: list, finish_reason: str, completion_tokens: int) -> ResponseObject:
+def finished_response(plan: ResponsePlan, output: list, finish_reason: str, completion_tokens: int) -> ResponseObject:
+    """The response once the answer is whole: ``incomplete`` when max_output_tokens cut it."""
     cut = finish_reason == "length"
     return plan.response(
         "incomplete" if cut else "completed", output, plan.usage(completion_tokens),
@@ -271,7 +274,8 @@ def _finished(plan: ResponsePlan, output: list, finish_reason: str, completion_t
     )
 
 
-async def _keep(plan: ResponsePlan, response: ResponseObject) -> None:
+async def keep_response(plan: ResponsePlan, response: ResponseObject) -> None:
+    """Store the response with its input items, unless the request said ``store: false``."""
     if plan.store is not None:
         await plan.store.add(plan.owner, response.model_dump(mode="json"), plan.input_items)
 
@@ -280,9 +284,9 @@ async def create_response(plan: ResponsePlan) -> ResponseObject:
     (choice,) = await plan.chat.run.collect()
     content, finish_reason, calls = final_answer(plan.chat, choice.content, choice.finish_reason, choice.tool_calls)
     status = "incomplete" if finish_reason == "length" else "completed"
-    response = _finished(plan, output_items(plan, reasoning_of(choice), content, calls, status), finish_reason,
-                         choice.completion_tokens)
-    await _keep(plan, response)
+    output = output_items(plan, reasoning_of(choice), content, calls, status)
+    response = finished_response(plan, output, finish_reason, choice.completion_tokens)
+    await keep_response(plan, response)
     return response
 
 
@@ -319,154 +323,3 @@ async def list_input_items(
         "last_id": page[-1]["id"] if page else None,
         "has_more": len(items) > limit,
     })
-
-
-
-
-# ---------------------------------------------------------------------------------------------
-# Streaming: OpenAI's typed events
-
-
-class _Sequence:
-    """Numbers the events of one stream (``sequence_number``, from 0)."""
-
-    def __init__(self) -> None:
-        self.next = 0
-
-    def __call__(self, type_: str, **fields: Any) -> dict:
-        event = {"type": type_, "sequence_number": self.next}
-        self.next += 1
-        for key, value in fields.items():
-            event[key] = value.model_dump(mode="json") if hasattr(value, "model_dump") else value
-        return event
-
-
-class _StreamedOutput:
-    """Output items as their text arrives: an item is added on its first text and done before
-    the next one is added (reasoning, then the message, then the calls, whole)."""
-
-    def __init__(self, event: _Sequence) -> None:
-        self.event = event
-        self.items: list = []  # done items, in output order
-        self._open: tuple[str, str, list[str]] | None = None  # (kind, item id, texts)
-
-    def delta(self, kind: str, text: str) -> list[dict]:
-        """``kind``: "reasoning" or "message"."""
-        events = self._close("completed") if self._open is not None and self._open[0] != kind else []
-        index = len(self.items)
-        if self._open is None:
-            item_id = new_id("rs" if kind == "reasoning" else "msg")
-            self._open = (kind, item_id, [])
-            if kind == "reasoning":
-                events.append(self.event("response.output_item.added", output_index=index,
-                                         item=ReasoningOut(id=item_id, status="in_progress")))
-            else:
-                events.append(self.event("response.output_item.added", output_index=index,
-                                         item=OutputMessage(id=item_id, status="in_progress", content=[])))
-                events.append(self.event("response.content_part.added", item_id=item_id, output_index=index,
-                                         content_index=0, part=OutputText(text="")))
-        _, item_id, texts = self._open
-        texts.append(text)
-        if kind == "reasoning":
-            events.append(self.event("response.reasoning_text.delta", item_id=item_id, output_index=index,
-                                     content_index=0, delta=text))
-        else:
-            events.append(self.event("response.output_text.delta", item_id=item_id, output_index=index,
-                                     content_index=0, delta=text, logprobs=[]))
-        return events
-
-    def _close(self, status: str) -> list[dict]:
-        if self._open is None:
-            return []
-        kind, item_id, texts = self._open
-        self._open = None
-        text, index = "".join(texts), len(self.items)
-        if kind == "reasoning":
-            item = ReasoningOut(id=item_id, content=[ReasoningText(text=text)], status=status)
-            events = [self.event("response.reasoning_text.done", item_id=item_id, output_index=index,
-                                 content_index=0, text=text)]
-        else:
-            part = OutputText(text=text)
-            item = OutputMessage(id=item_id, status=status, content=[part])
-            events = [
-                self.event("response.output_text.done", item_id=item_id, output_index=index, content_index=0,
-                           text=text, logprobs=[]),
-                self.event("response.content_part.done", item_id=item_id, output_index=index, content_index=0,
-                           part=part),
-            ]
-        events.append(self.event("response.output_item.done", output_index=index, item=item))
-        self.items.append(item)
-        return events
-
-    def finish(self, status: str, calls: list[ToolCall]) -> list[dict]:
-        """Close the open item; a message even when empty unless the model only called tools;
-        then each call: added, its arguments (one delta), done."""
-        has_message = (self._open is not None and self._open[0] == "message") or any(
-            isinstance(item, OutputMessage) for item in self.items
-        )
-        events = [] if has_message or calls else self.delta("message", "")
-        events += self._close(status)
-        for call in calls:
-            index = len(self.items)
-            item = FunctionCallOut(id=new_id("fc"), call_id=call.id or new_tool_call_id(), name=call.name,
-                                   arguments="", status="in_progress")
-            events.append(self.event("response.output_item.added", output_index=index, item=item))
-            events.append(self.event("response.function_call_arguments.delta", item_id=item.id, output_index=index,
-                                     delta=call.arguments))
-            events.append(self.event("response.function_call_arguments.done", item_id=item.id, output_index=index,
-                                     name=call.name, arguments=call.arguments))
-            item = item.model_copy(update={"arguments": call.arguments, "status": "completed"})
-            events.append(self.event("response.output_item.done", output_index=index, item=item))
-            self.items.append(item)
-        return events
-
-
-async def response_stream(plan: ResponsePlan) -> AsyncIterator[dict]:
-    """``response.created``, ``response.in_progress``, the items' events as text arrives, then
-    ``response.completed`` (or ``response.incomplete`` when max_output_tokens cut it). A failure
-    after the 200 is an ``error`` event, then ``response.failed``."""
-    event = _Sequence()
-    started = plan.response("in_progress", [])
-    yield event("response.created", response=started)
-    yield event("response.in_progress", response=started)
-    out = _StreamedOutput(event)
-    texts: list[str] = []
-    try:
-        async for chunk in plan.chat.run.events():
-            reasoning = reasoning_of(chunk)
-            if reasoning:
-                for e in out.delta("reasoning", reasoning):
-                    yield e
-            if chunk.text:
-                texts.append(chunk.text)
-                if not plan.chat.forced_tool:  # a forced call's JSON is not shown as text
-                    for e in out.delta("message", chunk.text):
-                        yield e
-            if chunk.finish_reason is None:
-                continue
-            content, finish_reason, calls = final_answer(plan.chat, "".join(texts), chunk.finish_reason,
-                                                         chunk.tool_calls)
-            if plan.chat.forced_tool and content:  # cut before the call closed: show what was written
-                for e in out.delta("message", content):
-                    yield e
-            status = "incomplete" if finish_reason == "length" else "completed"
-            for e in out.finish(status, calls):
-                yield e
-            response = _finished(plan, out.items, finish_reason, chunk.completion_tokens)
-            await _keep(plan, response)
-            yield event(f"response.{response.status}", response=response)
-    except Exception as exc:
-        error = exc if isinstance(exc, APIError) else InternalError(f"the response failed; request id {plan.id}")
-        if not isinstance(exc, APIError):
-            log.exception("response %s failed", plan.id)
-        yield event("error", code=error.code or error.type, message=error.message, param=error.param)
-        failed = plan.response("failed", out.items, error=ResponseErrorInfo(code=_failure_code(error),
-                                                                            message=error.message))
-        yield event("response.failed", response=failed)
-
-
-def _failure_code(error: APIError) -> str:
-    """OpenAI's ``response.error.code`` for one of our errors."""
-    if isinstance(error, RateLimitError):
-        return "rate_limit_exceeded"
-    return "invalid_prompt" if isinstance(error, BadRequestError) else "server_error"
