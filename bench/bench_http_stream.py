@@ -14,8 +14,8 @@ the engine, so the gap to the engine-only figure is what serving costs a token.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
-import json
 import os
 import sys
 import time
@@ -28,28 +28,30 @@ import httpx
 import torch
 
 from bench.bench_decode import CPU, STORY, bandwidth_gbs, in_passing_thread, weight_bytes
-from bench.common import glm_api_command, machine_line, print_table, running_server
+from bench.common import glm_api_command, machine_line, print_table, running_server, sse_events
 
 
 def stream_rate(url: str, model: str, tokens: int) -> tuple[int, float]:
     """(completion tokens, decode tokens/s after the first content chunk) of one streamed answer."""
+    return asyncio.run(_stream_rate(url, model, tokens))
+
+
+async def _stream_rate(url: str, model: str, tokens: int) -> tuple[int, float]:
     body = {
         "model": model, "messages": STORY, "max_tokens": tokens, "temperature": 0, "stream": True,
         "stream_options": {"include_usage": True},
     }
     first = last = 0.0
     completion = 0
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith("data: {"):
-                continue
-            event = json.loads(line[6:])
-            if event.get("usage"):
-                completion = event["usage"]["completion_tokens"]
-            elif event["choices"] and event["choices"][0]["delta"].get("content"):
-                last = time.perf_counter()
-                first = first or last
+    async with httpx.AsyncClient(timeout=600) as client:
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+            response.raise_for_status()
+            async for event in sse_events(response):
+                if event.get("usage"):
+                    completion = event["usage"]["completion_tokens"]
+                elif event["choices"] and event["choices"][0]["delta"].get("content"):
+                    last = time.perf_counter()
+                    first = first or last
     if completion < 3 or last <= first:
         raise RuntimeError(f"the answer was too short to time ({completion} tokens)")
     return completion, (completion - 1) / (last - first)
